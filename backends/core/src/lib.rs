@@ -1,0 +1,150 @@
+//! The contract between the gateway and the things that make images.
+//!
+//! A backend takes a validated [`GenerateRequest`] and either returns the encoded image or a
+//! [`BackendError`] whose variant tells the gateway what to do next: pass a client error back
+//! unchanged, fall back to another backend, and whether to count it against the circuit breaker.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kleingate_protocol::{GenerateRequest, Model, OutputFormat};
+use serde::{Deserialize, Serialize};
+
+/// An encoded image and what the backend reported about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GeneratedImage {
+    pub bytes: Bytes,
+    pub format: OutputFormat,
+    /// The seed used; `None` only when an upstream did not report one (then it is not cached).
+    pub seed: Option<u64>,
+    pub has_nsfw_content: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// The backend says the request itself is wrong. Passed to the client as 400; never retried
+    /// elsewhere, because every backend would refuse it too.
+    #[error("invalid request: {message}")]
+    InvalidRequest {
+        message: String,
+        field: Option<String>,
+    },
+    /// Busy or not ready (503, 429, model still loading, local queue full). Fall back, but do not
+    /// count it as a failure: busy is not broken.
+    #[error("backend unavailable: {message}")]
+    Unavailable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The upstream refused our credential or quota (401/402/403). Our problem, not the client's:
+    /// fall back and open the circuit.
+    #[error("backend refused our credentials (HTTP {status}): {message}")]
+    Unauthorized { status: u16, message: String },
+    #[error("backend did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("could not connect to backend: {0}")]
+    Connect(String),
+    /// Any other error status from an upstream (5xx, 404 for a model it does not serve, ...).
+    #[error("backend answered HTTP {status}: {message}")]
+    Upstream { status: u16, message: String },
+    /// The backend answered something we cannot use (malformed body, oversized, not an image).
+    #[error("backend answered nonsense: {0}")]
+    BadResponse(String),
+    /// The generation itself failed inside the backend.
+    #[error("generation failed: {0}")]
+    Failed(String),
+}
+
+impl BackendError {
+    /// A short label from a closed set, for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BackendError::InvalidRequest { .. } => "invalid_request",
+            BackendError::Unavailable { .. } => "unavailable",
+            BackendError::Unauthorized { .. } => "unauthorized",
+            BackendError::Timeout(_) => "timeout",
+            BackendError::Connect(_) => "connect",
+            BackendError::Upstream { .. } => "upstream_error",
+            BackendError::BadResponse(_) => "bad_response",
+            BackendError::Failed(_) => "failed",
+        }
+    }
+
+    /// Should the gateway try the next backend? Everything except a client error.
+    pub fn should_fall_back(&self) -> bool {
+        !matches!(self, BackendError::InvalidRequest { .. })
+    }
+
+    /// Does this count as a failure for the circuit breaker? Client errors and "busy" do not.
+    pub fn trips_circuit(&self) -> bool {
+        !matches!(
+            self,
+            BackendError::InvalidRequest { .. } | BackendError::Unavailable { .. }
+        )
+    }
+}
+
+/// Whether a backend can take work right now, as far as it knows itself. The gateway adds its own
+/// passive view (circuit breaker) on top.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Health {
+    Ready,
+    /// Still starting (weights loading); answers 503 until ready.
+    Loading { message: String },
+    Down { message: String },
+}
+
+/// A price list: USD per image = `per_image + per_megapixel * MP + per_megapixel_step * MP * steps`.
+/// All zero means "unknown", and then no estimate is given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostModel {
+    pub per_image_usd: f64,
+    pub per_megapixel_usd: f64,
+    pub per_megapixel_step_usd: f64,
+}
+
+impl CostModel {
+    pub fn estimate(&self, req: &GenerateRequest) -> Option<f64> {
+        if *self == CostModel::default() {
+            return None;
+        }
+        let mp = req.megapixels();
+        Some(
+            self.per_image_usd
+                + self.per_megapixel_usd * mp
+                + self.per_megapixel_step_usd * mp * f64::from(req.num_steps),
+        )
+    }
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// `verda`, `local`, ...: the kind named in config.
+    fn kind(&self) -> &'static str;
+
+    /// The models this backend serves.
+    fn models(&self) -> &[Model];
+
+    fn serves(&self, model: Model) -> bool {
+        self.models().contains(&model)
+    }
+
+    /// Make one image. `timeout` is what is left of the request's deadline for this attempt; the
+    /// backend must give up (and return [`BackendError::Timeout`]) when it runs out.
+    async fn generate(
+        &self,
+        req: &GenerateRequest,
+        timeout: Duration,
+    ) -> Result<GeneratedImage, BackendError>;
+
+    /// Passive health: must be cheap and must not spend money (no real generation).
+    fn health(&self) -> Health {
+        Health::Ready
+    }
+
+    /// Estimated price of this request in USD, when known.
+    fn cost_estimate(&self, req: &GenerateRequest) -> Option<f64>;
+}

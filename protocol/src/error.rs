@@ -1,0 +1,68 @@
+use serde::{Deserialize, Serialize};
+
+/// The one error shape of the API: `{"error": {"code": "...", "message": "...", "field": "..."}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// A request that breaks the rules. `status` is 400, except 404 for a model we do not know and
+/// 413 for a body part over its size limit.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    pub status: u16,
+    pub code: &'static str,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            status: 400,
+            code: "invalid_request",
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    pub fn unknown_model(field: Option<&str>, given: &str) -> Self {
+        ValidationError {
+            status: 404,
+            code: "unknown_model",
+            field: field.map(str::to_owned),
+            message: format!(
+                "unknown model `{given}`; known models: {}",
+                crate::Model::ALL.map(crate::Model::id).join(", ")
+            ),
+        }
+    }
+
+    pub fn too_large(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            status: 413,
+            code: "too_large",
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message.clone(),
+                field: self.field.clone(),
+            },
+        }
+    }
+}
