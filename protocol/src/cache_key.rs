@@ -93,8 +93,10 @@ mod tests {
     #[test]
     fn key_ignores_spelling_but_not_meaning() {
         let a = req(r#"{"prompt":"a red fox","seed":42}"#);
-        let b = req(r#"{ "seed": 42, "width": 1024, "prompt": "a red fox", "num_steps": 4,
-                       "output_quality": 95, "enable_base64_output": true }"#);
+        let b = req(
+            r#"{ "seed": 42, "width": 1024, "prompt": "a red fox", "num_steps": 4,
+                       "output_quality": 95, "enable_base64_output": true }"#,
+        );
         assert_eq!(a.cache_key(42, None), b.cache_key(42, None));
         for other in [
             r#"{"prompt":"a red fox ","seed":42}"#,
@@ -106,7 +108,11 @@ mod tests {
             r#"{"prompt":"a red fox","seed":42,"model":"flux2-klein-9b"}"#,
             r#"{"prompt":"a red fox","seed":42,"input_images":["https://a/b.png"]}"#,
         ] {
-            assert_ne!(a.cache_key(42, None), req(other).cache_key(42, None), "{other}");
+            assert_ne!(
+                a.cache_key(42, None),
+                req(other).cache_key(42, None),
+                "{other}"
+            );
         }
         assert_ne!(a.cache_key(42, None), a.cache_key(43, None));
         assert_ne!(a.cache_key(42, None), a.cache_key(42, Some("local")));

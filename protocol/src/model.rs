@@ -91,7 +91,10 @@ mod tests {
     fn ids_round_trip_and_defaults_follow_verda() {
         for m in Model::ALL {
             assert_eq!(Model::from_id(m.id()), Some(m));
-            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{}\"", m.id()));
+            assert_eq!(
+                serde_json::to_string(&m).unwrap(),
+                format!("\"{}\"", m.id())
+            );
         }
         assert_eq!(Model::from_id("flux2-klein-12b"), None);
         assert_eq!(Model::Klein4b.default_steps(), 4);

@@ -513,7 +513,11 @@ fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
 fn input_image(index: usize, v: &Value, limits: &Limits) -> Result<InputImage, ValidationError> {
     let field = format!("input_images[{index}]");
     let Value::String(s) = v else {
-        return Err(type_error(&field, "a string (an http(s) URL or base64 image)", v));
+        return Err(type_error(
+            &field,
+            "a string (an http(s) URL or base64 image)",
+            v,
+        ));
     };
     let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
@@ -611,26 +615,60 @@ mod tests {
         // Base models take other values within bounds.
         let b = parse(json!({"model": "flux2-klein-base-4b", "prompt": "x", "num_steps": 28, "guidance": 2.5})).unwrap();
         assert_eq!((b.num_steps, b.guidance), (28, 2.5));
-        let e = parse(json!({"model": "flux2-klein-base-4b", "prompt": "x", "num_steps": 101})).unwrap_err();
+        let e = parse(json!({"model": "flux2-klein-base-4b", "prompt": "x", "num_steps": 101}))
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("num_steps"));
-        let e = parse(json!({"model": "flux2-klein-base-4b", "prompt": "x", "num_steps": 0})).unwrap_err();
+        let e = parse(json!({"model": "flux2-klein-base-4b", "prompt": "x", "num_steps": 0}))
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("num_steps"));
-        let e = parse(json!({"model": "flux2-klein-base-4b", "prompt": "x", "guidance": 20.5})).unwrap_err();
+        let e = parse(json!({"model": "flux2-klein-base-4b", "prompt": "x", "guidance": 20.5}))
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("guidance"));
     }
 
     #[test]
     fn sizes_must_be_multiples_of_16_within_bounds() {
-        assert_eq!(field_of(json!({"prompt": "x", "width": 1000})).1.as_deref(), Some("width"));
-        assert_eq!(field_of(json!({"prompt": "x", "height": 48})).1.as_deref(), Some("height"));
-        assert_eq!(field_of(json!({"prompt": "x", "width": 4096})).1.as_deref(), Some("width"));
-        assert_eq!(field_of(json!({"prompt": "x", "width": -16})).1.as_deref(), Some("width"));
-        assert_eq!(field_of(json!({"prompt": "x", "width": 512.5})).1.as_deref(), Some("width"));
-        assert_eq!(field_of(json!({"prompt": "x", "width": "512"})).1.as_deref(), Some("width"));
+        assert_eq!(
+            field_of(json!({"prompt": "x", "width": 1000})).1.as_deref(),
+            Some("width")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "height": 48})).1.as_deref(),
+            Some("height")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "width": 4096})).1.as_deref(),
+            Some("width")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "width": -16})).1.as_deref(),
+            Some("width")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "width": 512.5}))
+                .1
+                .as_deref(),
+            Some("width")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "width": "512"}))
+                .1
+                .as_deref(),
+            Some("width")
+        );
         let r = parse(json!({"prompt": "x", "width": 2048, "height": 2048})).unwrap();
         assert_eq!(r.width * r.height, 2048 * 2048);
-        let tight = Limits { max_pixels: 1024 * 1024, ..Limits::default() };
-        let e = GenerateRequest::from_json(br#"{"prompt":"x","width":2048,"height":1024}"#, None, Model::Klein4b, &tight).unwrap_err();
+        let tight = Limits {
+            max_pixels: 1024 * 1024,
+            ..Limits::default()
+        };
+        let e = GenerateRequest::from_json(
+            br#"{"prompt":"x","width":2048,"height":1024}"#,
+            None,
+            Model::Klein4b,
+            &tight,
+        )
+        .unwrap_err();
         assert!(e.message.contains("pixels"), "{}", e.message);
     }
 
@@ -640,20 +678,55 @@ mod tests {
         assert_eq!((s, f.as_deref()), (400, Some("num_step")));
         assert!(m.contains("unknown field"));
         assert_eq!(field_of(json!({"prompt": ""})).1.as_deref(), Some("prompt"));
-        assert_eq!(field_of(json!({"prompt": "   "})).1.as_deref(), Some("prompt"));
+        assert_eq!(
+            field_of(json!({"prompt": "   "})).1.as_deref(),
+            Some("prompt")
+        );
         assert_eq!(field_of(json!({})).1.as_deref(), Some("prompt"));
         assert_eq!(field_of(json!({"prompt": 5})).1.as_deref(), Some("prompt"));
-        assert_eq!(field_of(json!({"prompt": "x", "seed": -1})).1.as_deref(), Some("seed"));
-        assert_eq!(field_of(json!({"prompt": "x", "seed": "7"})).1.as_deref(), Some("seed"));
-        assert_eq!(field_of(json!({"prompt": "x", "enable_safety_checker": "no"})).1.as_deref(), Some("enable_safety_checker"));
-        assert_eq!(field_of(json!({"prompt": "x", "output_format": "gif"})).1.as_deref(), Some("output_format"));
-        assert_eq!(field_of(json!({"prompt": "x", "output_quality": 0})).1.as_deref(), Some("output_quality"));
-        assert_eq!(field_of(json!({"prompt": "x", "output_quality": 101})).1.as_deref(), Some("output_quality"));
+        assert_eq!(
+            field_of(json!({"prompt": "x", "seed": -1})).1.as_deref(),
+            Some("seed")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "seed": "7"})).1.as_deref(),
+            Some("seed")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "enable_safety_checker": "no"}))
+                .1
+                .as_deref(),
+            Some("enable_safety_checker")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "output_format": "gif"}))
+                .1
+                .as_deref(),
+            Some("output_format")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "output_quality": 0}))
+                .1
+                .as_deref(),
+            Some("output_quality")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "output_quality": 101}))
+                .1
+                .as_deref(),
+            Some("output_quality")
+        );
         let long = "a".repeat(4097);
-        assert_eq!(field_of(json!({"prompt": long})).1.as_deref(), Some("prompt"));
-        let e = GenerateRequest::from_json(b"[1,2]", None, Model::Klein4b, &Limits::default()).unwrap_err();
+        assert_eq!(
+            field_of(json!({"prompt": long})).1.as_deref(),
+            Some("prompt")
+        );
+        let e = GenerateRequest::from_json(b"[1,2]", None, Model::Klein4b, &Limits::default())
+            .unwrap_err();
         assert_eq!((e.status, e.code), (400, "invalid_json"));
-        let e = GenerateRequest::from_json(b"{\"prompt\":", None, Model::Klein4b, &Limits::default()).unwrap_err();
+        let e =
+            GenerateRequest::from_json(b"{\"prompt\":", None, Model::Klein4b, &Limits::default())
+                .unwrap_err();
         assert_eq!((e.status, e.code), (400, "invalid_json"));
     }
 
@@ -661,9 +734,17 @@ mod tests {
     fn model_field_and_path_must_agree() {
         let e = parse(json!({"model": "flux2-klein-99b", "prompt": "x"})).unwrap_err();
         assert_eq!((e.status, e.code), (404, "unknown_model"));
-        let e = parse_for(Some(Model::Klein9b), json!({"model": "flux2-klein-4b", "prompt": "x"})).unwrap_err();
+        let e = parse_for(
+            Some(Model::Klein9b),
+            json!({"model": "flux2-klein-4b", "prompt": "x"}),
+        )
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("model"));
-        let r = parse_for(Some(Model::Klein9b), json!({"model": "flux2-klein-9b", "prompt": "x"})).unwrap();
+        let r = parse_for(
+            Some(Model::Klein9b),
+            json!({"model": "flux2-klein-9b", "prompt": "x"}),
+        )
+        .unwrap();
         assert_eq!(r.model, Model::Klein9b);
     }
 
@@ -682,25 +763,60 @@ mod tests {
         assert_eq!(r.input_images[1].digest(), r.input_images[2].digest());
         assert_eq!(r.input_images[1].decoded_bytes().unwrap(), png);
         // Forwarded verbatim.
-        assert_eq!(r.to_upstream_json()["input_images"][2], json!(format!("data:image/png;base64,{b64}")));
+        assert_eq!(
+            r.to_upstream_json()["input_images"][2],
+            json!(format!("data:image/png;base64,{b64}"))
+        );
 
         let five = vec![b64.clone(); 5];
-        assert_eq!(field_of(json!({"prompt": "x", "input_images": five})).1.as_deref(), Some("input_images"));
+        assert_eq!(
+            field_of(json!({"prompt": "x", "input_images": five}))
+                .1
+                .as_deref(),
+            Some("input_images")
+        );
         let (_, f, m) = field_of(json!({"prompt": "x", "input_images": ["ftp://host/a.png"]}));
         assert_eq!(f.as_deref(), Some("input_images[0]"));
         assert!(m.contains("http"));
         let (_, f, _) = field_of(json!({"prompt": "x", "input_images": [b64, "not base64!!"]}));
         assert_eq!(f.as_deref(), Some("input_images[1]"));
-        assert_eq!(field_of(json!({"prompt": "x", "input_images": [3]})).1.as_deref(), Some("input_images[0]"));
-        assert_eq!(field_of(json!({"prompt": "x", "input_images": "x"})).1.as_deref(), Some("input_images"));
-        let small = Limits { max_input_image_bytes: 8, ..Limits::default() };
-        let e = GenerateRequest::from_json(json!({"prompt": "x", "input_images": ["aGVsbG8gd29ybGQ="]}).to_string().as_bytes(), None, Model::Klein4b, &small).unwrap_err();
-        assert_eq!((e.status, e.field.as_deref()), (413, Some("input_images[0]")));
+        assert_eq!(
+            field_of(json!({"prompt": "x", "input_images": [3]}))
+                .1
+                .as_deref(),
+            Some("input_images[0]")
+        );
+        assert_eq!(
+            field_of(json!({"prompt": "x", "input_images": "x"}))
+                .1
+                .as_deref(),
+            Some("input_images")
+        );
+        let small = Limits {
+            max_input_image_bytes: 8,
+            ..Limits::default()
+        };
+        let e = GenerateRequest::from_json(
+            json!({"prompt": "x", "input_images": ["aGVsbG8gd29ybGQ="]})
+                .to_string()
+                .as_bytes(),
+            None,
+            Model::Klein4b,
+            &small,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.status, e.field.as_deref()),
+            (413, Some("input_images[0]"))
+        );
     }
 
     #[test]
     fn upstream_body_is_explicit_and_binary() {
-        let r = parse(json!({"prompt": "x", "seed": 7, "enable_base64_output": true, "output_format": "png"})).unwrap();
+        let r = parse(
+            json!({"prompt": "x", "seed": 7, "enable_base64_output": true, "output_format": "png"}),
+        )
+        .unwrap();
         let v = r.to_upstream_json();
         assert_eq!(v["seed"], 7);
         assert_eq!(v["num_steps"], 4);
@@ -709,15 +825,36 @@ mod tests {
         assert_eq!(v["output_format"], "png");
         assert!(v.get("model").is_none());
         // What we forward is itself a valid request with the same meaning.
-        let back = GenerateRequest::from_object(v.as_object().unwrap(), Some(r.model), Model::Klein9b, &Limits::default()).unwrap();
-        assert_eq!(GenerateRequest { enable_base64_output: true, ..back }, r);
+        let back = GenerateRequest::from_object(
+            v.as_object().unwrap(),
+            Some(r.model),
+            Model::Klein9b,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            GenerateRequest {
+                enable_base64_output: true,
+                ..back
+            },
+            r
+        );
     }
 
     #[test]
     fn sniffs_formats() {
-        assert_eq!(OutputFormat::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]), Some(OutputFormat::Jpeg));
-        assert_eq!(OutputFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(OutputFormat::Webp));
+        assert_eq!(
+            OutputFormat::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]),
+            Some(OutputFormat::Jpeg)
+        );
+        assert_eq!(
+            OutputFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "),
+            Some(OutputFormat::Webp)
+        );
         assert_eq!(OutputFormat::sniff(b"GIF89a"), None);
-        assert_eq!(OutputFormat::from_content_type("image/png; charset=binary"), Some(OutputFormat::Png));
+        assert_eq!(
+            OutputFormat::from_content_type("image/png; charset=binary"),
+            Some(OutputFormat::Png)
+        );
     }
 }

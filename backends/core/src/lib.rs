@@ -92,8 +92,12 @@ impl BackendError {
 pub enum Health {
     Ready,
     /// Still starting (weights loading); answers 503 until ready.
-    Loading { message: String },
-    Down { message: String },
+    Loading {
+        message: String,
+    },
+    Down {
+        message: String,
+    },
 }
 
 /// A price list: USD per image = `per_image + per_megapixel * MP + per_megapixel_step * MP * steps`.

@@ -295,7 +295,14 @@ fn parse_success(
 }
 
 fn find_image_text(v: &Value) -> Option<&str> {
-    for key in ["image", "image_base64", "b64_json", "base64", "data", "output"] {
+    for key in [
+        "image",
+        "image_base64",
+        "b64_json",
+        "base64",
+        "data",
+        "output",
+    ] {
         match v.get(key) {
             Some(Value::String(s)) => return Some(s),
             Some(inner @ Value::Object(_)) => {
@@ -336,16 +343,24 @@ fn parse_json_success(req: &GenerateRequest, body: &[u8]) -> Result<GeneratedIma
     })?;
     let seed = v
         .get("seed")
-        .and_then(|s| s.as_u64().or_else(|| s.as_str().and_then(|t| t.parse().ok())))
+        .and_then(|s| {
+            s.as_u64()
+                .or_else(|| s.as_str().and_then(|t| t.parse().ok()))
+        })
         .or(req.seed);
-    let nsfw = ["has_nsfw_content", "has_nsfw_concepts", "nsfw_content_detected", "nsfw"]
-        .iter()
-        .filter_map(|k| v.get(*k))
-        .any(|f| match f {
-            Value::Bool(b) => *b,
-            Value::Array(a) => a.iter().any(|x| x.as_bool() == Some(true)),
-            _ => false,
-        });
+    let nsfw = [
+        "has_nsfw_content",
+        "has_nsfw_concepts",
+        "nsfw_content_detected",
+        "nsfw",
+    ]
+    .iter()
+    .filter_map(|k| v.get(*k))
+    .any(|f| match f {
+        Value::Bool(b) => *b,
+        Value::Array(a) => a.iter().any(|x| x.as_bool() == Some(true)),
+        _ => false,
+    });
     Ok(GeneratedImage {
         bytes: Bytes::from(bytes),
         format,
@@ -360,24 +375,56 @@ mod tests {
     use kleingate_protocol::Limits;
 
     fn req() -> GenerateRequest {
-        GenerateRequest::from_json(br#"{"prompt":"x","seed":9}"#, None, Model::Klein4b, &Limits::default()).unwrap()
+        GenerateRequest::from_json(
+            br#"{"prompt":"x","seed":9}"#,
+            None,
+            Model::Klein4b,
+            &Limits::default(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn maps_statuses_to_what_the_gateway_must_do() {
         let h = HeaderMap::new();
-        let e = map_error_status(StatusCode::BAD_REQUEST, &h, br#"{"error":{"message":"width bad","field":"width"}}"#);
-        assert_eq!(e, BackendError::InvalidRequest { message: "width bad".into(), field: Some("width".into()) });
+        let e = map_error_status(
+            StatusCode::BAD_REQUEST,
+            &h,
+            br#"{"error":{"message":"width bad","field":"width"}}"#,
+        );
+        assert_eq!(
+            e,
+            BackendError::InvalidRequest {
+                message: "width bad".into(),
+                field: Some("width".into())
+            }
+        );
         assert!(!e.should_fall_back());
         let mut h503 = HeaderMap::new();
         h503.insert(RETRY_AFTER, HeaderValue::from_static("7"));
         let e = map_error_status(StatusCode::SERVICE_UNAVAILABLE, &h503, b"model not loaded");
-        assert_eq!(e, BackendError::Unavailable { message: "model not loaded".into(), retry_after: Some(Duration::from_secs(7)) });
+        assert_eq!(
+            e,
+            BackendError::Unavailable {
+                message: "model not loaded".into(),
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
         assert!(e.should_fall_back() && !e.trips_circuit());
         let e = map_error_status(StatusCode::PAYMENT_REQUIRED, &h, b"");
         assert!(matches!(e, BackendError::Unauthorized { status: 402, .. }) && e.trips_circuit());
-        let e = map_error_status(StatusCode::INTERNAL_SERVER_ERROR, &h, br#"{"detail":"boom"}"#);
-        assert_eq!(e, BackendError::Upstream { status: 500, message: "boom".into() });
+        let e = map_error_status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &h,
+            br#"{"detail":"boom"}"#,
+        );
+        assert_eq!(
+            e,
+            BackendError::Upstream {
+                status: 500,
+                message: "boom".into()
+            }
+        );
     }
 
     #[test]
@@ -388,7 +435,10 @@ mod tests {
         h.insert("x-seed", HeaderValue::from_static("1234"));
         h.insert("x-has-nsfw-content", HeaderValue::from_static("True"));
         let img = parse_success(&req(), &h, jpeg.clone()).unwrap();
-        assert_eq!((img.seed, img.has_nsfw_content, img.format), (Some(1234), true, OutputFormat::Jpeg));
+        assert_eq!(
+            (img.seed, img.has_nsfw_content, img.format),
+            (Some(1234), true, OutputFormat::Jpeg)
+        );
         assert_eq!(img.bytes, jpeg);
 
         let b64 = base64::engine::general_purpose::STANDARD.encode(&jpeg);
@@ -400,7 +450,11 @@ mod tests {
             serde_json::json!({"data": [{"b64_json": b64}], "seed": 5, "has_nsfw_concepts": [false]}),
         ] {
             let img = parse_success(&req(), &hj, Bytes::from(body.to_string())).unwrap();
-            assert_eq!((img.bytes.clone(), img.seed), (jpeg.clone(), Some(5)), "{body}");
+            assert_eq!(
+                (img.bytes.clone(), img.seed),
+                (jpeg.clone(), Some(5)),
+                "{body}"
+            );
         }
         let e = parse_success(&req(), &hj, Bytes::from_static(b"{\"image\": 12")).unwrap_err();
         assert!(matches!(e, BackendError::BadResponse(_)));

@@ -1,0 +1,371 @@
+//! The gateway's configuration: one TOML file plus `KLEINGATE_*` environment overrides
+//! (`KLEINGATE_CACHE__TTL_SECS=60`, `KLEINGATE_BACKENDS__VERDA__BASE_URL=...`). Every key is
+//! documented in `gateway/kleingate.example.toml`. Unknown keys are errors, so a typo in a config
+//! file fails at start-up instead of silently running defaults.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kleingate_backend::CostModel;
+use kleingate_protocol::{Limits, Model};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_model")]
+    pub default_model: Model,
+    /// One deadline per request, spent across all backend attempts; 504 when it runs out.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: f64,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long shutdown waits for in-flight requests before giving up on them.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: f64,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub circuit: CircuitConfig,
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_model() -> Model {
+    Model::Klein4b
+}
+fn default_request_timeout() -> f64 {
+    120.0
+}
+fn default_max_body() -> usize {
+    64 * 1024 * 1024
+}
+fn default_grace() -> f64 {
+    130.0
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Bound on the encoded image bytes held.
+    pub max_bytes: u64,
+    pub ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_bytes: 512 * 1024 * 1024,
+            ttl_secs: 3600,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// The first backend in `order` (then the rest by name) that serves the model.
+    Priority,
+    /// A weighted random first choice; the others follow by descending weight as fallbacks.
+    Weighted,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    pub policy: Policy,
+    pub order: Vec<String>,
+    pub allow_backend_header: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            policy: Policy::Priority,
+            order: Vec::new(),
+            allow_backend_header: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Consecutive failures (5xx, connect errors, timeouts, bad answers, refused credentials) that
+    /// open a backend's circuit. Busy answers (503, 429) and client errors do not count.
+    pub failure_threshold: u32,
+    /// How long an open circuit rejects requests before one probe request is let through.
+    pub cooldown_secs: f64,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        CircuitConfig {
+            failure_threshold: 5,
+            cooldown_secs: 30.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Verda,
+    Local,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    /// verda: the endpoint root; `/{model}/generate` is appended.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// verda: the environment variable holding the bearer token. Unset variable = no token sent
+    /// (fine for another kleingate; Verda itself will answer 401 and the gateway falls back).
+    #[serde(default = "default_key_env")]
+    pub api_key_env: String,
+    #[serde(default = "all_models")]
+    pub models: Vec<Model>,
+    /// Per-attempt timeout (the request deadline still applies).
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_secs: f64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: f64,
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: usize,
+    /// For `policy = "weighted"`; 0 = used only as a fallback.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+    #[serde(default)]
+    pub cost: CostModel,
+    /// local: weights directory or Hugging Face repo id.
+    #[serde(default)]
+    pub weights: Option<String>,
+    /// local: `vulkan`, `wgpu` or `cpu`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// local: bounded queue in front of the device.
+    #[serde(default)]
+    pub max_queue: Option<usize>,
+}
+
+fn default_key_env() -> String {
+    "VERDA_API_KEY".into()
+}
+fn all_models() -> Vec<Model> {
+    Model::ALL.to_vec()
+}
+fn default_backend_timeout() -> f64 {
+    120.0
+}
+fn default_connect_timeout() -> f64 {
+    5.0
+}
+fn default_concurrency() -> usize {
+    64
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_max_response() -> usize {
+    32 * 1024 * 1024
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the configuration failed: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load `path` (TOML) with `KLEINGATE_*` overrides from the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// As [`Config::load`], with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let file_only = Self::builder(path, None, &[])?;
+        // List-valued keys must be named for the environment source to split them on commas; the
+        // per-backend ones depend on which backends the file defines.
+        let mut list_keys = vec!["routing.order".to_owned()];
+        if let Ok(names) = file_only.get_table("backends") {
+            list_keys.extend(names.keys().map(|n| format!("backends.{n}.models")));
+        }
+        let cfg: Config = Self::builder(path, Some(env), &list_keys)?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn builder(
+        path: Option<&Path>,
+        env: Option<Option<std::collections::HashMap<String, String>>>,
+        list_keys: &[String],
+    ) -> Result<config::Config, config::ConfigError> {
+        let mut b = config::Config::builder();
+        if let Some(p) = path {
+            b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        }
+        if let Some(env) = env {
+            let mut e = config::Environment::with_prefix("KLEINGATE")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",");
+            for k in list_keys {
+                e = e.with_list_parse_key(k);
+            }
+            if let Some(vars) = env {
+                e = e.source(Some(vars));
+            }
+            b = b.add_source(e);
+        }
+        b.build()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.backends.is_empty() {
+            return bad("no backends configured: add at least one [backends.NAME] table".into());
+        }
+        for name in &self.routing.order {
+            if !self.backends.contains_key(name) {
+                return bad(format!(
+                    "routing.order names `{name}`, which is not a configured backend"
+                ));
+            }
+        }
+        if self.request_timeout_secs <= 0.0 || !self.request_timeout_secs.is_finite() {
+            return bad("request_timeout_secs must be positive".into());
+        }
+        if self.circuit.failure_threshold == 0 {
+            return bad("circuit.failure_threshold must be at least 1".into());
+        }
+        for (name, b) in &self.backends {
+            if b.models.is_empty() {
+                return bad(format!("backends.{name}.models is empty"));
+            }
+            if b.max_concurrency == 0 {
+                return bad(format!(
+                    "backends.{name}.max_concurrency must be at least 1"
+                ));
+            }
+            if b.timeout_secs <= 0.0 || b.connect_timeout_secs <= 0.0 {
+                return bad(format!("backends.{name}: timeouts must be positive"));
+            }
+            if b.kind == BackendKind::Verda && b.base_url.is_none() {
+                return bad(format!("backends.{name}: kind \"verda\" needs base_url"));
+            }
+        }
+        if self.routing.policy == Policy::Weighted && self.backends.values().all(|b| b.weight == 0)
+        {
+            return bad("policy \"weighted\" needs at least one backend with weight > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Backend names in priority order: `routing.order` first, then the rest by name.
+    pub fn backend_order(&self) -> Vec<String> {
+        let mut names = self.routing.order.clone();
+        for n in self.backends.keys() {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    const BASIC: &str = r#"
+        [backends.verda]
+        kind = "verda"
+        base_url = "https://example.invalid"
+        [backends.other]
+        kind = "verda"
+        base_url = "http://127.0.0.1:9"
+        models = ["flux2-klein-4b"]
+    "#;
+
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("kleingate.example.toml");
+        let cfg = Config::load_with_env(Some(&path), Some(HashMap::new())).unwrap();
+        assert!(cfg.backends.contains_key("verda"));
+        assert_eq!(cfg.cache.max_bytes, 536_870_912);
+    }
+
+    #[test]
+    fn environment_overrides_file_values_and_lists() {
+        let f = file(BASIC);
+        let env = HashMap::from([
+            ("KLEINGATE_CACHE__TTL_SECS".to_owned(), "60".to_owned()),
+            (
+                "KLEINGATE_ROUTING__ORDER".to_owned(),
+                "other,verda".to_owned(),
+            ),
+            (
+                "KLEINGATE_BACKENDS__OTHER__MODELS".to_owned(),
+                "flux2-klein-9b,flux2-klein-base-9b".to_owned(),
+            ),
+            (
+                "KLEINGATE_DEFAULT_MODEL".to_owned(),
+                "flux2-klein-9b".to_owned(),
+            ),
+        ]);
+        let cfg = Config::load_with_env(Some(f.path()), Some(env)).unwrap();
+        assert_eq!(cfg.cache.ttl_secs, 60);
+        assert_eq!(cfg.routing.order, ["other", "verda"]);
+        assert_eq!(
+            cfg.backends["other"].models,
+            [Model::Klein9b, Model::KleinBase9b]
+        );
+        assert_eq!(cfg.default_model, Model::Klein9b);
+        assert_eq!(cfg.backend_order(), ["other", "verda"]);
+    }
+
+    #[test]
+    fn typos_and_inconsistencies_are_errors() {
+        let f = file(&format!("{BASIC}\n[cache]\nmax_byte = 5\n"));
+        let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(e.to_string().contains("max_byte"), "{e}");
+        let f = file(&format!("[routing]\norder = [\"nope\"]\n{BASIC}"));
+        let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let f = file("[backends.v]\nkind = \"verda\"\n");
+        let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(e.to_string().contains("base_url"), "{e}");
+        let f = file("[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\nmodels = [\"flux2-klein-3b\"]\n");
+        assert!(Config::load_with_env(Some(f.path()), Some(HashMap::new())).is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! Sending a request to its candidate backends in turn: circuit breaker, concurrency limit, one
+//! deadline spent across attempts, and fallback on anything that is not the client's fault.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use kleingate_backend::BackendError;
+use kleingate_protocol::GenerateRequest;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::cache::CachedImage;
+use crate::error::ApiError;
+use crate::state::{AppState, BackendSlot};
+
+pub type DispatchError = ApiError;
+
+/// Why a candidate was left behind without an answer (closed set, for the fallback metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Skip {
+    CircuitOpen,
+    Busy,
+    Saturated,
+}
+
+impl Skip {
+    fn reason(self) -> &'static str {
+        match self {
+            Skip::CircuitOpen => "circuit_open",
+            Skip::Busy => "busy",
+            Skip::Saturated => "concurrency_limit",
+        }
+    }
+}
+
+pub async fn dispatch(
+    state: &AppState,
+    req: &GenerateRequest,
+    candidates: &[Arc<BackendSlot>],
+    deadline: Instant,
+) -> Result<CachedImage, DispatchError> {
+    let model = req.model.id();
+    let mut backend_time = Duration::ZERO;
+    // Candidates we moved on from, waiting to be counted against the next one actually tried.
+    let mut left: Vec<(Arc<str>, &'static str)> = Vec::new();
+    let mut last_error: Option<(Arc<str>, BackendError)> = None;
+    let mut soonest_retry: Option<Duration> = None;
+    let n = candidates.len();
+
+    for (i, slot) in candidates.iter().enumerate() {
+        let is_last = i + 1 == n;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        let ticket = match slot.breaker.admit() {
+            Ok(t) => t,
+            Err(wait) => {
+                soonest_retry = min_opt(soonest_retry, wait);
+                left.push((slot.name.clone(), Skip::CircuitOpen.reason()));
+                continue;
+            }
+        };
+        if let Some(wait) = slot.busy_for() {
+            soonest_retry = min_opt(soonest_retry, wait);
+            left.push((slot.name.clone(), Skip::Busy.reason()));
+            continue;
+        }
+        let _permit: OwnedSemaphorePermit = match slot.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            // Saturated: move on while there is somewhere to go, else wait our turn.
+            Err(_) if !is_last => {
+                left.push((slot.name.clone(), Skip::Saturated.reason()));
+                continue;
+            }
+            Err(_) => {
+                match tokio::time::timeout(remaining, slot.permits.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => break,
+                }
+            }
+        };
+        for (from, reason) in left.drain(..) {
+            state
+                .metrics
+                .fallbacks
+                .with_label_values(&[&*from, &*slot.name, reason])
+                .inc();
+        }
+
+        let attempt_timeout = slot
+            .timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let started = Instant::now();
+        // The outer timeout guarantees the deadline even for a backend that ignores its own.
+        let result = match tokio::time::timeout(
+            attempt_timeout,
+            slot.backend.generate(req, attempt_timeout),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Timeout(attempt_timeout)),
+        };
+        let took = started.elapsed();
+        backend_time += took;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        };
+        state
+            .metrics
+            .backend_duration
+            .with_label_values(&[&*slot.name, model, outcome])
+            .observe(took.as_secs_f64());
+
+        match result {
+            Ok(image) => {
+                ticket.success();
+                return Ok(CachedImage {
+                    image,
+                    backend: slot.name.clone(),
+                    backend_time,
+                });
+            }
+            Err(e) if !e.should_fall_back() => {
+                ticket.neutral();
+                // We validated the request already, so this means we and the backend disagree on
+                // the rules: worth a warning, but the client still gets the backend's words.
+                tracing::warn!(backend = %slot.name, error = %e, "backend refused a request the gateway accepted");
+                let (message, field) = match e {
+                    BackendError::InvalidRequest { message, field } => (message, field),
+                    other => (other.to_string(), None),
+                };
+                let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+                    .with_backend(Some(slot.name.clone()));
+                err.field = field;
+                return Err(err);
+            }
+            Err(e) => {
+                if e.trips_circuit() {
+                    ticket.failure();
+                } else {
+                    ticket.neutral();
+                }
+                if let BackendError::Unavailable {
+                    retry_after: Some(d),
+                    ..
+                } = &e
+                {
+                    slot.set_busy_for(*d);
+                    soonest_retry = min_opt(soonest_retry, *d);
+                }
+                tracing::warn!(backend = %slot.name, error = %e, "backend attempt failed");
+                slot.set_last_error(e.to_string());
+                left.push((slot.name.clone(), e.reason()));
+                last_error = Some((slot.name.clone(), e));
+            }
+        }
+    }
+
+    Err(exhausted(last_error, soonest_retry, deadline, n))
+}
+
+fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+/// The answer when no candidate produced an image.
+fn exhausted(
+    last: Option<(Arc<str>, BackendError)>,
+    retry: Option<Duration>,
+    deadline: Instant,
+    tried: usize,
+) -> ApiError {
+    if Instant::now() >= deadline {
+        return ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "the request deadline passed before any backend produced an image",
+        )
+        .with_backend(last.map(|(b, _)| b));
+    }
+    let Some((backend, e)) = last else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_backend_available",
+            format!("all {tried} backends serving this model are unavailable (circuit open, busy or at their concurrency limit); try again later"),
+        )
+        .with_retry_after(retry);
+    };
+    let (status, code) = match &e {
+        BackendError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        BackendError::Unavailable { .. }
+        | BackendError::Connect(_)
+        | BackendError::Unauthorized { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, "no_backend_available")
+        }
+        BackendError::Upstream { .. } | BackendError::BadResponse(_) => {
+            (StatusCode::BAD_GATEWAY, "bad_gateway")
+        }
+        BackendError::Failed(_) | BackendError::InvalidRequest { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "generation_failed")
+        }
+    };
+    let message = if tried > 1 {
+        format!("no backend could serve the request; the last one, `{backend}`, failed: {e}")
+    } else {
+        format!("backend `{backend}` failed: {e}")
+    };
+    ApiError::new(status, code, message)
+        .with_backend(Some(backend))
+        .with_retry_after(if status == StatusCode::SERVICE_UNAVAILABLE {
+            retry
+        } else {
+            None
+        })
+}

@@ -1,0 +1,387 @@
+//! The HTTP surface: routes, handlers and the tower layers around them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use kleingate_protocol::{GenerateRequest, ImageJson, Model};
+use serde_json::json;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+
+use crate::cache::{CachedImage, Lookup};
+use crate::dispatch::dispatch;
+use crate::error::ApiError;
+use crate::metrics::InflightGuard;
+use crate::routing::candidates;
+use crate::state::AppState;
+
+pub const BACKEND_HEADER: &str = "x-kleingate-backend";
+pub const CACHE_HEADER: &str = "x-kleingate-cache";
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/generate", post(generate_default))
+        .route("/{model}/generate", post(generate_for_model))
+        .route("/v1/models", get(list_models))
+        .route("/v1/backends", get(list_backends))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, RequestIds::new()))
+}
+
+/// Request ids: a random per-process prefix and a counter. Unique across replicas without the cost
+/// of a UUID per request; a client-supplied `X-Request-Id` is kept.
+#[derive(Clone)]
+struct RequestIds {
+    prefix: u32,
+    next: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        RequestIds {
+            prefix: rand::random(),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{:08x}-{n:x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// What a finished request is counted as.
+struct Outcome {
+    model: &'static str,
+    backend: Option<Arc<str>>,
+    cache: &'static str,
+}
+
+async fn generate_for_model(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match Model::from_id(&model) {
+        Some(m) => handle(state, Some(m), headers, body).await,
+        None => {
+            // Not a model id: count it without the client's string as a label value.
+            let err = kleingate_protocol::ValidationError::unknown_model(None, &model);
+            finish(
+                &state,
+                ApiError::from(err).into_response(),
+                Outcome {
+                    model: "unknown",
+                    backend: None,
+                    cache: "none",
+                },
+                Instant::now(),
+            )
+        }
+    }
+}
+
+async fn generate_default(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(state, None, headers, body).await
+}
+
+async fn handle(
+    state: Arc<AppState>,
+    path_model: Option<Model>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    let _inflight = InflightGuard::new(&state.metrics.inflight);
+    let mut outcome = Outcome {
+        model: path_model.map_or("unknown", Model::id),
+        backend: None,
+        cache: "none",
+    };
+    let resp = match generate(&state, path_model, &headers, body, start, &mut outcome).await {
+        Ok(r) => r,
+        Err(e) => {
+            if outcome.backend.is_none() {
+                outcome.backend = e.backend.clone();
+            }
+            e.into_response()
+        }
+    };
+    finish(&state, resp, outcome, start)
+}
+
+fn finish(state: &AppState, mut resp: Response, outcome: Outcome, start: Instant) -> Response {
+    let backend = outcome.backend.as_deref().unwrap_or("none");
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(backend) {
+        h.insert(BACKEND_HEADER, v);
+    }
+    h.insert(CACHE_HEADER, HeaderValue::from_static(outcome.cache));
+    let m = &state.metrics;
+    m.requests
+        .with_label_values(&[
+            outcome.model,
+            backend,
+            resp.status().as_str(),
+            outcome.cache,
+        ])
+        .inc();
+    m.request_duration
+        .with_label_values(&[outcome.model, backend, outcome.cache])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+fn no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| {
+            matches!(
+                d.trim().to_ascii_lowercase().as_str(),
+                "no-cache" | "no-store"
+            )
+        })
+}
+
+async fn generate(
+    state: &AppState,
+    path_model: Option<Model>,
+    headers: &HeaderMap,
+    body: Body,
+    start: Instant,
+    outcome: &mut Outcome,
+) -> Result<Response, ApiError> {
+    let max = state.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is over the limit of {max} bytes"),
+        )
+    })?;
+    let req = GenerateRequest::from_json(
+        &bytes,
+        path_model,
+        state.config.default_model,
+        &state.config.limits,
+    )?;
+    outcome.model = req.model.id();
+
+    let forced = match headers.get(BACKEND_HEADER) {
+        None => None,
+        Some(_) if !state.config.routing.allow_backend_header => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "backend_header_not_allowed",
+                "this gateway does not let clients choose a backend (routing.allow_backend_header = false)",
+            )
+            .with_field("X-Kleingate-Backend"))
+        }
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "X-Kleingate-Backend is not valid text")
+                .with_field("X-Kleingate-Backend")
+        })?),
+    };
+    let candidates = candidates(state, req.model, forced)?;
+    let deadline = start + state.request_timeout;
+    let cache_on = state.config.cache.enabled;
+    let bypass = !cache_on || no_cache(headers);
+
+    let (served, label) = match req.seed {
+        Some(seed) if !bypass => {
+            let key = req.cache_key(seed, forced);
+            if let Some(hit) = state.cache.get(&key).await {
+                state.metrics.cache_hits.inc();
+                outcome.cache = "hit";
+                outcome.backend = Some(hit.backend.clone());
+                let resp = image_response(&req, &hit);
+                state
+                    .metrics
+                    .overhead
+                    .observe(start.elapsed().as_secs_f64());
+                return Ok(resp);
+            }
+            state.metrics.cache_misses.inc();
+            let lookup = state
+                .cache
+                .get_or_generate(key, dispatch(state, &req, &candidates, deadline))
+                .await
+                .map_err(|e| (*e).clone())?;
+            match lookup {
+                Lookup::Generated(v) => (v, "miss"),
+                Lookup::Coalesced(v) => {
+                    state.metrics.singleflight_coalesced.inc();
+                    (v, "coalesced")
+                }
+            }
+        }
+        _ => {
+            let v = dispatch(state, &req, &candidates, deadline).await?;
+            // Unseeded requests are stored under the seed the backend reports, so a client that
+            // repeats the request with that seed gets the same image back from the cache.
+            if cache_on {
+                if let Some(seed) = v.image.seed {
+                    state
+                        .cache
+                        .insert(req.cache_key(seed, forced), v.clone())
+                        .await;
+                }
+            }
+            (v, "bypass")
+        }
+    };
+    outcome.cache = label;
+    outcome.backend = Some(served.backend.clone());
+    let resp = image_response(&req, &served);
+    if label != "coalesced" {
+        // A coalesced request waited on someone else's backend call; its wait is not ours to time.
+        let own = start.elapsed().saturating_sub(served.backend_time);
+        state.metrics.overhead.observe(own.as_secs_f64());
+    }
+    Ok(resp)
+}
+
+fn image_response(req: &GenerateRequest, c: &CachedImage) -> Response {
+    let img = &c.image;
+    let mut resp = if req.enable_base64_output {
+        Json(ImageJson {
+            image: base64::engine::general_purpose::STANDARD.encode(&img.bytes),
+            output_format: img.format.as_str().to_owned(),
+            seed: img.seed,
+            has_nsfw_content: img.has_nsfw_content,
+        })
+        .into_response()
+    } else {
+        let mut r = Response::new(Body::from(img.bytes.clone()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(img.format.content_type()),
+        );
+        r
+    };
+    let h = resp.headers_mut();
+    if let Some(seed) = img.seed {
+        h.insert("x-seed", HeaderValue::from(seed));
+    }
+    h.insert(
+        "x-has-nsfw-content",
+        HeaderValue::from_static(if img.has_nsfw_content {
+            "true"
+        } else {
+            "false"
+        }),
+    );
+    resp
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let models: Vec<_> = Model::ALL
+        .iter()
+        .map(|m| {
+            let backends: Vec<&str> = state.serving(*m).map(|s| &*s.name).collect();
+            json!({
+                "id": m.id(),
+                "distilled": m.is_distilled(),
+                "default_steps": m.default_steps(),
+                "default_guidance": m.default_guidance(),
+                "steps_configurable": !m.is_distilled(),
+                "backends": backends,
+                "default": *m == state.config.default_model,
+            })
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+async fn list_backends(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let list: Vec<_> = state
+        .backends
+        .iter()
+        .map(|s| {
+            json!({
+                "name": &*s.name,
+                "kind": s.backend.kind(),
+                "models": s.backend.models(),
+                "health": s.backend.health(),
+                "circuit": s.breaker.state(),
+                "consecutive_failures": s.breaker.consecutive_failures(),
+                "circuit_retry_in_secs": s.breaker.retry_in().map(|d| d.as_secs_f64()),
+                "busy_for_secs": s.busy_for().map(|d| d.as_secs_f64()),
+                "in_flight": s.inflight(),
+                "max_concurrency": s.max_concurrency,
+                "weight": s.weight,
+                "last_error": s.last_error(),
+            })
+        })
+        .collect();
+    Json(json!({ "backends": list }))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        let why = if state.is_draining() {
+            "shutting down"
+        } else {
+            "no backend is available"
+        };
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why).into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.refresh_gauges().await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see README.md for the API (POST /{model}/generate, POST /generate, GET /v1/models, ...)")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}

@@ -1,0 +1,19 @@
+//! The kleingate gateway: one Verda-compatible `generate` API in front of several image backends,
+//! with routing, fallback, circuit breaking, a cache with request coalescing, and metrics.
+//!
+//! Request path: [`http`] (parse, validate) → [`cache`] (lookup / coalesce) → [`routing`]
+//! (candidates in order) → [`dispatch`] (attempts with breaker, limits, deadline) → backend.
+
+pub mod cache;
+pub mod circuit;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod routing;
+pub mod server;
+pub mod state;
+
+pub use config::Config;
+pub use state::AppState;

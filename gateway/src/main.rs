@@ -1,0 +1,68 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kleingate_gateway::{server, AppState, Config};
+
+/// kleingate: one Verda-compatible API for the FLUX.2 [klein] image models.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML config file (see gateway/kleingate.example.toml); KLEINGATE_* variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Listen address; overrides `listen` from the config.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Load and validate a config file, print the effective settings (no secrets) and exit.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen } => {
+            let mut cfg = Config::load(Some(&config))
+                .with_context(|| format!("loading {}", config.display()))?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let addr = cfg.listen.clone();
+                let state = AppState::from_config(cfg)?;
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                tracing::info!(addr = %listener.local_addr()?, backends = state.backends.len(), "kleingate listening");
+                server::serve(listener, state, server::shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+        Command::CheckConfig { config } => {
+            let cfg = Config::load(Some(&config))
+                .with_context(|| format!("loading {}", config.display()))?;
+            println!("{}", serde_json::to_string_pretty(&cfg)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Prometheus metrics. Every label value comes from a closed set (catalogue models, configured
+//! backend names, status codes we emit, fixed reason strings), never from raw client input, so a
+//! scanner or a typo cannot mint new series.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Seconds-long image work: 50 ms to 2 minutes.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0,
+];
+/// The gateway's own time: 0.1 ms to 100 ms.
+pub const OVERHEAD_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub backend_duration: HistogramVec,
+    pub overhead: Histogram,
+    pub fallbacks: IntCounterVec,
+    pub circuit_state: IntGaugeVec,
+    pub backend_inflight: IntGaugeVec,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub cache_evictions: IntCounter,
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
+    pub singleflight_coalesced: IntCounter,
+    pub inflight: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "kleingate_requests_total",
+                "Generate requests answered, by model, serving backend, HTTP status and cache result",
+            ),
+            &["model", "backend", "status", "cache"],
+        )
+        .expect("metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "kleingate_request_duration_seconds",
+                "End-to-end generate latency as seen by the gateway",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model", "backend", "cache"],
+        )
+        .expect("metric");
+        let backend_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "kleingate_backend_request_duration_seconds",
+                "Time of each backend attempt, by outcome (ok or the error reason)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["backend", "model", "outcome"],
+        )
+        .expect("metric");
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new(
+                "kleingate_gateway_overhead_seconds",
+                "Time a request spent in the gateway itself, not waiting on a backend",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+        )
+        .expect("metric");
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "kleingate_fallbacks_total",
+                "Requests moved from one backend to the next, by reason",
+            ),
+            &["from", "to", "reason"],
+        )
+        .expect("metric");
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "kleingate_backend_circuit_state",
+                "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
+            ),
+            &["backend"],
+        )
+        .expect("metric");
+        let backend_inflight = IntGaugeVec::new(
+            Opts::new(
+                "kleingate_backend_inflight_requests",
+                "Requests currently being served by each backend",
+            ),
+            &["backend"],
+        )
+        .expect("metric");
+        let cache_hits = IntCounter::new("kleingate_cache_hits_total", "Cache lookups that hit")
+            .expect("metric");
+        let cache_misses =
+            IntCounter::new("kleingate_cache_misses_total", "Cache lookups that missed")
+                .expect("metric");
+        let cache_evictions = IntCounter::new(
+            "kleingate_cache_evictions_total",
+            "Cache entries evicted for size or expired by TTL",
+        )
+        .expect("metric");
+        let cache_bytes = IntGauge::new(
+            "kleingate_cache_bytes",
+            "Encoded image bytes held in the cache",
+        )
+        .expect("metric");
+        let cache_entries =
+            IntGauge::new("kleingate_cache_entries", "Images held in the cache").expect("metric");
+        let singleflight_coalesced = IntCounter::new(
+            "kleingate_singleflight_coalesced_total",
+            "Requests that waited for an identical in-flight request instead of calling a backend",
+        )
+        .expect("metric");
+        let inflight = IntGauge::new(
+            "kleingate_inflight_requests",
+            "Generate requests currently being handled",
+        )
+        .expect("metric");
+
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(backend_duration.clone()),
+            Box::new(overhead.clone()),
+            Box::new(fallbacks.clone()),
+            Box::new(circuit_state.clone()),
+            Box::new(backend_inflight.clone()),
+            Box::new(cache_hits.clone()),
+            Box::new(cache_misses.clone()),
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(singleflight_coalesced.clone()),
+            Box::new(inflight.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            backend_duration,
+            overhead,
+            fallbacks,
+            circuit_state,
+            backend_inflight,
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            cache_bytes,
+            cache_entries,
+            singleflight_coalesced,
+            inflight,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("prometheus text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Keeps `kleingate_inflight_requests` right even when a client disconnects mid-request and the
+/// handler future is dropped.
+pub struct InflightGuard(IntGauge);
+
+impl InflightGuard {
+    pub fn new(g: &IntGauge) -> Self {
+        g.inc();
+        InflightGuard(g.clone())
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

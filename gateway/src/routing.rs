@@ -1,0 +1,80 @@
+//! Which backends may serve a request, in the order they are tried.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use kleingate_protocol::Model;
+use rand::Rng;
+
+use crate::config::Policy;
+use crate::error::ApiError;
+use crate::state::{AppState, BackendSlot};
+
+/// Candidates for `model`: the forced backend alone when the client named one (no fallback: the
+/// client asked for that backend's answer, e.g. to compare backends), otherwise every backend
+/// serving the model in policy order.
+pub fn candidates(
+    state: &AppState,
+    model: Model,
+    forced: Option<&str>,
+) -> Result<Vec<Arc<BackendSlot>>, ApiError> {
+    if let Some(name) = forced {
+        let slot = state.by_name.get(name).ok_or_else(|| {
+            let known: Vec<&str> = state.backends.iter().map(|s| &*s.name).collect();
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_backend",
+                format!(
+                    "X-Kleingate-Backend names `{name}`; configured backends: {}",
+                    known.join(", ")
+                ),
+            )
+            .with_field("X-Kleingate-Backend")
+        })?;
+        if !slot.backend.serves(model) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "backend_cannot_serve",
+                format!("backend `{name}` does not serve `{model}`"),
+            )
+            .with_field("X-Kleingate-Backend"));
+        }
+        return Ok(vec![slot.clone()]);
+    }
+    let mut list: Vec<Arc<BackendSlot>> = state.serving(model).cloned().collect();
+    if list.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_backend",
+            format!("no configured backend serves `{model}`"),
+        ));
+    }
+    if state.config.routing.policy == Policy::Weighted {
+        weighted_order(&mut list, &mut rand::rng());
+    }
+    Ok(list)
+}
+
+/// First a weighted random pick, then the rest by descending weight (stable, so ties keep the
+/// priority order). Backends of weight 0 are only ever fallbacks.
+fn weighted_order(list: &mut [Arc<BackendSlot>], rng: &mut impl Rng) {
+    let total: u64 = list.iter().map(|s| u64::from(s.weight)).sum();
+    list.sort_by(|a, b| b.weight.cmp(&a.weight));
+    if total == 0 {
+        return;
+    }
+    let mut pick = rng.random_range(0..total);
+    let idx = list
+        .iter()
+        .position(|s| {
+            let w = u64::from(s.weight);
+            if pick < w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        })
+        .unwrap_or(0);
+    list[..=idx].rotate_right(1);
+}

@@ -1,0 +1,225 @@
+//! Shared state of a running gateway: the configured backends with their breakers and
+//! concurrency limits, the cache and the metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kleingate_backend::Backend;
+use kleingate_protocol::Model;
+use kleingate_verda::{ApiKey, VerdaBackend, VerdaConfig};
+use tokio::sync::Semaphore;
+
+use crate::cache::ImageCache;
+use crate::circuit::{CircuitBreaker, CircuitState};
+use crate::config::{BackendKind, Config};
+use crate::metrics::Metrics;
+
+/// One configured backend and the gateway's bookkeeping around it.
+pub struct BackendSlot {
+    pub name: Arc<str>,
+    pub backend: Arc<dyn Backend>,
+    pub breaker: CircuitBreaker,
+    pub permits: Arc<Semaphore>,
+    pub max_concurrency: usize,
+    pub timeout: Duration,
+    pub weight: u32,
+    /// Set from an upstream's `Retry-After`: do not send it work before then.
+    busy_until: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl BackendSlot {
+    pub fn new(
+        name: &str,
+        backend: Arc<dyn Backend>,
+        cfg: &Config,
+        max_concurrency: usize,
+        timeout: Duration,
+        weight: u32,
+    ) -> Self {
+        BackendSlot {
+            name: Arc::from(name),
+            backend,
+            breaker: CircuitBreaker::new(
+                cfg.circuit.failure_threshold,
+                Duration::from_secs_f64(cfg.circuit.cooldown_secs),
+            ),
+            permits: Arc::new(Semaphore::new(max_concurrency)),
+            max_concurrency,
+            timeout,
+            weight,
+            busy_until: Mutex::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.max_concurrency - self.permits.available_permits()
+    }
+
+    pub fn busy_for(&self) -> Option<Duration> {
+        let until = (*self.busy_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    pub fn set_busy_for(&self, d: Duration) {
+        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_last_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    /// Could this backend take a request now, by the gateway's passive view?
+    pub fn available(&self) -> bool {
+        self.breaker.state() != CircuitState::Open
+            || self.breaker.retry_in() == Some(Duration::ZERO)
+    }
+}
+
+pub struct AppState {
+    pub config: Config,
+    /// In priority order (see [`Config::backend_order`]).
+    pub backends: Vec<Arc<BackendSlot>>,
+    pub by_name: HashMap<Arc<str>, Arc<BackendSlot>>,
+    pub cache: ImageCache,
+    pub metrics: Metrics,
+    pub request_timeout: Duration,
+    draining: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("backend `{name}`: {message}")]
+    Backend { name: String, message: String },
+}
+
+impl AppState {
+    /// Build every backend the config names.
+    pub fn from_config(config: Config) -> Result<Arc<AppState>, BuildError> {
+        let mut built: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+        for (name, b) in &config.backends {
+            let backend: Arc<dyn Backend> = match b.kind {
+                BackendKind::Verda => {
+                    let api_key = std::env::var(&b.api_key_env).ok().filter(|k| !k.is_empty());
+                    if api_key.is_none() {
+                        tracing::warn!(backend = %name, env = %b.api_key_env, "no API key in the environment; requests go out without Authorization");
+                    }
+                    Arc::new(
+                        VerdaBackend::new(VerdaConfig {
+                            base_url: b.base_url.clone().unwrap_or_default(),
+                            api_key: api_key.map(ApiKey::new),
+                            models: b.models.clone(),
+                            connect_timeout: Duration::from_secs_f64(b.connect_timeout_secs),
+                            max_response_bytes: b.max_response_bytes,
+                            cost: b.cost,
+                            pool_max_idle: b.max_concurrency,
+                        })
+                        .map_err(|e| BuildError::Backend {
+                            name: name.clone(),
+                            message: e.to_string(),
+                        })?,
+                    )
+                }
+                BackendKind::Local => {
+                    return Err(BuildError::Backend {
+                        name: name.clone(),
+                        message: "kind \"local\" (the burn engine) is not part of this build yet; \
+                                  point a \"verda\" backend at a kleingate GPU worker instead"
+                            .into(),
+                    })
+                }
+            };
+            built.insert(name.clone(), backend);
+        }
+        Ok(Self::with_backends(config, built))
+    }
+
+    /// Assemble the state around already-built backends (one per configured name).
+    pub fn with_backends(
+        config: Config,
+        mut built: HashMap<String, Arc<dyn Backend>>,
+    ) -> Arc<AppState> {
+        let metrics = Metrics::new();
+        let cache = ImageCache::new(
+            config.cache.max_bytes,
+            Duration::from_secs(config.cache.ttl_secs),
+            metrics.cache_evictions.clone(),
+        );
+        let mut backends = Vec::new();
+        for name in config.backend_order() {
+            let (Some(b), Some(bc)) = (built.remove(&name), config.backends.get(&name)) else {
+                continue;
+            };
+            backends.push(Arc::new(BackendSlot::new(
+                &name,
+                b,
+                &config,
+                bc.max_concurrency,
+                Duration::from_secs_f64(bc.timeout_secs),
+                bc.weight,
+            )));
+        }
+        let by_name = backends
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        Arc::new(AppState {
+            request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
+            config,
+            backends,
+            by_name,
+            cache,
+            metrics,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn serving(&self, model: Model) -> impl Iterator<Item = &Arc<BackendSlot>> {
+        self.backends
+            .iter()
+            .filter(move |s| s.backend.serves(model))
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Ready = not shutting down and at least one backend is not known to be broken.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining()
+            && self.backends.iter().any(|s| {
+                s.available() && matches!(s.backend.health(), kleingate_backend::Health::Ready)
+            })
+    }
+
+    /// Refresh the gauges that are read off state rather than updated on the hot path.
+    pub async fn refresh_gauges(&self) {
+        for s in &self.backends {
+            self.metrics
+                .circuit_state
+                .with_label_values(&[&*s.name])
+                .set(s.breaker.state().gauge_value());
+            self.metrics
+                .backend_inflight
+                .with_label_values(&[&*s.name])
+                .set(s.inflight() as i64);
+        }
+        let (entries, bytes) = self.cache.usage().await;
+        self.metrics.cache_entries.set(entries as i64);
+        self.metrics.cache_bytes.set(bytes as i64);
+    }
+}
