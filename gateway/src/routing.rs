@@ -59,7 +59,7 @@ pub fn candidates(
 /// priority order). Backends of weight 0 are only ever fallbacks.
 fn weighted_order(list: &mut [Arc<BackendSlot>], rng: &mut impl Rng) {
     let total: u64 = list.iter().map(|s| u64::from(s.weight)).sum();
-    list.sort_by(|a, b| b.weight.cmp(&a.weight));
+    list.sort_by_key(|s| std::cmp::Reverse(s.weight));
     if total == 0 {
         return;
     }

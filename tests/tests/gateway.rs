@@ -1,0 +1,906 @@
+//! End-to-end behaviour of the gateway against fake Verda upstreams, all real HTTP on 127.0.0.1.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use kleingate_tests::fake_verda::fake_jpeg;
+use kleingate_tests::{FakeVerda, Gateway, Mode};
+use serde_json::{json, Value};
+
+fn backend(name: &str, fake: &FakeVerda, extra: &str) -> String {
+    format!(
+        "[backends.{name}]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_SUCH_VAR\"\n{extra}\n",
+        fake.url()
+    )
+}
+
+fn two_backends(a: &FakeVerda, b: &FakeVerda, extra: &str) -> String {
+    format!(
+        "{extra}\n[routing]\norder = [\"primary\", \"secondary\"]\n[circuit]\nfailure_threshold = 2\ncooldown_secs = 0.4\n{}{}",
+        backend("primary", a, "timeout_secs = 0.5"),
+        backend("secondary", b, "")
+    )
+}
+
+async fn post(gw: &Gateway, path: &str, body: Value) -> reqwest::Response {
+    post_with(gw, path, body, &[]).await
+}
+
+async fn post_with(
+    gw: &Gateway,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut rb = reqwest::Client::new().post(gw.url(path)).json(&body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.expect("request")
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+async fn error_of(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.expect("JSON error body");
+    (status, v["error"].clone())
+}
+
+async fn metrics(gw: &Gateway) -> String {
+    reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one sample line of the Prometheus text output, 0 when absent.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            let rest = &l[name.len()..];
+            (rest.starts_with('{') || rest.starts_with(' '))
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn passes_image_and_headers_through_exactly() {
+    std::env::set_var("KLEINGATE_TEST_TOKEN_A", "sk-test-123");
+    let fake = FakeVerda::start_with(fake_jpeg(100_000), Some("sk-test-123")).await;
+    let gw = Gateway::start(&format!(
+        "[backends.verda]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_TOKEN_A\"\n",
+        fake.url()
+    ))
+    .await;
+    let r = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "a lighthouse, nsfw", "seed": 77}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), "image/jpeg");
+    assert_eq!(header(&r, "x-seed"), "77");
+    assert_eq!(header(&r, "x-has-nsfw-content"), "true");
+    assert_eq!(header(&r, "x-kleingate-backend"), "verda");
+    assert_eq!(header(&r, "x-kleingate-cache"), "miss");
+    assert!(!header(&r, "x-request-id").is_empty());
+    assert_eq!(r.bytes().await.unwrap(), fake.image());
+    // The upstream saw our token and an explicit, canonical body.
+    assert_eq!(fake.last_auth().as_deref(), Some("Bearer sk-test-123"));
+    let body = fake.last_body().unwrap();
+    assert_eq!(body["prompt"], "a lighthouse, nsfw");
+    assert_eq!(
+        (
+            body["width"].clone(),
+            body["height"].clone(),
+            body["num_steps"].clone()
+        ),
+        (json!(1024), json!(768), json!(4))
+    );
+    assert!(body.get("model").is_none());
+    // A client-supplied request id is kept.
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "x"}),
+        &[("x-request-id", "req-abc")],
+    )
+    .await;
+    assert_eq!(header(&r, "x-request-id"), "req-abc");
+}
+
+#[tokio::test]
+async fn base64_output_and_json_upstreams() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&backend("verda", &fake, "")).await;
+    let r = post(
+        &gw,
+        "/generate",
+        json!({"model": "flux2-klein-9b", "prompt": "x", "seed": 5, "enable_base64_output": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-seed"), "5");
+    let v: Value = r.json().await.unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v["image"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(bytes, fake.image());
+    assert_eq!(
+        (
+            v["seed"].clone(),
+            v["output_format"].clone(),
+            v["has_nsfw_content"].clone()
+        ),
+        (json!(5), json!("jpeg"), json!(false))
+    );
+    // The upstream answering in its JSON form is read just as well.
+    fake.set_mode(Mode::Json);
+    let r = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "y", "seed": 6}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-seed"), "6");
+    assert_eq!(r.bytes().await.unwrap(), fake.image());
+    // Image editing: references are forwarded verbatim.
+    fake.set_mode(Mode::Image);
+    let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\n....");
+    let refs = json!([
+        "https://example.com/cat.png",
+        format!("data:image/png;base64,{png}")
+    ]);
+    let r = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "make it blue", "input_images": refs}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(fake.last_body().unwrap()["input_images"], refs);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_never_reach_a_backend() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "max_body_bytes = 2048\n{}",
+        backend("verda", &fake, "")
+    ))
+    .await;
+    let cases = [
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "x", "num_steps": 8}),
+            400,
+            Some("num_steps"),
+        ),
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "x", "guidance": 2.0}),
+            400,
+            Some("guidance"),
+        ),
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": ""}),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "x", "width": 1000}),
+            400,
+            Some("width"),
+        ),
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "x", "colour": "red"}),
+            400,
+            Some("colour"),
+        ),
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "x", "seed": "1"}),
+            400,
+            Some("seed"),
+        ),
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "x", "input_images": ["file:///etc/passwd"]}),
+            400,
+            Some("input_images[0]"),
+        ),
+        (
+            "/flux2-klein-7b/generate",
+            json!({"prompt": "x"}),
+            404,
+            None,
+        ),
+        (
+            "/generate",
+            json!({"model": "dall-e", "prompt": "x"}),
+            404,
+            Some("model"),
+        ),
+        (
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "x".repeat(3000)}),
+            413,
+            None,
+        ),
+    ];
+    for (path, body, status, field) in cases {
+        let (s, e) = error_of(post(&gw, path, body.clone()).await).await;
+        assert_eq!(s, status, "{path} {body}: {e}");
+        assert_eq!(e["field"].as_str(), field, "{body}: {e}");
+        assert!(!e["message"].as_str().unwrap().is_empty());
+    }
+    let r = reqwest::Client::new()
+        .post(gw.url("/generate"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(r).await.1["code"], "invalid_json");
+    let (s, e) = error_of(reqwest::get(gw.url("/nope")).await.unwrap()).await;
+    assert_eq!((s, e["code"].as_str()), (404, Some("not_found")));
+    let (s, _) = error_of(reqwest::get(gw.url("/generate")).await.unwrap()).await;
+    assert_eq!(s, 405);
+    assert_eq!(fake.calls(), 0);
+    // The unknown path model is counted without minting a label from the client's string.
+    let m = metrics(&gw).await;
+    assert!(!m.contains("flux2-klein-7b"));
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_requests_total",
+            &[("model", "unknown"), ("status", "404")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn seeded_requests_are_cached_and_unseeded_are_not() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&backend("verda", &fake, "")).await;
+    let first = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "fox", "seed": 1}),
+    )
+    .await;
+    assert_eq!(header(&first, "x-kleingate-cache"), "miss");
+    let first = first.bytes().await.unwrap();
+    // Same request spelled differently (key order, explicit defaults, other route): a hit.
+    let second = post(
+        &gw,
+        "/generate",
+        json!({"seed": 1, "num_steps": 4, "prompt": "fox", "width": 1024}),
+    )
+    .await;
+    assert_eq!(header(&second, "x-kleingate-cache"), "hit");
+    assert_eq!(header(&second, "x-seed"), "1");
+    assert_eq!(second.bytes().await.unwrap(), first);
+    assert_eq!(fake.calls(), 1, "a hit must not call the upstream");
+    // Cache-Control: no-cache goes to the backend.
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "fox", "seed": 1}),
+        &[("cache-control", "no-cache")],
+    )
+    .await;
+    assert_eq!(header(&r, "x-kleingate-cache"), "bypass");
+    assert_eq!(fake.calls(), 2);
+    // Different parameters are a different entry.
+    post(
+        &gw,
+        "/generate",
+        json!({"prompt": "fox", "seed": 1, "output_format": "png"}),
+    )
+    .await;
+    assert_eq!(fake.calls(), 3);
+
+    // Without a seed every request is generated anew...
+    let a = post(&gw, "/generate", json!({"prompt": "owl"})).await;
+    let b = post(&gw, "/generate", json!({"prompt": "owl"})).await;
+    assert_eq!(
+        (
+            header(&a, "x-kleingate-cache"),
+            header(&b, "x-kleingate-cache")
+        ),
+        ("bypass".into(), "bypass".into())
+    );
+    assert_eq!(fake.calls(), 5);
+    // ...but stored under the seed it got, so asking for that seed again is a hit.
+    let seed: u64 = header(&a, "x-seed").parse().unwrap();
+    let again = post(&gw, "/generate", json!({"prompt": "owl", "seed": seed})).await;
+    assert_eq!(header(&again, "x-kleingate-cache"), "hit");
+    assert_eq!(fake.calls(), 5);
+
+    let m = metrics(&gw).await;
+    assert_eq!(sample(&m, "kleingate_cache_hits_total", &[]), 2.0);
+    assert_eq!(sample(&m, "kleingate_cache_misses_total", &[]), 2.0);
+    assert!(sample(&m, "kleingate_cache_bytes", &[]) >= 4.0 * 4096.0);
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_requests_total",
+            &[("cache", "hit"), ("status", "200")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn cache_is_bounded_by_bytes() {
+    let fake = FakeVerda::start_with(fake_jpeg(10_000), None).await;
+    let gw = Gateway::start(&format!(
+        "[cache]\nmax_bytes = 35000\n{}",
+        backend("verda", &fake, "")
+    ))
+    .await;
+    for seed in 0..10 {
+        post(&gw, "/generate", json!({"prompt": "p", "seed": seed})).await;
+    }
+    let m = metrics(&gw).await;
+    assert!(sample(&m, "kleingate_cache_bytes", &[]) <= 35000.0, "{m}");
+    assert!(sample(&m, "kleingate_cache_evictions_total", &[]) >= 6.0);
+}
+
+#[tokio::test]
+async fn identical_concurrent_requests_share_one_backend_call() {
+    let fake = FakeVerda::start().await;
+    fake.set_mode(Mode::Slow(Duration::from_millis(400)));
+    let gw = Gateway::start(&backend("verda", &fake, "")).await;
+    let gw = &gw;
+    let answers = futures::future::join_all((0..8).map(|_| async move {
+        let r = post(gw, "/generate", json!({"prompt": "stampede", "seed": 3})).await;
+        (
+            r.status().as_u16(),
+            header(&r, "x-kleingate-cache"),
+            r.bytes().await.unwrap(),
+        )
+    }))
+    .await;
+    assert_eq!(fake.calls(), 1);
+    assert!(answers
+        .iter()
+        .all(|(s, _, b)| *s == 200 && *b == fake.image()));
+    assert_eq!(answers.iter().filter(|(_, c, _)| c == "miss").count(), 1);
+    assert_eq!(
+        answers.iter().filter(|(_, c, _)| c == "coalesced").count(),
+        7
+    );
+    assert_eq!(
+        sample(
+            &metrics(gw).await,
+            "kleingate_singleflight_coalesced_total",
+            &[]
+        ),
+        7.0
+    );
+
+    // Errors reach every waiter and are not cached.
+    fake.set_mode(Mode::ServerError);
+    let answers = futures::future::join_all((0..4).map(|_| async move {
+        post(gw, "/generate", json!({"prompt": "fail", "seed": 4}))
+            .await
+            .status()
+            .as_u16()
+    }))
+    .await;
+    assert!(answers.iter().all(|s| *s == 502), "{answers:?}");
+    fake.set_mode(Mode::Image);
+    let r = post(gw, "/generate", json!({"prompt": "fail", "seed": 4})).await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-kleingate-cache")),
+        (200, "miss".into())
+    );
+}
+
+#[tokio::test]
+async fn falls_back_on_503_and_dead_upstream_but_not_on_400() {
+    let a = FakeVerda::start_with(fake_jpeg(1000), None).await;
+    let b = FakeVerda::start_with(fake_jpeg(2000), None).await;
+    let gw = Gateway::start(&two_backends(&a, &b, "")).await;
+
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "primary");
+
+    a.set_mode(Mode::Unavailable { retry_after: None });
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kleingate-backend"), "secondary");
+    assert_eq!(r.bytes().await.unwrap(), b.image());
+
+    a.set_mode(Mode::BadRequest);
+    let (s, e) = error_of(post(&gw, "/generate", json!({"prompt": "x"})).await).await;
+    assert_eq!((s, e["message"].as_str()), (400, Some("upstream says no")));
+    assert_eq!(b.calls(), 1, "a 400 must not fall back");
+
+    a.set_mode(Mode::Unauthorized);
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "secondary");
+
+    a.kill();
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kleingate-backend"), "secondary");
+
+    let m = metrics(&gw).await;
+    for reason in ["unavailable", "unauthorized", "connect"] {
+        assert_eq!(
+            sample(
+                &m,
+                "kleingate_fallbacks_total",
+                &[("from", "primary"), ("to", "secondary"), ("reason", reason)]
+            ),
+            1.0,
+            "{reason}\n{m}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn falls_back_on_timeout_and_answers_504_when_the_deadline_is_gone() {
+    let a = FakeVerda::start().await;
+    let b = FakeVerda::start().await;
+    a.set_mode(Mode::Hang);
+    let gw = Gateway::start(&two_backends(&a, &b, "")).await;
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "secondary");
+    assert_eq!(
+        sample(
+            &metrics(&gw).await,
+            "kleingate_fallbacks_total",
+            &[("reason", "timeout")]
+        ),
+        1.0
+    );
+
+    let gw = Gateway::start(&format!(
+        "request_timeout_secs = 0.3\n{}",
+        backend("only", &a, "")
+    ))
+    .await;
+    let t = std::time::Instant::now();
+    let (s, e) = error_of(post(&gw, "/generate", json!({"prompt": "x"})).await).await;
+    assert_eq!((s, e["code"].as_str()), (504, Some("timeout")));
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn upstream_nonsense_is_a_502_and_all_busy_is_a_503() {
+    let a = FakeVerda::start().await;
+    let gw = Gateway::start(&backend("only", &a, "max_response_bytes = 50000")).await;
+    a.set_mode(Mode::Malformed);
+    let (s, e) = error_of(post(&gw, "/generate", json!({"prompt": "x"})).await).await;
+    assert_eq!((s, e["code"].as_str()), (502, Some("bad_gateway")));
+    a.set_mode(Mode::Huge(60_000));
+    let (s, e) = error_of(post(&gw, "/generate", json!({"prompt": "x"})).await).await;
+    assert_eq!(s, 502);
+    assert!(e["message"].as_str().unwrap().contains("limit"), "{e}");
+    a.set_mode(Mode::Unavailable {
+        retry_after: Some(7),
+    });
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "retry-after"), "7");
+    // Retry-After is honoured: the next request does not hit the upstream at all.
+    let calls = a.calls();
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(a.calls(), calls);
+}
+
+#[tokio::test]
+async fn circuit_opens_after_failures_and_recovers() {
+    let a = FakeVerda::start().await;
+    let b = FakeVerda::start().await;
+    a.set_mode(Mode::ServerError);
+    let gw = Gateway::start(&two_backends(&a, &b, "")).await;
+    for _ in 0..2 {
+        let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+        assert_eq!(header(&r, "x-kleingate-backend"), "secondary");
+    }
+    assert_eq!(a.calls(), 2);
+    // Open: the primary is skipped without being called.
+    for _ in 0..3 {
+        post(&gw, "/generate", json!({"prompt": "x"})).await;
+    }
+    assert_eq!(a.calls(), 2);
+    let v: Value = reqwest::get(gw.url("/v1/backends"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["backends"][0]["name"], "primary");
+    assert_eq!(v["backends"][0]["circuit"], "open");
+    assert!(v["backends"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("500"));
+    let m = metrics(&gw).await;
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_backend_circuit_state",
+            &[("backend", "primary")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_fallbacks_total",
+            &[("reason", "circuit_open")]
+        ),
+        3.0
+    );
+
+    // After the cool-down one probe goes through; it succeeds and the circuit closes.
+    a.set_mode(Mode::Image);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "primary");
+    assert_eq!(
+        sample(
+            &metrics(&gw).await,
+            "kleingate_backend_circuit_state",
+            &[("backend", "primary")]
+        ),
+        0.0
+    );
+
+    // When every candidate is open the client gets a quick 503 with Retry-After.
+    let gw = Gateway::start(&format!(
+        "[circuit]\nfailure_threshold = 1\ncooldown_secs = 60\n{}",
+        backend("only", &b, "")
+    ))
+    .await;
+    b.set_mode(Mode::ServerError);
+    assert_eq!(
+        post(&gw, "/generate", json!({"prompt": "x"}))
+            .await
+            .status(),
+        502
+    );
+    let r = post(&gw, "/generate", json!({"prompt": "x"})).await;
+    assert_eq!(r.status(), 503);
+    assert!(header(&r, "retry-after").parse::<u64>().unwrap() >= 59);
+    let ready = reqwest::get(gw.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503, "no backend available means not ready");
+}
+
+#[tokio::test]
+async fn backend_header_forces_a_backend_when_allowed() {
+    let a = FakeVerda::start().await;
+    let b = FakeVerda::start().await;
+    let gw = Gateway::start(&two_backends(&a, &b, "")).await;
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "x", "seed": 1}),
+        &[("x-kleingate-backend", "secondary")],
+    )
+    .await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "secondary");
+    assert_eq!((a.calls(), b.calls()), (0, 1));
+    // The forced backend's image is cached apart from the unforced one.
+    let r = post(&gw, "/generate", json!({"prompt": "x", "seed": 1})).await;
+    assert_eq!(
+        (
+            header(&r, "x-kleingate-cache"),
+            header(&r, "x-kleingate-backend")
+        ),
+        ("miss".into(), "primary".into())
+    );
+    // A forced backend gets no fallback.
+    b.set_mode(Mode::Unavailable { retry_after: None });
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "y"}),
+        &[("x-kleingate-backend", "secondary")],
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let (s, e) = error_of(
+        post_with(
+            &gw,
+            "/generate",
+            json!({"prompt": "x"}),
+            &[("x-kleingate-backend", "nope")],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("unknown_backend")));
+
+    let gw = Gateway::start(&format!(
+        "[routing]\nallow_backend_header = false\n{}",
+        backend("v", &a, "")
+    ))
+    .await;
+    let (s, _) = error_of(
+        post_with(
+            &gw,
+            "/generate",
+            json!({"prompt": "x"}),
+            &[("x-kleingate-backend", "v")],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 403);
+}
+
+#[tokio::test]
+async fn concurrency_limit_sends_overflow_to_the_next_backend() {
+    let a = FakeVerda::start().await;
+    let b = FakeVerda::start().await;
+    a.set_mode(Mode::Slow(Duration::from_millis(300)));
+    let gw = Gateway::start(&format!(
+        "[routing]\norder = [\"primary\", \"secondary\"]\n{}{}",
+        backend("primary", &a, "max_concurrency = 1"),
+        backend("secondary", &b, "")
+    ))
+    .await;
+    let gw = &gw;
+    let backends = futures::future::join_all((0..2).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(50 * i)).await;
+        header(
+            &post(gw, "/generate", json!({"prompt": "x"})).await,
+            "x-kleingate-backend",
+        )
+    }))
+    .await;
+    assert_eq!(backends, ["primary", "secondary"]);
+    assert_eq!(
+        sample(
+            &metrics(gw).await,
+            "kleingate_fallbacks_total",
+            &[("reason", "concurrency_limit")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn weighted_policy_splits_traffic_by_weight() {
+    let a = FakeVerda::start().await;
+    let b = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "[routing]\npolicy = \"weighted\"\n[cache]\nenabled = false\n{}{}",
+        backend("heavy", &a, "weight = 3"),
+        backend("light", &b, "weight = 1")
+    ))
+    .await;
+    for _ in 0..400 {
+        post(&gw, "/generate", json!({"prompt": "x"})).await;
+    }
+    // Expected 300 / 100; binomial sd is 8.7, so +-50 fails only on a real bias.
+    assert!((250..=350).contains(&a.calls()), "heavy got {}", a.calls());
+    assert_eq!(a.calls() + b.calls(), 400);
+}
+
+#[tokio::test]
+async fn talks_to_another_kleingate() {
+    let fake = FakeVerda::start_with(fake_jpeg(50_000), None).await;
+    // The inner gateway has a tighter prompt limit, so it can refuse what the outer accepts.
+    let inner = Gateway::start(&format!(
+        "[limits]\nmax_prompt_bytes = 16\n{}",
+        backend("verda", &fake, "")
+    ))
+    .await;
+    let outer = Gateway::start(&format!(
+        "[backends.gpu]\nkind = \"verda\"\nbase_url = \"http://{}\"\napi_key_env = \"KLEINGATE_TEST_NO_SUCH_VAR\"\n",
+        inner.addr
+    ))
+    .await;
+    let r = post(
+        &outer,
+        "/flux2-klein-base-4b/generate",
+        json!({"prompt": "x", "seed": 11, "num_steps": 20, "guidance": 3.0}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        (header(&r, "x-seed"), header(&r, "x-kleingate-backend")),
+        ("11".into(), "gpu".into())
+    );
+    assert_eq!(r.bytes().await.unwrap(), fake.image());
+    assert_eq!(fake.last_body().unwrap()["num_steps"], 20);
+    // The inner gateway's 400 comes back as a 400 with its message and field, without fallback.
+    let (s, e) = error_of(
+        post(
+            &outer,
+            "/flux2-klein-4b/generate",
+            json!({"prompt": "a prompt over sixteen bytes"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("prompt")), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("at most 16 bytes"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let a = FakeVerda::start().await;
+    let b = FakeVerda::start().await;
+    a.set_mode(Mode::Unavailable { retry_after: None });
+    let gw = Gateway::start(&two_backends(&a, &b, "")).await;
+    for i in 0..3 {
+        post(
+            &gw,
+            "/flux2-klein-9b/generate",
+            json!({"prompt": "x", "seed": i}),
+        )
+        .await;
+    }
+    post(
+        &gw,
+        "/flux2-klein-9b/generate",
+        json!({"prompt": "x", "seed": 0}),
+    )
+    .await;
+    post(&gw, "/flux2-klein-9b/generate", json!({"prompt": ""})).await;
+    let m = metrics(&gw).await;
+    let r = |labels: &[(&str, &str)]| sample(&m, "kleingate_requests_total", labels);
+    assert_eq!(
+        r(&[
+            ("model", "flux2-klein-9b"),
+            ("backend", "secondary"),
+            ("status", "200"),
+            ("cache", "miss")
+        ]),
+        3.0
+    );
+    assert_eq!(
+        r(&[
+            ("model", "flux2-klein-9b"),
+            ("backend", "secondary"),
+            ("status", "200"),
+            ("cache", "hit")
+        ]),
+        1.0
+    );
+    assert_eq!(r(&[("model", "flux2-klein-9b"), ("status", "400")]), 1.0);
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_request_duration_seconds_count",
+            &[("model", "flux2-klein-9b")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_backend_request_duration_seconds_count",
+            &[("backend", "primary"), ("outcome", "unavailable")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_backend_request_duration_seconds_count",
+            &[("backend", "secondary"), ("outcome", "ok")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(&m, "kleingate_gateway_overhead_seconds_count", &[]),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_fallbacks_total",
+            &[
+                ("from", "primary"),
+                ("to", "secondary"),
+                ("reason", "unavailable")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(sample(&m, "kleingate_inflight_requests", &[]), 0.0);
+    assert_eq!(sample(&m, "kleingate_cache_entries", &[]), 3.0);
+    assert!(m.contains("kleingate_backend_circuit_state{backend=\"primary\"} 0"));
+}
+
+#[tokio::test]
+async fn info_and_health_endpoints() {
+    let a = FakeVerda::start().await;
+    let gw = Gateway::start(&backend("verda", &a, "models = [\"flux2-klein-4b\"]")).await;
+    let v: Value = reqwest::get(gw.url("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let models = v["models"].as_array().unwrap();
+    assert_eq!(models.len(), 4);
+    assert_eq!(models[0]["id"], "flux2-klein-4b");
+    assert_eq!(models[0]["backends"], json!(["verda"]));
+    assert_eq!(models[2]["default_steps"], 50);
+    assert_eq!(models[2]["backends"], json!([]));
+    let (s, e) =
+        error_of(post(&gw, "/flux2-klein-9b/generate", json!({"prompt": "x"})).await).await;
+    assert_eq!((s, e["code"].as_str()), (503, Some("no_backend")));
+    let v: Value = reqwest::get(gw.url("/v1/backends"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["backends"][0]["kind"], "verda");
+    assert_eq!(v["backends"][0]["in_flight"], 0);
+    assert_eq!(v["backends"][0]["health"]["state"], "ready");
+    assert_eq!(
+        reqwest::get(gw.url("/healthz")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(reqwest::get(gw.url("/readyz")).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_drains_in_flight_requests() {
+    let a = FakeVerda::start().await;
+    a.set_mode(Mode::Slow(Duration::from_millis(600)));
+    let mut gw = Gateway::start(&backend("verda", &a, "")).await;
+    let url = gw.url("/generate");
+    let in_flight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .json(&json!({"prompt": "x"}))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let state = gw.state.clone();
+    let server = gw.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(state.is_draining() && !state.is_ready());
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), a.image());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server exits")
+        .unwrap()
+        .unwrap();
+    assert!(
+        reqwest::get(gw.url("/healthz")).await.is_err(),
+        "no longer accepting"
+    );
+}
