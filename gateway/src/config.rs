@@ -226,6 +226,7 @@ impl Config {
             b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
         }
         if let Some(env) = env {
+            let vars = relevant_env(env.unwrap_or_else(|| std::env::vars().collect()));
             let mut e = config::Environment::with_prefix("KLEINGATE")
                 .prefix_separator("_")
                 .separator("__")
@@ -234,13 +235,24 @@ impl Config {
             for k in list_keys {
                 e = e.with_list_parse_key(k);
             }
-            if let Some(vars) = env {
-                e = e.source(Some(vars));
-            }
-            b = b.add_source(e);
+            b = b.add_source(e.source(Some(vars)));
         }
         b.build()
     }
+
+    /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
+    const TOP_LEVEL: [&'static str; 10] = [
+        "listen",
+        "default_model",
+        "request_timeout_secs",
+        "max_body_bytes",
+        "shutdown_grace_secs",
+        "limits",
+        "cache",
+        "routing",
+        "circuit",
+        "backends",
+    ];
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -295,6 +307,23 @@ impl Config {
     }
 }
 
+/// Keep the `KLEINGATE_*` variables that address a config key. Others that merely share the
+/// prefix (a deployment's `KLEINGATE_VERDA_TOKEN` secret, say) are not config and must not fail
+/// start-up; a typo *inside* a section (`KLEINGATE_CACHE__TTL_SEC`) still does.
+fn relevant_env(
+    vars: std::collections::HashMap<String, String>,
+) -> std::collections::HashMap<String, String> {
+    vars.into_iter()
+        .filter(|(k, _)| {
+            let Some(rest) = k.strip_prefix("KLEINGATE_") else {
+                return false;
+            };
+            let first = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
+            Config::TOP_LEVEL.contains(&first.as_str())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +371,8 @@ mod tests {
                 "KLEINGATE_DEFAULT_MODEL".to_owned(),
                 "flux2-klein-9b".to_owned(),
             ),
+            // Shares the prefix but is no config key (e.g. a secret): ignored.
+            ("KLEINGATE_VERDA_TOKEN".to_owned(), "sk-x".to_owned()),
         ]);
         let cfg = Config::load_with_env(Some(f.path()), Some(env)).unwrap();
         assert_eq!(cfg.cache.ttl_secs, 60);
@@ -362,6 +393,9 @@ mod tests {
         let f = file(&format!("[routing]\norder = [\"nope\"]\n{BASIC}"));
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+        let env = HashMap::from([("KLEINGATE_CACHE__TTL_SEC".to_owned(), "5".to_owned())]);
+        let e = Config::load_with_env(Some(file(BASIC).path()), Some(env)).unwrap_err();
+        assert!(e.to_string().contains("ttl_sec"), "{e}");
         let f = file("[backends.v]\nkind = \"verda\"\n");
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("base_url"), "{e}");

@@ -35,6 +35,9 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Logs on stderr, colour only on a terminal; stdout carries the one "listening" line.
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -53,7 +56,10 @@ fn main() -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(&addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
-                tracing::info!(addr = %listener.local_addr()?, backends = state.backends.len(), "kleingate listening");
+                let bound = listener.local_addr()?;
+                tracing::info!(addr = %bound, backends = state.backends.len(), "kleingate listening");
+                // On stdout too, plainly, for scripts that start it on port 0.
+                println!("kleingate listening on http://{bound}");
                 server::serve(listener, state, server::shutdown_signal()).await?;
                 Ok(())
             })

@@ -122,7 +122,8 @@ impl VerdaBackend {
             }
         }
         let mut first: Option<Bytes> = None;
-        let mut buf = BytesMut::new();
+        // Sized once from Content-Length (already checked against the limit): no regrowth.
+        let mut buf = BytesMut::with_capacity(resp.content_length().unwrap_or(0) as usize);
         while let Some(chunk) = resp
             .chunk()
             .await
