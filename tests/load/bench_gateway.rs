@@ -5,7 +5,8 @@
 //!   1. pass-through at a fixed request rate: direct to the upstream, then through the gateway
 //!      (unseeded requests, so every one goes to the backend);
 //!   2. maximum throughput, closed loop: the upstream directly, then cache hits from the gateway.
-//! and prints requests/s, p50/p99/p99.9 and the ratios / added latency. The body size is stated with
+//!
+//! It prints requests/s, p50/p99/p99.9 and the ratios / added latency. The body size is stated with
 //! every figure because image bodies, not request handling, dominate the cost.
 //!
 //! `cargo run --release -p kleingate-tests --bin bench-gateway -- --help`
