@@ -157,18 +157,23 @@ fn finish(state: &AppState, mut resp: Response, outcome: Outcome, start: Instant
     resp
 }
 
-fn no_cache(headers: &HeaderMap) -> bool {
-    headers
+/// `Cache-Control` directives the client sent: (no-cache, no-store). `no-cache` skips the lookup
+/// (a fresh image, which then replaces the stored one); `no-store` also keeps the answer out.
+fn cache_directives(headers: &HeaderMap) -> (bool, bool) {
+    let mut out = (false, false);
+    for d in headers
         .get_all(header::CACHE_CONTROL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|d| {
-            matches!(
-                d.trim().to_ascii_lowercase().as_str(),
-                "no-cache" | "no-store"
-            )
-        })
+    {
+        match d.trim().to_ascii_lowercase().as_str() {
+            "no-cache" => out.0 = true,
+            "no-store" => out = (true, true),
+            _ => {}
+        }
+    }
+    out
 }
 
 async fn generate(
@@ -212,8 +217,9 @@ async fn generate(
     };
     let candidates = candidates(state, req.model, forced)?;
     let deadline = start + state.request_timeout;
-    let cache_on = state.config.cache.enabled;
-    let bypass = !cache_on || no_cache(headers);
+    let (no_cache, no_store) = cache_directives(headers);
+    let store = state.config.cache.enabled && !no_store;
+    let bypass = !state.config.cache.enabled || no_cache;
 
     let (served, label) = match req.seed {
         Some(seed) if !bypass => {
@@ -247,7 +253,7 @@ async fn generate(
             let v = dispatch(state, &req, &candidates, deadline).await?;
             // Unseeded requests are stored under the seed the backend reports, so a client that
             // repeats the request with that seed gets the same image back from the cache.
-            if cache_on {
+            if store {
                 if let Some(seed) = v.image.seed {
                     state
                         .cache

@@ -310,6 +310,18 @@ async fn seeded_requests_are_cached_and_unseeded_are_not() {
     .await;
     assert_eq!(header(&r, "x-kleingate-cache"), "bypass");
     assert_eq!(fake.calls(), 2);
+    // no-store: generated and not kept, so the next plain request is still a miss.
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "kept out", "seed": 9}),
+        &[("cache-control", "max-age=0, no-store")],
+    )
+    .await;
+    assert_eq!(header(&r, "x-kleingate-cache"), "bypass");
+    let r = post(&gw, "/generate", json!({"prompt": "kept out", "seed": 9})).await;
+    assert_eq!(header(&r, "x-kleingate-cache"), "miss");
+    assert_eq!(fake.calls(), 4);
     // Different parameters are a different entry.
     post(
         &gw,
@@ -317,7 +329,7 @@ async fn seeded_requests_are_cached_and_unseeded_are_not() {
         json!({"prompt": "fox", "seed": 1, "output_format": "png"}),
     )
     .await;
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(fake.calls(), 5);
 
     // Without a seed every request is generated anew...
     let a = post(&gw, "/generate", json!({"prompt": "owl"})).await;
@@ -329,16 +341,16 @@ async fn seeded_requests_are_cached_and_unseeded_are_not() {
         ),
         ("bypass".into(), "bypass".into())
     );
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(fake.calls(), 7);
     // ...but stored under the seed it got, so asking for that seed again is a hit.
     let seed: u64 = header(&a, "x-seed").parse().unwrap();
     let again = post(&gw, "/generate", json!({"prompt": "owl", "seed": seed})).await;
     assert_eq!(header(&again, "x-kleingate-cache"), "hit");
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(fake.calls(), 7);
 
     let m = metrics(&gw).await;
     assert_eq!(sample(&m, "kleingate_cache_hits_total", &[]), 2.0);
-    assert_eq!(sample(&m, "kleingate_cache_misses_total", &[]), 2.0);
+    assert_eq!(sample(&m, "kleingate_cache_misses_total", &[]), 3.0);
     assert!(sample(&m, "kleingate_cache_bytes", &[]) >= 4.0 * 4096.0);
     assert_eq!(
         sample(
