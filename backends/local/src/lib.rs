@@ -1,0 +1,10 @@
+//! The local FLUX.2 [klein] engine, in burn. One file per model part; every shape comes from the
+//! checkpoint's own `config.json` files.
+
+pub mod config;
+pub mod error;
+pub mod schedule;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::EngineError;

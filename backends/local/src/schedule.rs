@@ -1,0 +1,93 @@
+//! The klein sampling schedule: sigmas from `linspace(1, 1/N, N)`, shifted by the empirical `mu`
+//! that depends on the number of image tokens (with its jump at 4300 tokens), in the exact float
+//! widths the reference uses.
+
+/// `compute_empirical_mu` of the reference pipeline, in f64. `image_seq_len` counts the generated
+/// image tokens only (reference tokens excluded).
+pub fn empirical_mu(image_seq_len: usize, num_steps: usize) -> f64 {
+    let (a1, b1) = (8.738_095_24e-5, 1.898_333_33);
+    let (a2, b2) = (0.000_169_27, 0.456_666_66);
+    let n = image_seq_len as f64;
+    if image_seq_len > 4300 {
+        return a2 * n + b2;
+    }
+    let m200 = a2 * n + b2;
+    let m10 = a1 * n + b1;
+    let a = (m200 - m10) / 190.0;
+    let b = m200 - 200.0 * a;
+    a * num_steps as f64 + b
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    pub mu: f64,
+    /// N + 1 values, the last one 0.
+    pub sigmas: Vec<f32>,
+    /// `sigmas[..N] * 1000`.
+    pub timesteps: Vec<f32>,
+}
+
+impl Schedule {
+    pub fn new(num_steps: usize, image_seq_len: usize) -> Schedule {
+        let n = num_steps.max(1);
+        let mu = empirical_mu(image_seq_len, n);
+        // linspace in f64, then stored as f32 (numpy float64 -> float32).
+        let base: Vec<f32> = (0..n)
+            .map(|i| {
+                let end = 1.0 / n as f64;
+                let t = if n == 1 {
+                    1.0
+                } else {
+                    1.0 + (end - 1.0) * i as f64 / (n - 1) as f64
+                };
+                t as f32
+            })
+            .collect();
+        // The time shift runs in f32 (a float32 array combined with Python scalars).
+        let e_mu = mu.exp() as f32;
+        let mut sigmas: Vec<f32> = base
+            .iter()
+            .map(|&s| e_mu / (e_mu + (1.0 / s - 1.0)))
+            .collect();
+        let timesteps = sigmas.iter().map(|s| s * 1000.0).collect();
+        sigmas.push(0.0);
+        Schedule {
+            mu,
+            sigmas,
+            timesteps,
+        }
+    }
+}
+
+/// The timestep value the transformer's sinusoid sees for step `t` (a scheduler timestep in
+/// 0..1000). The reference casts the timestep to the activation dtype before multiplying by 1000,
+/// so in bf16 it is rounded to bf16 first; in f32 it passes unchanged.
+pub fn model_timestep(timestep: f32, bf16_activations: bool) -> f32 {
+    let sigma = timestep / 1000.0;
+    if bf16_activations {
+        let r = half::bf16::from_f32(sigma);
+        half::bf16::from_f32(r.to_f32() * 1000.0).to_f32()
+    } else {
+        sigma * 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mu_has_its_jump_at_4300_tokens() {
+        let below = empirical_mu(4300, 4);
+        let above = empirical_mu(4301, 4);
+        assert!((above - (0.000_169_27 * 4301.0 + 0.456_666_66)).abs() < 1e-12);
+        assert!((below - above).abs() > 0.05, "{below} vs {above}");
+    }
+
+    #[test]
+    fn bf16_rounding_of_the_timestep() {
+        // sigma 0.7 rounds to 0.69921875 in bf16; x1000 = 699.21875, which bf16 rounds to 699.
+        assert_eq!(model_timestep(700.0, true), 699.0);
+        assert_eq!(model_timestep(700.0, false), 700.0);
+    }
+}

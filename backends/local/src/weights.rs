@@ -1,0 +1,190 @@
+//! Safetensors weights in the Hugging Face diffusers layout, memory-mapped and read by name.
+//!
+//! One component (`transformer/`, `text_encoder/`, `vae/`) is either one
+//! `{stem}.safetensors` or shards listed in `{stem}.safetensors.index.json`. Tensors are read on
+//! demand from the map (bf16, f16 or f32 as stored) and handed to burn as f32 on the target
+//! device; a missing tensor, a wrong shape or an unsupported dtype is an error naming the file and
+//! the tensor. The per-model name tables live next to each model (one `fn` per part that asks for
+//! its weights by their checkpoint names), so there is exactly one place per name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+
+use crate::error::EngineError;
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    header_len: usize,
+    meta: Metadata,
+}
+
+pub struct WeightStore {
+    shards: Vec<Shard>,
+    /// tensor name -> shard index
+    index: HashMap<String, usize>,
+    device: Device,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::io(path, e)
+}
+
+impl WeightStore {
+    /// Open `dir/{stem}.safetensors`, or the shards of `dir/{stem}.safetensors.index.json`.
+    pub fn open(dir: &Path, stem: &str, device: &Device) -> Result<Self, EngineError> {
+        let single = dir.join(format!("{stem}.safetensors"));
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| io(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| EngineError::WeightFile {
+                    file: index.display().to_string(),
+                    message: format!("malformed index: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::WeightFile {
+                    file: index.display().to_string(),
+                    message: "no `weight_map` object".into(),
+                })?;
+            let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            return Err(EngineError::WeightFile {
+                file: single.display().to_string(),
+                message: "not found (nor a sharded .index.json beside it)".into(),
+            });
+        };
+        Self::from_files(&files, device)
+    }
+
+    pub fn from_files(files: &[PathBuf], device: &Device) -> Result<Self, EngineError> {
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let file = std::fs::File::open(path).map_err(|e| io(path, e))?;
+            // SAFETY: the map is read-only and the file is not modified while the engine runs;
+            // a checkpoint rewritten underneath a running process is outside what we support.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| io(path, e))?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&map).map_err(|e| EngineError::WeightFile {
+                    file: path.display().to_string(),
+                    message: format!("not a valid safetensors file: {e}"),
+                })?;
+            for name in meta.tensors().keys() {
+                index.insert(name.clone(), shards.len());
+            }
+            shards.push(Shard {
+                path: path.clone(),
+                map,
+                header_len,
+                meta,
+            });
+        }
+        Ok(WeightStore {
+            shards,
+            index,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Read `name` as f32 values, checking its shape.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
+        let err = |file: &Path, message: String| EngineError::Weight {
+            file: file.display().to_string(),
+            tensor: name.to_owned(),
+            message,
+        };
+        let Some(&si) = self.index.get(name) else {
+            let file = self
+                .shards
+                .first()
+                .map_or(PathBuf::new(), |s| s.path.clone());
+            return Err(err(&file, "missing".into()));
+        };
+        let shard = &self.shards[si];
+        let info = shard
+            .meta
+            .info(name)
+            .ok_or_else(|| err(&shard.path, "missing".into()))?;
+        if info.shape != shape {
+            return Err(err(
+                &shard.path,
+                format!(
+                    "shape {:?}, expected {:?} (from the config)",
+                    info.shape, shape
+                ),
+            ));
+        }
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        let bytes = shard.map.get(start..end).ok_or_else(|| {
+            err(
+                &shard.path,
+                "data offsets point past the end of the file".into(),
+            )
+        })?;
+        let n: usize = shape.iter().product();
+        let out: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(err(
+                    &shard.path,
+                    format!("dtype {other:?} is not supported (bf16, f16 or f32)"),
+                ))
+            }
+        };
+        if out.len() != n {
+            return Err(err(
+                &shard.path,
+                format!("holds {} values for shape {shape:?}", out.len()),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Read `name` into a tensor of the given shape on the store's device.
+    pub fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<D>, EngineError> {
+        let v = self.values(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(v, shape), &self.device))
+    }
+
+    /// A PyTorch `Linear` weight `[out, in]`, transposed to burn's `[in, out]`.
+    pub fn linear(&self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>, EngineError> {
+        Ok(self.tensor(name, [d_out, d_in])?.transpose())
+    }
+}

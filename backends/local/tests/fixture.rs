@@ -1,0 +1,98 @@
+//! Reading the reference fixtures (tensors recorded from diffusers 0.42.1, see
+//! tests/data/klein-tiny/README.md) and comparing against them.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/klein-tiny")
+}
+
+pub fn pipeline() -> PathBuf {
+    root().join("pipeline")
+}
+
+pub const CASES: [&str; 6] = [
+    "t2i_distilled",
+    "t2i_distilled_batch2",
+    "t2i_base_cfg",
+    "edit_1ref",
+    "edit_2ref_cfg",
+    "vae_roundtrip",
+];
+
+pub struct Case {
+    pub name: String,
+    pub json: Value,
+    bytes: Vec<u8>,
+}
+
+impl Case {
+    pub fn load(name: &str) -> Case {
+        let dir = root().join("cases");
+        let json = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let bytes = std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap();
+        Case {
+            name: name.to_owned(),
+            json,
+            bytes,
+        }
+    }
+
+    pub fn has(&self, tensor: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes)
+            .unwrap()
+            .tensor(tensor)
+            .is_ok()
+    }
+
+    /// (values, shape) of a recorded float32 tensor.
+    pub fn tensor(&self, tensor: &str) -> (Vec<f32>, Vec<usize>) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st
+            .tensor(tensor)
+            .unwrap_or_else(|_| panic!("{}: no tensor {tensor}", self.name));
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        (v, t.shape().to_vec())
+    }
+
+    pub fn int_tensor(&self, tensor: &str) -> Vec<u32> {
+        self.tensor(tensor)
+            .0
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    }
+}
+
+/// Largest |a - b| divided by the largest |b| (so the tolerance is relative to the tensor's scale).
+pub fn rel_err(actual: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(actual.len(), expected.len(), "element counts differ");
+    let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+    let diff = actual
+        .iter()
+        .zip(expected)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff.is_finite(), "non-finite values");
+    diff / scale
+}
+
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tol: f32) {
+    let e = rel_err(actual, expected);
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} over tolerance {tol:.1e}"
+    );
+    eprintln!("{what}: relative error {e:.3e} (tolerance {tol:.1e})");
+}
