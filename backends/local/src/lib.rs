@@ -3,7 +3,9 @@
 
 pub mod config;
 pub mod error;
+mod nn;
 pub mod schedule;
+pub mod text_encoder;
 pub mod tokenizer;
 pub mod weights;
 

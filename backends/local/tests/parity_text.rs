@@ -94,3 +94,59 @@ fn schedules_match_the_reference() {
         assert_eq!(s.timesteps, case.tensor("schedule.timesteps").0, "{name}");
     }
 }
+
+fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// The text encoder against the reference: embeddings, the first decoder layer (RoPE, GQA, q/k
+/// norms, causal + padding mask) and the stacked layer-9/18/27 embeddings, for a single prompt, a
+/// batch of two (one of them truncated) and the empty negative prompt.
+///
+/// Tolerances (relative to the tensor's largest magnitude), f32 here vs the reference's f32 run:
+/// the embedding lookup is a copy (exact); one layer ~1e-6 of rounding; 27 layers compound that to
+/// ~1e-5, so 1e-4 leaves room for summation-order differences while any real bug (wrong RoPE
+/// half, mask or head mapping) shows up at 1e-1 or more.
+#[test]
+fn text_embeddings_match_the_reference() {
+    let device = burn::tensor::Device::flex();
+    let layers = [9, 18, 27];
+    let enc = kleingate_local::text_encoder::TextEncoder::load(
+        &fixture::pipeline().join("text_encoder"),
+        &layers,
+        &device,
+    )
+    .unwrap();
+    for (name, prefix) in [
+        ("t2i_distilled", "text"),
+        ("t2i_distilled_batch2", "text"),
+        ("t2i_base_cfg", "neg_text"),
+    ] {
+        let case = Case::load(name);
+        let (_, shape) = case.tensor(&format!("{prefix}.input_ids"));
+        let (b, l) = (shape[0], shape[1]);
+        let ids = case.int_tensor(&format!("{prefix}.input_ids"));
+        let mask = case.int_tensor(&format!("{prefix}.attention_mask"));
+        let states = enc.hidden_states(&ids, &mask, b, l).unwrap();
+        assert_eq!(
+            values(states[0].clone()),
+            case.tensor(&format!("{prefix}.hidden_state_0")).0,
+            "{name}: embeddings"
+        );
+        fixture::assert_close(
+            &format!("{name} {prefix} layer 1"),
+            &values(states[1].clone()),
+            &case.tensor(&format!("{prefix}.hidden_state_1")).0,
+            1e-5,
+        );
+        let embeds = enc.encode(&ids, &mask, b, l, &layers).unwrap();
+        let (expected, eshape) = case.tensor(&format!("{prefix}.prompt_embeds"));
+        assert_eq!(embeds.dims().to_vec(), eshape);
+        fixture::assert_close(
+            &format!("{name} {prefix} prompt_embeds"),
+            &values(embeds),
+            &expected,
+            1e-4,
+        );
+    }
+}

@@ -1,0 +1,46 @@
+//! Small building blocks shared by the model parts.
+
+use burn::tensor::activation::silu;
+use burn::tensor::module::{attention, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Tensor};
+
+/// `x @ w` for a weight already in burn's `[in, out]` layout (see `WeightStore::linear`).
+pub fn lin<const D: usize>(x: Tensor<D>, w: &Tensor<2>) -> Tensor<D> {
+    linear(x, w.clone(), None)
+}
+
+/// RMSNorm over the last dimension, with a learned scale: `x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
+    let rms = x
+        .clone()
+        .powf_scalar(2.0)
+        .mean_dim(D - 1)
+        .add_scalar(eps)
+        .sqrt();
+    let dims = x.dims();
+    let mut wshape = [1usize; D];
+    wshape[D - 1] = dims[D - 1];
+    x.div(rms).mul(w.clone().reshape(wshape))
+}
+
+/// LayerNorm over the last dimension without affine parameters.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    let mean = x.clone().mean_dim(D - 1);
+    let centered = x.sub(mean);
+    let var = centered.clone().powf_scalar(2.0).mean_dim(D - 1);
+    centered.div(var.add_scalar(eps).sqrt())
+}
+
+/// SwiGLU on a fused projection: SiLU of the first half times the second half.
+pub fn swiglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let mut halves = x.chunk(2, D - 1);
+    let up = halves.pop().expect("two halves");
+    let gate = halves.pop().expect("two halves");
+    silu(gate).mul(up)
+}
+
+/// Scaled dot-product attention on `[B, heads, seq, head_dim]`; `mask` true = not attended.
+pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Bool>>) -> Tensor<4> {
+    attention(q, k, v, mask, None, AttentionModuleOptions::default())
+}

@@ -1,0 +1,239 @@
+//! The Qwen3 text encoder: the residual stream after selected decoder layers, stacked per token.
+//!
+//! Only the layers up to the deepest one requested are loaded and run (27 of Qwen3-4B's 36 for
+//! klein); the final norm and the LM head are never used. Attention uses a causal plus key-padding
+//! mask, so the hidden states at pad positions (which the transformer does see) are computed from
+//! the real tokens only, as in the reference.
+
+use std::path::Path;
+
+use burn::tensor::activation::silu;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::config::Qwen3Config;
+use crate::error::EngineError;
+use crate::nn::{lin, rms_norm, sdpa};
+use crate::weights::WeightStore;
+
+struct Layer {
+    input_norm: Tensor<1>,
+    q: Tensor<2>,
+    k: Tensor<2>,
+    v: Tensor<2>,
+    o: Tensor<2>,
+    q_norm: Tensor<1>,
+    k_norm: Tensor<1>,
+    post_norm: Tensor<1>,
+    gate: Tensor<2>,
+    up: Tensor<2>,
+    down: Tensor<2>,
+}
+
+pub struct TextEncoder {
+    pub config: Qwen3Config,
+    embed: Tensor<2>,
+    layers: Vec<Layer>,
+    device: Device,
+}
+
+/// The weight names of the Hugging Face Qwen3 layout, in one place.
+fn layer_name(i: usize, part: &str) -> String {
+    format!("model.layers.{i}.{part}.weight")
+}
+
+impl TextEncoder {
+    /// Load `text_encoder/` with as many layers as the deepest of `out_layers` needs.
+    pub fn load(dir: &Path, out_layers: &[usize], device: &Device) -> Result<Self, EngineError> {
+        let config = Qwen3Config::load(&dir.join("config.json"))?;
+        let deepest = out_layers.iter().copied().max().unwrap_or(0);
+        if deepest == 0 || deepest >= config.num_hidden_layers {
+            // hidden_states[num_hidden_layers] is the *normed* final state in the reference, not
+            // a residual tap; the klein pipeline never asks for it.
+            return Err(EngineError::Config {
+                path: dir.join("config.json").display().to_string(),
+                message: format!(
+                    "text encoder output layers {out_layers:?} must lie in 1..{}",
+                    config.num_hidden_layers
+                ),
+            });
+        }
+        let w = WeightStore::open(dir, "model", device)?;
+        let h = config.hidden_size;
+        let hd = config.head_dim();
+        let (nh, nkv, inter) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.intermediate_size,
+        );
+        let embed = w.tensor("model.embed_tokens.weight", [config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(deepest);
+        for i in 0..deepest {
+            layers.push(Layer {
+                input_norm: w.tensor(&layer_name(i, "input_layernorm"), [h])?,
+                q: w.linear(&layer_name(i, "self_attn.q_proj"), h, nh * hd)?,
+                k: w.linear(&layer_name(i, "self_attn.k_proj"), h, nkv * hd)?,
+                v: w.linear(&layer_name(i, "self_attn.v_proj"), h, nkv * hd)?,
+                o: w.linear(&layer_name(i, "self_attn.o_proj"), nh * hd, h)?,
+                q_norm: w.tensor(&layer_name(i, "self_attn.q_norm"), [hd])?,
+                k_norm: w.tensor(&layer_name(i, "self_attn.k_norm"), [hd])?,
+                post_norm: w.tensor(&layer_name(i, "post_attention_layernorm"), [h])?,
+                gate: w.linear(&layer_name(i, "mlp.gate_proj"), h, inter)?,
+                up: w.linear(&layer_name(i, "mlp.up_proj"), h, inter)?,
+                down: w.linear(&layer_name(i, "mlp.down_proj"), inter, h)?,
+            });
+        }
+        Ok(TextEncoder {
+            config,
+            embed,
+            layers,
+            device: device.clone(),
+        })
+    }
+
+    /// Rotate-half RoPE tables `[L, head_dim]` for positions 0..L, in f32 as the reference.
+    fn rope(&self, len: usize) -> (Tensor<2>, Tensor<2>) {
+        let hd = self.config.head_dim();
+        let theta = self.config.rope_theta().unwrap_or(1e6) as f32;
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|m| 1.0 / theta.powf((2 * m) as f32 / hd as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(len * hd);
+        let mut sin = Vec::with_capacity(len * hd);
+        for p in 0..len {
+            for _half in 0..2 {
+                for f in &inv {
+                    let a = (p as f32 * f) as f64;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [len, hd]), &self.device),
+            Tensor::from_data(TensorData::new(sin, [len, hd]), &self.device),
+        )
+    }
+
+    /// Encode `ids`/`mask` (`batch` rows of `len`), returning every hidden state up to the deepest
+    /// requested layer: `states[0]` = embeddings, `states[k]` = after decoder layer k.
+    pub fn hidden_states(
+        &self,
+        ids: &[u32],
+        mask: &[u32],
+        batch: usize,
+        len: usize,
+    ) -> Result<Vec<Tensor<3>>, EngineError> {
+        if ids.len() != batch * len || mask.len() != batch * len {
+            return Err(EngineError::Input(format!(
+                "expected {batch}x{len} token ids and mask values, got {} and {}",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(EngineError::Input(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        let c = &self.config;
+        let (h, hd, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        );
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [batch * len],
+            ),
+            &self.device,
+        );
+        let mut x: Tensor<3> = self.embed.clone().select(0, idx).reshape([batch, len, h]);
+
+        // Causal + key padding: query i may see key j iff j <= i and j is a real token.
+        let mut m = Vec::with_capacity(batch * len * len);
+        for b in 0..batch {
+            for i in 0..len {
+                for j in 0..len {
+                    m.push(j > i || mask[b * len + j] == 0);
+                }
+            }
+        }
+        let attn_mask =
+            Tensor::<4, Bool>::from_data(TensorData::new(m, [batch, 1, len, len]), &self.device)
+                .expand([batch, nh, len, len]);
+        let (cos, sin) = self.rope(len);
+        let cos = cos.reshape([1, 1, len, hd]);
+        let sin = sin.reshape([1, 1, len, hd]);
+        let rotate = |t: Tensor<4>| -> Tensor<4> {
+            let halves = t.clone().chunk(2, 3);
+            let rot = Tensor::cat(vec![halves[1].clone().neg(), halves[0].clone()], 3);
+            t.mul(cos.clone()).add(rot.mul(sin.clone()))
+        };
+        let eps = c.rms_norm_eps;
+        let rep = nh / nkv;
+
+        let mut states = Vec::with_capacity(self.layers.len() + 1);
+        states.push(x.clone());
+        for l in &self.layers {
+            let hn = rms_norm(x.clone(), &l.input_norm, eps);
+            let q = rms_norm(
+                lin(hn.clone(), &l.q).reshape([batch, len, nh, hd]),
+                &l.q_norm,
+                eps,
+            )
+            .swap_dims(1, 2);
+            let k = rms_norm(
+                lin(hn.clone(), &l.k).reshape([batch, len, nkv, hd]),
+                &l.k_norm,
+                eps,
+            )
+            .swap_dims(1, 2);
+            let v = lin(hn, &l.v).reshape([batch, len, nkv, hd]).swap_dims(1, 2);
+            let (q, k) = (rotate(q), rotate(k));
+            // GQA: query head j reads kv head j / rep.
+            let k = k
+                .unsqueeze_dim::<5>(2)
+                .expand([batch, nkv, rep, len, hd])
+                .reshape([batch, nh, len, hd]);
+            let v = v
+                .unsqueeze_dim::<5>(2)
+                .expand([batch, nkv, rep, len, hd])
+                .reshape([batch, nh, len, hd]);
+            let a = sdpa(q, k, v, Some(attn_mask.clone()))
+                .swap_dims(1, 2)
+                .reshape([batch, len, nh * hd]);
+            x = x.add(lin(a, &l.o));
+            let hn = rms_norm(x.clone(), &l.post_norm, eps);
+            let mlp = lin(silu(lin(hn.clone(), &l.gate)).mul(lin(hn, &l.up)), &l.down);
+            x = x.add(mlp);
+            states.push(x.clone());
+        }
+        Ok(states)
+    }
+
+    /// The stacked prompt embeddings `[B, L, layers * hidden]` fed to the transformer.
+    pub fn encode(
+        &self,
+        ids: &[u32],
+        mask: &[u32],
+        batch: usize,
+        len: usize,
+        out_layers: &[usize],
+    ) -> Result<Tensor<3>, EngineError> {
+        let states = self.hidden_states(ids, mask, batch, len)?;
+        let taps = out_layers
+            .iter()
+            .map(|&l| {
+                states.get(l).cloned().ok_or_else(|| {
+                    EngineError::Input(format!(
+                        "layer {l} was not loaded (loaded {})",
+                        states.len() - 1
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(taps, 2))
+    }
+}
