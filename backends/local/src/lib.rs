@@ -7,6 +7,7 @@ mod nn;
 pub mod schedule;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod transformer;
 pub mod weights;
 
 pub use error::EngineError;
