@@ -8,6 +8,7 @@ pub mod schedule;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod transformer;
+pub mod vae;
 pub mod weights;
 
 pub use error::EngineError;

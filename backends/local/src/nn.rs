@@ -44,3 +44,49 @@ pub fn swiglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Bool>>) -> Tensor<4> {
     attention(q, k, v, mask, None, AttentionModuleOptions::default())
 }
+
+/// GroupNorm over `[B, C, H, W]` with per-channel affine parameters.
+pub fn group_norm(
+    x: Tensor<4>,
+    groups: usize,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    eps: f64,
+) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    let g = x.reshape([b, groups, (c / groups) * h * w]);
+    let mean = g.clone().mean_dim(2);
+    let centered = g.sub(mean);
+    let var = centered.clone().powf_scalar(2.0).mean_dim(2);
+    let normed = centered
+        .div(var.add_scalar(eps).sqrt())
+        .reshape([b, c, h, w]);
+    normed
+        .mul(gamma.clone().reshape([1, c, 1, 1]))
+        .add(beta.clone().reshape([1, c, 1, 1]))
+}
+
+/// A 2-D convolution with PyTorch-layout weights `[out, in, kh, kw]` and a bias.
+pub struct Conv {
+    pub weight: Tensor<4>,
+    pub bias: Tensor<1>,
+    pub stride: usize,
+    /// (top/left, bottom/right) padding.
+    pub pad: (usize, usize),
+}
+
+impl Conv {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        burn::tensor::module::conv2d(
+            x,
+            self.weight.clone(),
+            Some(self.bias.clone()),
+            burn::tensor::ops::ConvOptions::new_with_padding(
+                [self.stride; 2],
+                [self.pad; 2],
+                [1, 1],
+                1,
+            ),
+        )
+    }
+}
