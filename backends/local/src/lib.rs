@@ -3,7 +3,10 @@
 
 pub mod config;
 pub mod error;
+pub mod image_io;
 mod nn;
+pub mod pipeline;
+pub mod sampler;
 pub mod schedule;
 pub mod text_encoder;
 pub mod tokenizer;

@@ -1,0 +1,190 @@
+//! Prompt -> image: the whole FLUX.2 [klein] text-to-image pipeline.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+
+use crate::error::EngineError;
+use crate::sampler::{euler_step, grid_ids, guide, pack, seeded_noise, text_ids, unpack};
+use crate::schedule::{model_timestep, Schedule};
+use crate::text_encoder::TextEncoder;
+use crate::tokenizer::PromptTokenizer;
+use crate::transformer::Transformer;
+use crate::vae::Vae;
+
+/// Residual-stream taps of the text encoder that klein stacks (hidden_states[9], [18], [27]).
+pub const TEXT_OUT_LAYERS: [usize; 3] = [9, 18, 27];
+
+pub struct Pipeline {
+    pub tokenizer: PromptTokenizer,
+    pub text_encoder: TextEncoder,
+    pub transformer: Transformer,
+    pub vae: Vae,
+    pub device: Device,
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompts: Vec<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; only used when `cfg`.
+    pub guidance: f32,
+    /// Base models run CFG against the empty prompt; distilled ones do not.
+    pub cfg: bool,
+    pub max_sequence_length: usize,
+    pub seed: u64,
+    /// Explicit initial noise `(B, C, H/(2*vsf), W/(2*vsf))` instead of the seeded generator.
+    pub init_noise: Option<Tensor<4>>,
+}
+
+/// Everything a run produced; the intermediate values are kept for parity checks and metrics.
+pub struct Generated {
+    /// `(B, H, W, 3)` in [0, 1].
+    pub images: Tensor<4>,
+    pub truncated: Vec<bool>,
+    pub noise_preds: Vec<Tensor<3>>,
+    pub latents: Vec<Tensor<3>>,
+    pub final_unpacked: Tensor<4>,
+    pub vae_input: Tensor<4>,
+}
+
+impl Pipeline {
+    /// Load a diffusers-layout klein checkpoint directory.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        Ok(Pipeline {
+            tokenizer: PromptTokenizer::load(&dir.join("tokenizer"))?,
+            text_encoder: TextEncoder::load(&dir.join("text_encoder"), &TEXT_OUT_LAYERS, device)?,
+            transformer: Transformer::load(&dir.join("transformer"), device)?,
+            vae: Vae::load(&dir.join("vae"), false, device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// Image side granularity: 2 x the VAE's scale factor (16 for klein).
+    pub fn size_multiple(&self) -> usize {
+        2 * self.vae.config.scale_factor()
+    }
+
+    fn embed(
+        &self,
+        prompts: &[String],
+        max_len: usize,
+    ) -> Result<(Tensor<3>, Vec<bool>), EngineError> {
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        let mut truncated = Vec::new();
+        for p in prompts {
+            let e = self.tokenizer.encode(p, max_len)?;
+            ids.extend(e.ids);
+            mask.extend(e.mask);
+            truncated.push(e.truncated);
+        }
+        let emb =
+            self.text_encoder
+                .encode(&ids, &mask, prompts.len(), max_len, &TEXT_OUT_LAYERS)?;
+        Ok((emb, truncated))
+    }
+
+    /// Run the pipeline; `on_step(i, n)` is called after each denoising step.
+    pub fn generate(
+        &self,
+        req: &Request,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated, EngineError> {
+        let m = self.size_multiple();
+        if req.prompts.is_empty() {
+            return Err(EngineError::Input("no prompt".into()));
+        }
+        if req.width == 0 || req.height == 0 || req.width % m != 0 || req.height % m != 0 {
+            return Err(EngineError::Input(format!(
+                "width and height must be positive multiples of {m}; got {}x{}",
+                req.width, req.height
+            )));
+        }
+        if req.steps == 0 || req.max_sequence_length == 0 {
+            return Err(EngineError::Input(
+                "steps and max_sequence_length must be at least 1".into(),
+            ));
+        }
+        let b = req.prompts.len();
+        let (h, w) = (req.height / m, req.width / m);
+        let c = self.transformer.config.in_channels;
+        if c != 4 * self.vae.config.latent_channels {
+            return Err(EngineError::Input(format!(
+                "transformer in_channels {c} does not match 4 x VAE latent_channels {}",
+                self.vae.config.latent_channels
+            )));
+        }
+        let l = req.max_sequence_length;
+        let (cond, truncated) = self.embed(&req.prompts, l)?;
+        let ctx = if req.cfg {
+            let (neg, _) = self.embed(&vec![String::new(); b], l)?;
+            Tensor::cat(vec![cond, neg], 0)
+        } else {
+            cond
+        };
+
+        let noise = match &req.init_noise {
+            Some(n) => {
+                if n.dims() != [b, c, h, w] {
+                    return Err(EngineError::Input(format!(
+                        "initial noise has shape {:?}; this request needs {:?}",
+                        n.dims(),
+                        [b, c, h, w]
+                    )));
+                }
+                n.clone()
+            }
+            None => seeded_noise(req.seed, [b, c, h, w], &self.device),
+        };
+        let mut x = pack(noise);
+        let img_ids = grid_ids(0, h, w);
+        let txt_ids = text_ids(l);
+        let sched = Schedule::new(req.steps, h * w);
+        let mut noise_preds = Vec::with_capacity(req.steps);
+        let mut latents = Vec::with_capacity(req.steps);
+        for i in 0..req.steps {
+            let t = model_timestep(sched.timesteps[i], false);
+            let v = if req.cfg {
+                let both = self.transformer.forward(
+                    Tensor::cat(vec![x.clone(), x.clone()], 0),
+                    ctx.clone(),
+                    t,
+                    &txt_ids,
+                    &img_ids,
+                    None,
+                )?;
+                let mut halves = both.chunk(2, 0);
+                let uncond = halves.pop().expect("two halves");
+                let cond = halves.pop().expect("two halves");
+                guide(cond, uncond, req.guidance)
+            } else {
+                self.transformer
+                    .forward(x.clone(), ctx.clone(), t, &txt_ids, &img_ids, None)?
+            };
+            x = euler_step(x, v.clone(), sched.sigmas[i], sched.sigmas[i + 1]);
+            noise_preds.push(v);
+            latents.push(x.clone());
+            on_step(i + 1, req.steps);
+        }
+
+        let final_unpacked = unpack(x, h, w);
+        let vae_input = Vae::unpatchify(self.vae.denormalize(final_unpacked.clone()));
+        let decoded = self.vae.decode(vae_input.clone());
+        let images = decoded
+            .mul_scalar(0.5)
+            .add_scalar(0.5)
+            .clamp(0.0, 1.0)
+            .permute([0, 2, 3, 1]);
+        Ok(Generated {
+            images,
+            truncated,
+            noise_preds,
+            latents,
+            final_unpacked,
+            vae_input,
+        })
+    }
+}

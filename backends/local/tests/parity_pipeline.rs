@@ -1,0 +1,159 @@
+//! The whole text-to-image pipeline against the reference, from the recorded initial noise: every
+//! sampler step (velocity and latents), the final latents, the decoder input, the float image and
+//! the PNG. Cases: distilled 64x64, distilled batch of 2 at a non-square 48x32 (one prompt
+//! truncated), and a base model with classifier-free guidance (5 steps, g = 4).
+
+mod fixture;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use fixture::{assert_close, Case};
+use kleingate_local::image_io::Rgb8;
+use kleingate_local::pipeline::{Pipeline, Request};
+
+fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// Tolerances relative to each tensor's scale (f32 here and in the reference). The transformer
+/// output agrees to ~1e-5 per call (see parity_transformer) and the steps measured here stay
+/// under 2e-5, so the per-step values are held to 1e-4 and the decoded image to 1e-4 absolute on
+/// [0, 1]; the 8-bit PNG may differ by rounding at most: 2/255 is the bar the issue sets.
+#[test]
+fn text_to_image_matches_the_reference() {
+    let device = Device::flex();
+    let pipe = Pipeline::load(&fixture::pipeline(), &device).unwrap();
+    for name in ["t2i_distilled", "t2i_distilled_batch2", "t2i_base_cfg"] {
+        let case = Case::load(name);
+        let j = &case.json;
+        let prompts: Vec<String> = match &j["prompt"] {
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(a) => {
+                a.iter().map(|p| p.as_str().unwrap().to_owned()).collect()
+            }
+            other => panic!("{other}"),
+        };
+        let (noise, s) = case.tensor("latents.noise");
+        let req = Request {
+            prompts,
+            width: j["width"].as_u64().unwrap() as usize,
+            height: j["height"].as_u64().unwrap() as usize,
+            steps: j["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance: j["guidance_scale"].as_f64().unwrap() as f32,
+            cfg: j["do_classifier_free_guidance"].as_bool().unwrap(),
+            max_sequence_length: j["max_sequence_length"].as_u64().unwrap() as usize,
+            seed: 0,
+            init_noise: Some(Tensor::from_data(
+                TensorData::new(noise, [s[0], s[1], s[2], s[3]]),
+                &device,
+            )),
+        };
+        let mut steps_seen = 0;
+        let out = pipe
+            .generate(&req, &mut |i, n| {
+                assert_eq!(n, req.steps);
+                steps_seen = i;
+            })
+            .unwrap();
+        assert_eq!(steps_seen, req.steps);
+        assert_eq!(
+            out.truncated
+                .iter()
+                .map(|t| serde_json::json!(t))
+                .collect::<Vec<_>>(),
+            j["truncated"].as_array().unwrap().clone()
+        );
+
+        let (np, np_shape) = case.tensor("steps.noise_pred");
+        let (lat, _) = case.tensor("steps.latents");
+        let per = np.len() / np_shape[0];
+        for i in 0..req.steps {
+            assert_close(
+                &format!("{name} step {i} noise_pred"),
+                &vals(out.noise_preds[i].clone()),
+                &np[i * per..(i + 1) * per],
+                1e-4,
+            );
+            assert_close(
+                &format!("{name} step {i} latents"),
+                &vals(out.latents[i].clone()),
+                &lat[i * per..(i + 1) * per],
+                1e-4,
+            );
+        }
+        assert_close(
+            &format!("{name} final.latents_unpacked"),
+            &vals(out.final_unpacked.clone()),
+            &case.tensor("final.latents_unpacked").0,
+            1e-4,
+        );
+        assert_close(
+            &format!("{name} final.vae_input"),
+            &vals(out.vae_input.clone()),
+            &case.tensor("final.vae_input").0,
+            1e-4,
+        );
+        let (img_ref, img_shape) = case.tensor("final.image");
+        assert_eq!(out.images.dims().to_vec(), img_shape);
+        let img = vals(out.images);
+        let worst = img
+            .iter()
+            .zip(&img_ref)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 1e-4, "{name}: final image differs by {worst}");
+
+        // The PNGs the reference wrote, one per image of the batch.
+        let (h, w) = (img_shape[1], img_shape[2]);
+        for (bi, png) in j["output_png"].as_array().unwrap().iter().enumerate() {
+            let path = fixture::root().join("cases").join(png.as_str().unwrap());
+            let reference = image::open(&path).unwrap().to_rgb8();
+            let ours = Rgb8::from_unit_floats(&img[bi * h * w * 3..(bi + 1) * h * w * 3], w, h);
+            assert_eq!(
+                (reference.width() as usize, reference.height() as usize),
+                (w, h)
+            );
+            let max = ours
+                .data
+                .iter()
+                .zip(reference.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(max <= 2, "{name} image {bi}: PNG differs by {max}/255");
+            eprintln!("{name} image {bi}: largest PNG difference {max}/255, float {worst:.2e}");
+        }
+    }
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let device = Device::flex();
+    let pipe = Pipeline::load(&fixture::pipeline(), &device).unwrap();
+    let mut req = Request {
+        prompts: vec!["x".into()],
+        width: 40,
+        height: 32,
+        steps: 1,
+        guidance: 1.0,
+        cfg: false,
+        max_sequence_length: 16,
+        seed: 1,
+        init_noise: None,
+    };
+    let err = |r: &Request| {
+        pipe.generate(r, &mut |_, _| {})
+            .err()
+            .expect("an error")
+            .to_string()
+    };
+    assert!(err(&req).contains("multiples of 16"));
+    req.width = 32;
+    req.init_noise = Some(Tensor::zeros([1, 128, 3, 3], &device));
+    assert!(err(&req).contains("initial noise"));
+    req.init_noise = None;
+    // Seeded runs are deterministic.
+    let a = vals(pipe.generate(&req, &mut |_, _| {}).unwrap().images);
+    let b = vals(pipe.generate(&req, &mut |_, _| {}).unwrap().images);
+    assert_eq!(a, b);
+    req.seed = 2;
+    assert_ne!(a, vals(pipe.generate(&req, &mut |_, _| {}).unwrap().images));
+}
