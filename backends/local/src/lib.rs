@@ -2,7 +2,9 @@
 //! checkpoint's own `config.json` files.
 
 pub mod config;
+pub mod device;
 pub mod error;
+pub mod hub;
 pub mod image_io;
 mod nn;
 pub mod pipeline;

@@ -86,8 +86,9 @@ mod tests {
 
     #[test]
     fn bf16_rounding_of_the_timestep() {
-        // sigma 0.7 rounds to 0.69921875 in bf16; x1000 = 699.21875, which bf16 rounds to 699.
-        assert_eq!(model_timestep(700.0, true), 699.0);
-        assert_eq!(model_timestep(700.0, false), 700.0);
+        // sigma 0.9545153 is 0.955078125 in bf16 (steps of 2^-9 in [0.5, 1)); x1000 = 955.078125,
+        // which bf16 (steps of 4 in [512, 1024)) rounds to 956.
+        assert_eq!(model_timestep(954.5153, true), 956.0);
+        assert_eq!(model_timestep(954.5153, false), 954.5153);
     }
 }

@@ -1,0 +1,22 @@
+//! Choosing the burn device by name: `cpu` (burn's flex backend, always built), `vulkan` and
+//! `wgpu` (when built with those cargo features).
+
+use burn::tensor::Device;
+
+use crate::error::EngineError;
+
+pub fn by_name(name: &str) -> Result<Device, EngineError> {
+    match name {
+        "cpu" | "flex" => Ok(Device::flex()),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        "vulkan" | "wgpu" => Err(EngineError::Input(format!(
+            "this build has no `{name}` device: rebuild with `--features {name}` (cargo build --release -p kleingate-gateway --features {name})"
+        ))),
+        other => Err(EngineError::Input(format!(
+            "unknown device `{other}`; use cpu, vulkan or wgpu"
+        ))),
+    }
+}
