@@ -4,6 +4,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kleingate_gateway::{server, AppState, Config};
 
+mod generate;
+
 /// kleingate: one Verda-compatible API for the FLUX.2 [klein] image models.
 #[derive(Parser)]
 #[command(version, about)]
@@ -23,6 +25,8 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Generate one image with the local engine (no gateway, no network unless weights are a repo id).
+    Generate(generate::GenerateArgs),
     /// Load and validate a config file, print the effective settings (no secrets) and exit.
     CheckConfig {
         #[arg(long, short)]
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Generate(args) => generate::run(args),
         Command::CheckConfig { config } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("loading {}", config.display()))?;

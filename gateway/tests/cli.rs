@@ -94,3 +94,172 @@ fn a_bad_config_fails_at_start_up_naming_the_problem() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"policy\": \"priority\""));
 }
+
+/// `kleingate generate` end to end on the tiny reference pipeline: the PNG it writes from the
+/// recorded initial noise equals the reference's PNG within 2/255.
+#[test]
+fn generate_reproduces_the_reference_image() {
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../backends/local/tests/data/klein-tiny"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fox.png");
+    let run = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args([
+            "generate",
+            "--weights",
+            &format!("{fixtures}/pipeline"),
+            "--model",
+            "flux2-klein-4b",
+        ])
+        .args([
+            "--prompt",
+            "A small cactus with a happy face in the Sahara desert.",
+        ])
+        .args([
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--max-sequence-length",
+            "64",
+        ])
+        .args([
+            "--init-noise",
+            &format!("{fixtures}/cases/t2i_distilled.safetensors"),
+        ])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let reference = image::open(format!("{fixtures}/cases/t2i_distilled.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(ours.dimensions(), reference.dimensions());
+    let worst = ours
+        .as_raw()
+        .iter()
+        .zip(reference.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "differs by {worst}/255");
+
+    // The distilled model's rules hold on the command line too.
+    let bad = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args([
+            "generate",
+            "--weights",
+            &format!("{fixtures}/pipeline"),
+            "--prompt",
+            "x",
+            "--steps",
+            "8",
+            "-o",
+        ])
+        .arg(dir.path().join("x.png"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("exactly 4 steps"));
+    // A missing weights directory is a clear error, not a panic.
+    let bad = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args([
+            "generate",
+            "--weights",
+            "/nonexistent/klein",
+            "--prompt",
+            "x",
+            "-o",
+            "/tmp/never.png",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("/nonexistent/klein") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// Broken checkpoints fail with the file and tensor named.
+#[test]
+fn generate_names_the_broken_weight() {
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../backends/local/tests/data/klein-tiny/pipeline"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("pipeline");
+    let status = Command::new("cp")
+        .args(["-r", fixtures])
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A config that no longer matches the weights.
+    let cfg = copy.join("transformer/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"mlp_ratio\": 3.0", "\"mlp_ratio\": 4.0");
+    std::fs::write(&cfg, text).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args(["generate", "--weights"])
+        .arg(&copy)
+        .args([
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-o",
+            "/tmp/never.png",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        err.contains("transformer_blocks.0.ff.linear_in.weight") && err.contains("shape"),
+        "{err}"
+    );
+    // A truncated weight file.
+    let vae = copy.join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&vae).unwrap();
+    std::fs::write(&vae, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(format!("{fixtures}/transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args(["generate", "--weights"])
+        .arg(&copy)
+        .args([
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-o",
+            "/tmp/never.png",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -48,7 +48,10 @@ impl Qwen3Config {
                 message: "no rope_theta (top level or in rope_parameters)".into(),
             });
         }
-        if c.num_attention_heads % c.num_key_value_heads.max(1) != 0 {
+        if !c
+            .num_attention_heads
+            .is_multiple_of(c.num_key_value_heads.max(1))
+        {
             return Err(EngineError::Config {
                 path: path.display().to_string(),
                 message: "num_attention_heads is not a multiple of num_key_value_heads".into(),

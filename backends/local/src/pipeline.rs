@@ -97,7 +97,11 @@ impl Pipeline {
         if req.prompts.is_empty() {
             return Err(EngineError::Input("no prompt".into()));
         }
-        if req.width == 0 || req.height == 0 || req.width % m != 0 || req.height % m != 0 {
+        if req.width == 0
+            || req.height == 0
+            || !req.width.is_multiple_of(m)
+            || !req.height.is_multiple_of(m)
+        {
             return Err(EngineError::Input(format!(
                 "width and height must be positive multiples of {m}; got {}x{}",
                 req.width, req.height

@@ -30,6 +30,32 @@ pub fn seeded_noise(seed: u64, shape: [usize; 4], device: &Device) -> Tensor<4> 
     Tensor::from_data(TensorData::new(v, shape), device)
 }
 
+/// Read an explicit initial noise tensor (`latents.noise`, laid out as the fixture cases:
+/// `(B, C, H/(2*vsf), W/(2*vsf))`) from a safetensors file.
+pub fn load_noise(
+    path: &std::path::Path,
+    device: &Device,
+) -> Result<Tensor<4>, crate::EngineError> {
+    const NAME: &str = "latents.noise";
+    let store = crate::weights::WeightStore::from_files(&[path.to_path_buf()], device)?;
+    let shape = store
+        .shape(NAME)
+        .ok_or_else(|| crate::EngineError::Weight {
+            file: path.display().to_string(),
+            tensor: NAME.into(),
+            message: "missing".into(),
+        })?;
+    let dims: [usize; 4] = shape
+        .as_slice()
+        .try_into()
+        .map_err(|_| crate::EngineError::Weight {
+            file: path.display().to_string(),
+            tensor: NAME.into(),
+            message: format!("shape {shape:?} is not 4-D (B, C, h, w)"),
+        })?;
+    store.tensor(NAME, dims)
+}
+
 /// `(B, C, h, w)` -> `(B, h*w, C)`, tokens row-major over (h, w).
 pub fn pack(z: Tensor<4>) -> Tensor<3> {
     let [b, c, h, w] = z.dims();

@@ -107,6 +107,12 @@ impl WeightStore {
         self.index.contains_key(name)
     }
 
+    /// The stored shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let shard = &self.shards[*self.index.get(name)?];
+        shard.meta.info(name).map(|i| i.shape.clone())
+    }
+
     /// Read `name` as f32 values, checking its shape.
     pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
         let err = |file: &Path, message: String| EngineError::Weight {
@@ -186,5 +192,101 @@ impl WeightStore {
     /// A PyTorch `Linear` weight `[out, in]`, transposed to burn's `[in, out]`.
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>, EngineError> {
         Ok(self.tensor(name, [d_out, d_in])?.transpose())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    fn write(path: &Path, tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>) {
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[test]
+    fn reads_bf16_f16_and_f32_and_names_every_failure() {
+        let dir = std::env::temp_dir().join(format!("kleingate-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f32s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let bf16s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect();
+        let i64s: Vec<u8> = [1i64, 2].iter().flat_map(|x| x.to_le_bytes()).collect();
+        write(
+            &dir.join("m.safetensors"),
+            vec![
+                ("a", Dtype::F32, vec![2], f32s),
+                ("b", Dtype::BF16, vec![2], bf16s),
+                ("c", Dtype::F16, vec![1, 2], f16s),
+                ("d", Dtype::I64, vec![2], i64s),
+            ],
+        );
+        let w = WeightStore::open(&dir, "m", &Device::flex()).unwrap();
+        for (name, shape) in [("a", vec![2]), ("b", vec![2]), ("c", vec![1, 2])] {
+            assert_eq!(w.values(name, &shape).unwrap(), vec![1.5, -2.0], "{name}");
+        }
+        let e = w.values("a", &[3]).unwrap_err().to_string();
+        assert!(
+            e.contains("`a`")
+                && e.contains("[2]")
+                && e.contains("[3]")
+                && e.contains("m.safetensors"),
+            "{e}"
+        );
+        let e = w.values("d", &[2]).unwrap_err().to_string();
+        assert!(e.contains("`d`") && e.contains("I64"), "{e}");
+        let e = w.values("zz", &[2]).unwrap_err().to_string();
+        assert!(e.contains("`zz`") && e.contains("missing"), "{e}");
+        let e = WeightStore::open(&dir, "nope", &Device::flex())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("nope.safetensors"), "{e}");
+        std::fs::write(dir.join("bad.safetensors"), b"garbage").unwrap();
+        let e = WeightStore::open(&dir, "bad", &Device::flex())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("bad.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reads_sharded_checkpoints_through_their_index() {
+        let dir = std::env::temp_dir().join(format!("kleingate-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let one: Vec<u8> = 1f32.to_le_bytes().to_vec();
+        let two: Vec<u8> = 2f32.to_le_bytes().to_vec();
+        write(
+            &dir.join("model-00001-of-00002.safetensors"),
+            vec![("x", Dtype::F32, vec![1], one)],
+        );
+        write(
+            &dir.join("model-00002-of-00002.safetensors"),
+            vec![("y", Dtype::F32, vec![1], two)],
+        );
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            r#"{"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        let w = WeightStore::open(&dir, "model", &Device::flex()).unwrap();
+        assert_eq!(w.values("x", &[1]).unwrap(), vec![1.0]);
+        assert_eq!(w.values("y", &[1]).unwrap(), vec![2.0]);
     }
 }

@@ -82,6 +82,7 @@ fn patchify_is_the_inverse_of_unpatchify() {
     let at = |c: usize, dy: usize, dx: usize, i: usize, j: usize| {
         pv[((c * 4 + dy * 2 + dx) * 2 + i) * 3 + j]
     };
-    assert_eq!(at(1, 1, 0, 1, 2), v[(1 * 4 + 3) * 6 + 4]);
+    let (c, y, x) = (1, 3, 4); // channel 1, pixel row 2*1+1, column 2*2+0
+    assert_eq!(at(1, 1, 0, 1, 2), v[(c * 4 + y) * 6 + x]);
     assert_eq!(vals(Vae::unpatchify(p)), v);
 }

@@ -1,0 +1,152 @@
+//! `kleingate generate`: one image from the local engine, on the command line.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kleingate_local::image_io::{Format, Rgb8};
+use kleingate_local::pipeline::{Pipeline, Request};
+use kleingate_protocol::Model;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A diffusers-layout checkpoint directory, or a Hugging Face repo id to download.
+    #[arg(long)]
+    weights: String,
+    /// The klein variant: decides distilled (4 steps, guidance 1.0) or base (CFG) behaviour.
+    /// Shapes always come from the weights' own configs.
+    #[arg(long, default_value = "flux2-klein-4b")]
+    model: Model,
+    #[arg(long)]
+    prompt: String,
+    /// Random when absent (and printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    #[arg(long, default_value_t = 768)]
+    height: usize,
+    /// Base models only (default 50); distilled models run exactly 4.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Base models only (default 4.0); distilled models use 1.0.
+    #[arg(long)]
+    guidance: Option<f32>,
+    #[arg(long, default_value_t = 512)]
+    max_sequence_length: usize,
+    /// Safetensors file holding `latents.noise` (B, C, H/16, W/16) to use instead of the seed.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// cpu (burn flex), vulkan or wgpu (builds with those features).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// png, jpeg or webp; default from the output file's extension, else png.
+    #[arg(long)]
+    format: Option<Format>,
+    /// jpeg and webp quality, 1-100.
+    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: u8,
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let (steps, guidance, cfg) = if a.model.is_distilled() {
+        if a.steps.is_some_and(|s| s != 4) {
+            bail!(
+                "{} is distilled and runs exactly 4 steps; drop --steps or use a base model",
+                a.model
+            );
+        }
+        if a.guidance.is_some_and(|g| g != 1.0) {
+            bail!(
+                "{} is distilled and runs with guidance 1.0; drop --guidance or use a base model",
+                a.model
+            );
+        }
+        (4, 1.0, false)
+    } else {
+        let g = a.guidance.unwrap_or(a.model.default_guidance() as f32);
+        // As the reference: guidance only when the scale is above 1.
+        (
+            a.steps.unwrap_or(a.model.default_steps() as usize),
+            g,
+            g > 1.0,
+        )
+    };
+    let format = match a.format {
+        Some(f) => f,
+        None => a
+            .output
+            .extension()
+            .and_then(|e| e.to_str())
+            .and_then(|e| e.to_ascii_lowercase().parse().ok())
+            .unwrap_or(Format::Png),
+    };
+    let device = kleingate_local::device::by_name(&a.device)?;
+    let dir = kleingate_local::hub::resolve(&a.weights)?;
+    let t0 = Instant::now();
+    let pipe =
+        Pipeline::load(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+    eprintln!(
+        "loaded {} in {:.1} s",
+        dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let init_noise = match &a.init_noise {
+        Some(p) => Some(kleingate_local::sampler::load_noise(p, &device)?),
+        None => None,
+    };
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let tokens = pipe.tokenizer.encode(&a.prompt, a.max_sequence_length)?;
+    if tokens.truncated {
+        eprintln!(
+            "note: the templated prompt is {} tokens; it is truncated to {} (--max-sequence-length), as the reference pipeline does",
+            tokens.n_tokens, a.max_sequence_length
+        );
+    }
+    let req = Request {
+        prompts: vec![a.prompt.clone()],
+        width: a.width,
+        height: a.height,
+        steps,
+        guidance,
+        cfg,
+        max_sequence_length: a.max_sequence_length,
+        seed,
+        init_noise,
+    };
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} denoising {bar:30} {pos}/{len} steps  {elapsed_precise}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t1 = Instant::now();
+    let out = pipe.generate(&req, &mut |i, _| bar.set_position(i as u64))?;
+    bar.finish();
+    let [_, h, w, _] = out.images.dims();
+    let values = out
+        .images
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("reading the image back: {e:?}"))?;
+    let bytes = Rgb8::from_unit_floats(&values[..h * w * 3], w, h).encode(format, a.quality)?;
+    std::fs::write(&a.output, bytes).with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!(
+        "wrote {} ({w}x{h}, {} steps, seed {}) in {:.2} s",
+        a.output.display(),
+        steps,
+        if a.init_noise.is_some() {
+            "from --init-noise".to_string()
+        } else {
+            seed.to_string()
+        },
+        t1.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
