@@ -24,10 +24,16 @@ pub struct GenerateArgs {
     /// Random when absent (and printed).
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    #[arg(long, default_value_t = 768)]
-    height: usize,
+    /// Default 1024, or the first reference's size (after its centre crop) when editing.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Default 768, or the first reference's size when editing.
+    #[arg(long)]
+    height: Option<usize>,
+    /// A reference image (jpeg, png or webp) for editing / multi-reference generation; repeat for
+    /// several (at most 4).
+    #[arg(long = "input-image")]
+    input_images: Vec<PathBuf>,
     /// Base models only (default 50); distilled models run exactly 4.
     #[arg(long)]
     steps: Option<usize>,
@@ -108,16 +114,36 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             tokens.n_tokens, a.max_sequence_length
         );
     }
+    if a.input_images.len() > 4 {
+        bail!(
+            "at most 4 --input-image references are allowed; got {}",
+            a.input_images.len()
+        );
+    }
+    let references = a
+        .input_images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (width, height) = match (a.width, a.height, references.first()) {
+        (Some(w), Some(h), _) => (w, h),
+        (w, h, Some(first)) => {
+            let (rw, rh) = pipe.reference_size(first)?;
+            (w.unwrap_or(rw), h.unwrap_or(rh))
+        }
+        (w, h, None) => (w.unwrap_or(1024), h.unwrap_or(768)),
+    };
     let req = Request {
         prompts: vec![a.prompt.clone()],
-        width: a.width,
-        height: a.height,
+        width,
+        height,
         steps,
         guidance,
         cfg,
         max_sequence_length: a.max_sequence_length,
         seed,
         init_noise,
+        references,
     };
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(

@@ -263,3 +263,59 @@ fn generate_names_the_broken_weight() {
         "{err}"
     );
 }
+
+/// Editing from the command line: the size comes from the reference, and the image equals the
+/// reference pipeline's within 2/255.
+#[test]
+fn generate_edits_with_a_reference_image() {
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../backends/local/tests/data/klein-tiny"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("edit.png");
+    let run = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args([
+            "generate",
+            "--weights",
+            &format!("{fixtures}/pipeline"),
+            "--model",
+            "flux2-klein-4b",
+        ])
+        .args([
+            "--prompt",
+            "Turn the image into an oil painting with thick brush strokes.",
+        ])
+        .args([
+            "--input-image",
+            &format!("{fixtures}/cases/edit_1ref.ref0.png"),
+            "--max-sequence-length",
+            "64",
+        ])
+        .args([
+            "--init-noise",
+            &format!("{fixtures}/cases/edit_1ref.safetensors"),
+        ])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let reference = image::open(format!("{fixtures}/cases/edit_1ref.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(ours.dimensions(), (80, 64));
+    let worst = ours
+        .as_raw()
+        .iter()
+        .zip(reference.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "differs by {worst}/255");
+}

@@ -5,6 +5,13 @@ use burn::tensor::Device;
 
 use crate::error::EngineError;
 
+#[allow(dead_code)] // unused when every GPU feature is on
+fn not_built(name: &str) -> EngineError {
+    EngineError::Input(format!(
+        "this build has no `{name}` device: rebuild with `--features {name}` (cargo build --release -p kleingate-gateway --features {name})"
+    ))
+}
+
 pub fn by_name(name: &str) -> Result<Device, EngineError> {
     match name {
         "cpu" | "flex" => Ok(Device::flex()),
@@ -12,9 +19,10 @@ pub fn by_name(name: &str) -> Result<Device, EngineError> {
         "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
-        "vulkan" | "wgpu" => Err(EngineError::Input(format!(
-            "this build has no `{name}` device: rebuild with `--features {name}` (cargo build --release -p kleingate-gateway --features {name})"
-        ))),
+        #[cfg(not(feature = "vulkan"))]
+        "vulkan" => Err(not_built(name)),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => Err(not_built(name)),
         other => Err(EngineError::Input(format!(
             "unknown device `{other}`; use cpu, vulkan or wgpu"
         ))),

@@ -8,6 +8,7 @@ pub mod hub;
 pub mod image_io;
 mod nn;
 pub mod pipeline;
+pub mod reference;
 pub mod sampler;
 pub mod schedule;
 pub mod text_encoder;

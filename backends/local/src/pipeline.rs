@@ -5,6 +5,7 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 
 use crate::error::EngineError;
+use crate::reference;
 use crate::sampler::{euler_step, grid_ids, guide, pack, seeded_noise, text_ids, unpack};
 use crate::schedule::{model_timestep, Schedule};
 use crate::text_encoder::TextEncoder;
@@ -37,6 +38,8 @@ pub struct Request {
     pub seed: u64,
     /// Explicit initial noise `(B, C, H/(2*vsf), W/(2*vsf))` instead of the seeded generator.
     pub init_noise: Option<Tensor<4>>,
+    /// Encoded reference images (jpeg/png/webp) for editing / multi-reference generation.
+    pub references: Vec<Vec<u8>>,
 }
 
 /// Everything a run produced; the intermediate values are kept for parity checks and metrics.
@@ -48,6 +51,8 @@ pub struct Generated {
     pub latents: Vec<Tensor<3>>,
     pub final_unpacked: Tensor<4>,
     pub vae_input: Tensor<4>,
+    /// Per reference: the prepared pixels, the VAE posterior mean and the normalised latents.
+    pub references: Vec<(Tensor<4>, Tensor<4>, Tensor<4>)>,
 }
 
 impl Pipeline {
@@ -57,7 +62,7 @@ impl Pipeline {
             tokenizer: PromptTokenizer::load(&dir.join("tokenizer"))?,
             text_encoder: TextEncoder::load(&dir.join("text_encoder"), &TEXT_OUT_LAYERS, device)?,
             transformer: Transformer::load(&dir.join("transformer"), device)?,
-            vae: Vae::load(&dir.join("vae"), false, device)?,
+            vae: Vae::load(&dir.join("vae"), true, device)?,
             device: device.clone(),
         })
     }
@@ -65,6 +70,46 @@ impl Pipeline {
     /// Image side granularity: 2 x the VAE's scale factor (16 for klein).
     pub fn size_multiple(&self) -> usize {
         2 * self.vae.config.scale_factor()
+    }
+
+    /// The output size a request with references gets when it leaves the size open: the size of
+    /// the first reference after preprocessing, as in the reference pipeline.
+    pub fn reference_size(&self, first: &[u8]) -> Result<(usize, usize), EngineError> {
+        let p = reference::prepare(first, 0, self.size_multiple(), &self.device)?;
+        Ok((p.width, p.height))
+    }
+
+    /// Prepare and encode the references: their tokens `(1, sum h_k w_k, C)` and position ids.
+    #[allow(clippy::type_complexity)]
+    fn encode_references(
+        &self,
+        refs: &[Vec<u8>],
+    ) -> Result<
+        (
+            Option<Tensor<3>>,
+            Vec<[i64; 4]>,
+            Vec<(Tensor<4>, Tensor<4>, Tensor<4>)>,
+        ),
+        EngineError,
+    > {
+        let mut tokens = Vec::new();
+        let mut ids = Vec::new();
+        let mut stages = Vec::new();
+        for (k, bytes) in refs.iter().enumerate() {
+            let p = reference::prepare(bytes, k, self.size_multiple(), &self.device)?;
+            let (mean, _) = self.vae.encode(p.pixels.clone())?;
+            let latents = self.vae.normalize(Vae::patchify(mean.clone()));
+            let [_, _, h, w] = latents.dims();
+            tokens.push(pack(latents.clone()));
+            ids.extend(grid_ids(10 + 10 * k as i64, h, w));
+            stages.push((p.pixels, mean, latents));
+        }
+        let tokens = if tokens.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(tokens, 1))
+        };
+        Ok((tokens, ids, stages))
     }
 
     fn embed(
@@ -144,7 +189,21 @@ impl Pipeline {
             None => seeded_noise(req.seed, [b, c, h, w], &self.device),
         };
         let mut x = pack(noise);
-        let img_ids = grid_ids(0, h, w);
+        let mut img_ids = grid_ids(0, h, w);
+        let n_img = img_ids.len();
+        let (ref_tokens, ref_ids, ref_stages) = self.encode_references(&req.references)?;
+        img_ids.extend(ref_ids);
+        // The transformer input at every step: the noisy tokens, then the clean reference tokens.
+        let with_refs = |x: Tensor<3>| -> Tensor<3> {
+            match &ref_tokens {
+                Some(r) => {
+                    let [bb, _, cc] = x.dims();
+                    let [_, nr, _] = r.dims();
+                    Tensor::cat(vec![x, r.clone().expand([bb, nr, cc])], 1)
+                }
+                None => x,
+            }
+        };
         let txt_ids = text_ids(l);
         let sched = Schedule::new(req.steps, h * w);
         let mut noise_preds = Vec::with_capacity(req.steps);
@@ -152,21 +211,32 @@ impl Pipeline {
         for i in 0..req.steps {
             let t = model_timestep(sched.timesteps[i], false);
             let v = if req.cfg {
-                let both = self.transformer.forward(
-                    Tensor::cat(vec![x.clone(), x.clone()], 0),
-                    ctx.clone(),
-                    t,
-                    &txt_ids,
-                    &img_ids,
-                    None,
-                )?;
+                let both = self
+                    .transformer
+                    .forward(
+                        with_refs(Tensor::cat(vec![x.clone(), x.clone()], 0)),
+                        ctx.clone(),
+                        t,
+                        &txt_ids,
+                        &img_ids,
+                        None,
+                    )?
+                    .narrow(1, 0, n_img);
                 let mut halves = both.chunk(2, 0);
                 let uncond = halves.pop().expect("two halves");
                 let cond = halves.pop().expect("two halves");
                 guide(cond, uncond, req.guidance)
             } else {
                 self.transformer
-                    .forward(x.clone(), ctx.clone(), t, &txt_ids, &img_ids, None)?
+                    .forward(
+                        with_refs(x.clone()),
+                        ctx.clone(),
+                        t,
+                        &txt_ids,
+                        &img_ids,
+                        None,
+                    )?
+                    .narrow(1, 0, n_img)
             };
             x = euler_step(x, v.clone(), sched.sigmas[i], sched.sigmas[i + 1]);
             noise_preds.push(v);
@@ -189,6 +259,7 @@ impl Pipeline {
             latents,
             final_unpacked,
             vae_input,
+            references: ref_stages,
         })
     }
 }

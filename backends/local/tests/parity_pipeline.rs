@@ -1,7 +1,9 @@
 //! The whole text-to-image pipeline against the reference, from the recorded initial noise: every
 //! sampler step (velocity and latents), the final latents, the decoder input, the float image and
 //! the PNG. Cases: distilled 64x64, distilled batch of 2 at a non-square 48x32 (one prompt
-//! truncated), and a base model with classifier-free guidance (5 steps, g = 4).
+//! truncated), a base model with classifier-free guidance (5 steps, g = 4), editing with one
+//! reference (output size taken from the reference, 80x64 after its centre crop) and two references
+//! with CFG.
 
 mod fixture;
 
@@ -22,7 +24,13 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn text_to_image_matches_the_reference() {
     let device = Device::flex();
     let pipe = Pipeline::load(&fixture::pipeline(), &device).unwrap();
-    for name in ["t2i_distilled", "t2i_distilled_batch2", "t2i_base_cfg"] {
+    for name in [
+        "t2i_distilled",
+        "t2i_distilled_batch2",
+        "t2i_base_cfg",
+        "edit_1ref",
+        "edit_2ref_cfg",
+    ] {
         let case = Case::load(name);
         let j = &case.json;
         let prompts: Vec<String> = match &j["prompt"] {
@@ -42,6 +50,19 @@ fn text_to_image_matches_the_reference() {
             cfg: j["do_classifier_free_guidance"].as_bool().unwrap(),
             max_sequence_length: j["max_sequence_length"].as_u64().unwrap() as usize,
             seed: 0,
+            references: j["reference_images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    std::fs::read(
+                        fixture::root()
+                            .join("cases")
+                            .join(r["file"].as_str().unwrap()),
+                    )
+                    .unwrap()
+                })
+                .collect(),
             init_noise: Some(Tensor::from_data(
                 TensorData::new(noise, [s[0], s[1], s[2], s[3]]),
                 &device,
@@ -63,6 +84,33 @@ fn text_to_image_matches_the_reference() {
             j["truncated"].as_array().unwrap().clone()
         );
 
+        // References: prepared pixels, VAE mean, normalised latents; and the default output size.
+        for (k, (pixels, mean, latents)) in out.references.iter().enumerate() {
+            assert_close(
+                &format!("{name} ref.{k}.pixels"),
+                &vals(pixels.clone()),
+                &case.tensor(&format!("ref.{k}.pixels")).0,
+                1e-6,
+            );
+            assert_close(
+                &format!("{name} ref.{k}.vae_mean"),
+                &vals(mean.clone()),
+                &case.tensor(&format!("ref.{k}.vae_mean")).0,
+                1e-4,
+            );
+            assert_close(
+                &format!("{name} ref.{k}.latents"),
+                &vals(latents.clone()),
+                &case.tensor(&format!("ref.{k}.latents")).0,
+                1e-4,
+            );
+        }
+        if j["width_arg"].is_null() {
+            assert_eq!(
+                pipe.reference_size(&req.references[0]).unwrap(),
+                (req.width, req.height)
+            );
+        }
         let (np, np_shape) = case.tensor("steps.noise_pred");
         let (lat, _) = case.tensor("steps.latents");
         let per = np.len() / np_shape[0];
@@ -138,6 +186,7 @@ fn bad_requests_are_errors() {
         max_sequence_length: 16,
         seed: 1,
         init_noise: None,
+        references: vec![],
     };
     let err = |r: &Request| {
         pipe.generate(r, &mut |_, _| {})
