@@ -81,12 +81,23 @@ pub enum Policy {
     Weighted,
 }
 
+/// What to do with a request that asks for the safety checker (the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SafetyPolicy {
+    /// Only backends that can run the checker serve it.
+    Require,
+    /// Any backend serves it; those that cannot check answer `X-Has-Nsfw-Content: false`.
+    Skip,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingConfig {
     pub policy: Policy,
     pub order: Vec<String>,
     pub allow_backend_header: bool,
+    pub safety: SafetyPolicy,
 }
 
 impl Default for RoutingConfig {
@@ -95,6 +106,7 @@ impl Default for RoutingConfig {
             policy: Policy::Priority,
             order: Vec::new(),
             allow_backend_header: true,
+            safety: SafetyPolicy::Require,
         }
     }
 }
@@ -158,9 +170,15 @@ pub struct BackendConfig {
     /// local: `vulkan`, `wgpu` or `cpu`.
     #[serde(default)]
     pub device: Option<String>,
-    /// local: bounded queue in front of the device.
+    /// local: bounded queue in front of the device (default 16).
     #[serde(default)]
     pub max_queue: Option<usize>,
+    /// local: most compatible requests run as one batch (default 4).
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+    /// local: prompt tokens (default 512, as the reference pipeline).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
 }
 
 fn default_key_env() -> String {
@@ -286,6 +304,13 @@ impl Config {
             }
             if b.kind == BackendKind::Verda && b.base_url.is_none() {
                 return bad(format!("backends.{name}: kind \"verda\" needs base_url"));
+            }
+            if b.kind == BackendKind::Local && b.weights.is_none() {
+                return bad(format!("backends.{name}: kind \"local\" needs weights (a directory or a Hugging Face repo id)"));
+            }
+            if b.max_queue == Some(0) || b.max_batch == Some(0) || b.max_sequence_length == Some(0)
+            {
+                return bad(format!("backends.{name}: max_queue, max_batch and max_sequence_length must be at least 1"));
             }
         }
         if self.routing.policy == Policy::Weighted && self.backends.values().all(|b| b.weight == 0)

@@ -153,7 +153,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let t1 = Instant::now();
-    let out = pipe.generate(&req, &mut |i, _| bar.set_position(i as u64))?;
+    let out = pipe.generate(&req, &mut |i, _| {
+        bar.set_position(i as u64);
+        true
+    })?;
     bar.finish();
     let [_, h, w, _] = out.images.dims();
     let values = out

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use kleingate_protocol::Model;
 use rand::Rng;
 
-use crate::config::Policy;
+use crate::config::{Policy, SafetyPolicy};
 use crate::error::ApiError;
 use crate::state::{AppState, BackendSlot};
 
@@ -17,7 +17,9 @@ pub fn candidates(
     state: &AppState,
     model: Model,
     forced: Option<&str>,
+    wants_safety: bool,
 ) -> Result<Vec<Arc<BackendSlot>>, ApiError> {
+    let need_checker = wants_safety && state.config.routing.safety == SafetyPolicy::Require;
     if let Some(name) = forced {
         let slot = state.by_name.get(name).ok_or_else(|| {
             let known: Vec<&str> = state.backends.iter().map(|s| &*s.name).collect();
@@ -39,6 +41,14 @@ pub fn candidates(
             )
             .with_field("X-Kleingate-Backend"));
         }
+        if need_checker && !slot.backend.checks_safety() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "safety_checker_unavailable",
+                format!("backend `{name}` cannot run the safety checker; send \"enable_safety_checker\": false or let the gateway choose"),
+            )
+            .with_field("enable_safety_checker"));
+        }
         return Ok(vec![slot.clone()]);
     }
     let mut list: Vec<Arc<BackendSlot>> = state.serving(model).cloned().collect();
@@ -48,6 +58,16 @@ pub fn candidates(
             "no_backend",
             format!("no configured backend serves `{model}`"),
         ));
+    }
+    if need_checker {
+        list.retain(|s| s.backend.checks_safety());
+        if list.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_backend",
+                format!("no backend serving `{model}` can run the safety checker; send \"enable_safety_checker\": false, or set routing.safety = \"skip\""),
+            ));
+        }
     }
     if state.config.routing.policy == Policy::Weighted {
         weighted_order(&mut list, &mut rand::rng());

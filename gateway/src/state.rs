@@ -14,7 +14,8 @@ use tokio::sync::Semaphore;
 use crate::cache::ImageCache;
 use crate::circuit::{CircuitBreaker, CircuitState};
 use crate::config::{BackendKind, Config};
-use crate::metrics::Metrics;
+use crate::metrics::{EngineMetrics, Metrics};
+use kleingate_local::backend::{LocalBackend, LocalConfig};
 
 /// One configured backend and the gateway's bookkeeping around it.
 pub struct BackendSlot {
@@ -104,8 +105,9 @@ pub enum BuildError {
 }
 
 impl AppState {
-    /// Build every backend the config names.
+    /// Build every backend the config names (local engines start loading in the background).
     pub fn from_config(config: Config) -> Result<Arc<AppState>, BuildError> {
+        let metrics = Metrics::new();
         let mut built: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         for (name, b) in &config.backends {
             let backend: Arc<dyn Backend> = match b.kind {
@@ -130,26 +132,37 @@ impl AppState {
                         })?,
                     )
                 }
-                BackendKind::Local => {
-                    return Err(BuildError::Backend {
-                        name: name.clone(),
-                        message: "kind \"local\" (the burn engine) is not part of this build yet; \
-                                  point a \"verda\" backend at a kleingate GPU worker instead"
-                            .into(),
-                    })
-                }
+                BackendKind::Local => Arc::new(LocalBackend::start(
+                    LocalConfig {
+                        weights: b.weights.clone().unwrap_or_default(),
+                        device: b.device.clone().unwrap_or_else(|| "cpu".into()),
+                        models: b.models.clone(),
+                        max_queue: b.max_queue.unwrap_or(16),
+                        max_batch: b.max_batch.unwrap_or(4),
+                        max_sequence_length: b.max_sequence_length.unwrap_or(512),
+                        cost: b.cost,
+                    },
+                    Arc::new(EngineMetrics::new(name, &metrics)),
+                )),
             };
             built.insert(name.clone(), backend);
         }
-        Ok(Self::with_backends(config, built))
+        Ok(Self::assemble(config, built, metrics))
     }
 
     /// Assemble the state around already-built backends (one per configured name).
     pub fn with_backends(
         config: Config,
-        mut built: HashMap<String, Arc<dyn Backend>>,
+        built: HashMap<String, Arc<dyn Backend>>,
     ) -> Arc<AppState> {
-        let metrics = Metrics::new();
+        Self::assemble(config, built, Metrics::new())
+    }
+
+    fn assemble(
+        config: Config,
+        mut built: HashMap<String, Arc<dyn Backend>>,
+        metrics: Metrics,
+    ) -> Arc<AppState> {
         let cache = ImageCache::new(
             config.cache.max_bytes,
             Duration::from_secs(config.cache.ttl_secs),

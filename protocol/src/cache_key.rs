@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! "kleingate-cache-v1"  model-id  prompt  seed:u64  width:u32  height:u32  num_steps:u32
+//!   (width/height 0 = left open on an editing request)
 //! guidance:f64-bits  n_images:u32  (image-digest:32 bytes)*n  output-format  output-quality:u8
 //! enable-safety-checker:u8  backend-pin
 //! ```
@@ -53,8 +54,10 @@ impl GenerateRequest {
         put_str(&mut h, self.model.id());
         put_str(&mut h, &self.prompt);
         h.update(seed.to_be_bytes());
-        h.update(self.width.to_be_bytes());
-        h.update(self.height.to_be_bytes());
+        // A side left open on an editing request is 0: its size comes from the first reference,
+        // whose digest is in the key. Text-to-image requests always have both sides given.
+        h.update((if self.width_given { self.width } else { 0 }).to_be_bytes());
+        h.update((if self.height_given { self.height } else { 0 }).to_be_bytes());
         h.update(self.num_steps.to_be_bytes());
         // +0.0 so that -0.0 and 0.0 (equal guidance) share a key.
         h.update((self.guidance + 0.0).to_bits().to_be_bytes());

@@ -139,8 +139,14 @@ impl InputImage {
 pub struct GenerateRequest {
     pub model: Model,
     pub prompt: String,
+    /// The output size. With `input_images`, a side the client left open is decided by the
+    /// backend from the first reference (as the reference pipeline does); `width_given` /
+    /// `height_given` say which sides the client set, and `width` / `height` then hold only the
+    /// text-to-image default (1024 x 768). Without input images both are always `true`.
     pub width: u32,
     pub height: u32,
+    pub width_given: bool,
+    pub height_given: bool,
     pub num_steps: u32,
     pub guidance: f64,
     pub seed: Option<u64>,
@@ -344,6 +350,13 @@ impl GenerateRequest {
             Some(v) => return Err(type_error("input_images", "an array of strings", v)),
         };
 
+        let given = |f: &str| !matches!(obj.get(f), None | Some(Value::Null));
+        let (width_given, height_given) = if input_images.is_empty() {
+            (true, true)
+        } else {
+            (given("width"), given("height"))
+        };
+
         let enable_safety_checker = get_bool(obj, "enable_safety_checker", true)?;
         let enable_base64_output = get_bool(obj, "enable_base64_output", false)?;
 
@@ -374,6 +387,8 @@ impl GenerateRequest {
             prompt,
             width,
             height,
+            width_given,
+            height_given,
             num_steps,
             guidance,
             seed,
@@ -387,12 +402,18 @@ impl GenerateRequest {
 
     /// The body sent to a Verda-compatible upstream: every field explicit (so the upstream's own
     /// defaults cannot differ from ours), no `model` (it is in the URL), and binary output, because
-    /// the gateway caches image bytes and builds the client's base64 answer itself.
+    /// the gateway caches image bytes and builds the client's base64 answer itself. The one
+    /// exception: a side left open on an editing request stays open, because only the backend
+    /// that decodes the references knows the first reference's size.
     pub fn to_upstream_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("prompt".into(), Value::String(self.prompt.clone()));
-        m.insert("width".into(), self.width.into());
-        m.insert("height".into(), self.height.into());
+        if self.width_given {
+            m.insert("width".into(), self.width.into());
+        }
+        if self.height_given {
+            m.insert("height".into(), self.height.into());
+        }
         m.insert("num_steps".into(), self.num_steps.into());
         m.insert("guidance".into(), self.guidance.into());
         if let Some(seed) = self.seed {
@@ -422,6 +443,8 @@ impl GenerateRequest {
         Value::Object(m)
     }
 
+    /// Megapixels of the output; for a side left open on an editing request this counts the
+    /// default size (the references are capped at about 1 MP, so this is an upper bound).
     pub fn megapixels(&self) -> f64 {
         f64::from(self.width) * f64::from(self.height) / 1_000_000.0
     }
@@ -838,6 +861,38 @@ mod tests {
                 ..back
             },
             r
+        );
+    }
+
+    #[test]
+    fn an_editing_request_may_leave_its_size_to_the_first_reference() {
+        let img = "https://example.com/a.png";
+        let open = parse(json!({"prompt": "x", "input_images": [img], "width": 512})).unwrap();
+        assert!(open.width_given && !open.height_given);
+        let v = open.to_upstream_json();
+        assert_eq!(v["width"], 512);
+        assert!(v.get("height").is_none(), "{v}");
+        // Left open and explicitly 768 are different requests (the reference decides the first).
+        let set = parse(json!({"prompt": "x", "input_images": [img], "width": 512, "height": 768}))
+            .unwrap();
+        assert_ne!(open.cache_key(1, None), set.cache_key(1, None));
+        // Forwarding keeps the side open.
+        let back = GenerateRequest::from_object(
+            v.as_object().unwrap(),
+            Some(open.model),
+            Model::Klein9b,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(back, open);
+        // Text-to-image: the default is the size, whether given or not.
+        let t = parse(json!({"prompt": "x"})).unwrap();
+        assert!(t.width_given && t.height_given);
+        assert_eq!(
+            t.cache_key(1, None),
+            parse(json!({"prompt": "x", "width": 1024, "height": 768}))
+                .unwrap()
+                .cache_key(1, None)
         );
     }
 

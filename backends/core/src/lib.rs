@@ -144,6 +144,13 @@ pub trait Backend: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<GeneratedImage, BackendError>;
 
+    /// Can this backend run the safety checker (`enable_safety_checker`)? Backends that cannot
+    /// answer `X-Has-Nsfw-Content: false` without having looked; the gateway only routes requests
+    /// that ask for the check to backends that can, unless configured to skip it.
+    fn checks_safety(&self) -> bool {
+        true
+    }
+
     /// Passive health: must be cheap and must not spend money (no real generation).
     fn health(&self) -> Health {
         Health::Ready

@@ -20,6 +20,8 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("invalid input: {0}")]
     Input(String),
+    #[error("cancelled: nobody is waiting for the result any more")]
+    Cancelled,
 }
 
 impl EngineError {

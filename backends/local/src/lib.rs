@@ -1,6 +1,7 @@
 //! The local FLUX.2 [klein] engine, in burn. One file per model part; every shape comes from the
 //! checkpoint's own `config.json` files.
 
+pub mod backend;
 pub mod config;
 pub mod device;
 pub mod error;

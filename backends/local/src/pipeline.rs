@@ -1,6 +1,7 @@
 //! Prompt -> image: the whole FLUX.2 [klein] text-to-image pipeline.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Tensor};
 
@@ -42,8 +43,18 @@ pub struct Request {
     pub references: Vec<Vec<u8>>,
 }
 
+/// Wall time of each stage (the device is synchronised before each reading).
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub text_encoder: Duration,
+    pub vae_encode: Duration,
+    pub steps: Vec<Duration>,
+    pub vae_decode: Duration,
+}
+
 /// Everything a run produced; the intermediate values are kept for parity checks and metrics.
 pub struct Generated {
+    pub timings: Timings,
     /// `(B, H, W, 3)` in [0, 1].
     pub images: Tensor<4>,
     pub truncated: Vec<bool>,
@@ -132,11 +143,21 @@ impl Pipeline {
         Ok((emb, truncated))
     }
 
-    /// Run the pipeline; `on_step(i, n)` is called after each denoising step.
+    fn lap(&self, since: &mut Instant) -> Duration {
+        // Device work is queued asynchronously: wait for it so the time lands on its stage.
+        let _ = self.device.sync();
+        let now = Instant::now();
+        let d = now - *since;
+        *since = now;
+        d
+    }
+
+    /// Run the pipeline; `on_step(i, n)` is called after each denoising step and stops the run
+    /// (with [`EngineError::Cancelled`]) by returning false.
     pub fn generate(
         &self,
         req: &Request,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, EngineError> {
         let m = self.size_multiple();
         if req.prompts.is_empty() {
@@ -167,6 +188,8 @@ impl Pipeline {
             )));
         }
         let l = req.max_sequence_length;
+        let mut timings = Timings::default();
+        let mut clock = Instant::now();
         let (cond, truncated) = self.embed(&req.prompts, l)?;
         let ctx = if req.cfg {
             let (neg, _) = self.embed(&vec![String::new(); b], l)?;
@@ -174,6 +197,7 @@ impl Pipeline {
         } else {
             cond
         };
+        timings.text_encoder = self.lap(&mut clock);
 
         let noise = match &req.init_noise {
             Some(n) => {
@@ -192,6 +216,7 @@ impl Pipeline {
         let mut img_ids = grid_ids(0, h, w);
         let n_img = img_ids.len();
         let (ref_tokens, ref_ids, ref_stages) = self.encode_references(&req.references)?;
+        timings.vae_encode = self.lap(&mut clock);
         img_ids.extend(ref_ids);
         // The transformer input at every step: the noisy tokens, then the clean reference tokens.
         let with_refs = |x: Tensor<3>| -> Tensor<3> {
@@ -241,7 +266,10 @@ impl Pipeline {
             x = euler_step(x, v.clone(), sched.sigmas[i], sched.sigmas[i + 1]);
             noise_preds.push(v);
             latents.push(x.clone());
-            on_step(i + 1, req.steps);
+            timings.steps.push(self.lap(&mut clock));
+            if !on_step(i + 1, req.steps) {
+                return Err(EngineError::Cancelled);
+            }
         }
 
         let final_unpacked = unpack(x, h, w);
@@ -252,7 +280,9 @@ impl Pipeline {
             .add_scalar(0.5)
             .clamp(0.0, 1.0)
             .permute([0, 2, 3, 1]);
+        timings.vae_decode = self.lap(&mut clock);
         Ok(Generated {
+            timings,
             images,
             truncated,
             noise_preds,

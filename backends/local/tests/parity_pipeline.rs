@@ -73,6 +73,7 @@ fn text_to_image_matches_the_reference() {
             .generate(&req, &mut |i, n| {
                 assert_eq!(n, req.steps);
                 steps_seen = i;
+                true
             })
             .unwrap();
         assert_eq!(steps_seen, req.steps);
@@ -189,7 +190,7 @@ fn bad_requests_are_errors() {
         references: vec![],
     };
     let err = |r: &Request| {
-        pipe.generate(r, &mut |_, _| {})
+        pipe.generate(r, &mut |_, _| true)
             .err()
             .expect("an error")
             .to_string()
@@ -200,9 +201,12 @@ fn bad_requests_are_errors() {
     assert!(err(&req).contains("initial noise"));
     req.init_noise = None;
     // Seeded runs are deterministic.
-    let a = vals(pipe.generate(&req, &mut |_, _| {}).unwrap().images);
-    let b = vals(pipe.generate(&req, &mut |_, _| {}).unwrap().images);
+    let a = vals(pipe.generate(&req, &mut |_, _| true).unwrap().images);
+    let b = vals(pipe.generate(&req, &mut |_, _| true).unwrap().images);
     assert_eq!(a, b);
     req.seed = 2;
-    assert_ne!(a, vals(pipe.generate(&req, &mut |_, _| {}).unwrap().images));
+    assert_ne!(
+        a,
+        vals(pipe.generate(&req, &mut |_, _| true).unwrap().images)
+    );
 }

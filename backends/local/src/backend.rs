@@ -1,0 +1,392 @@
+//! The local engine as a gateway backend: weights load in the background (503 "model not loaded"
+//! until then, as Verda answers), a bounded queue in front of the device (full -> 503, so the
+//! gateway falls back, without tripping its circuit breaker), batching of compatible queued
+//! requests, and cancellation when nobody waits for a result any more.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use burn::tensor::Tensor;
+use bytes::Bytes;
+use kleingate_backend::{Backend, BackendError, CostModel, GeneratedImage, Health};
+use kleingate_protocol::{GenerateRequest, InputImage, Model, OutputFormat};
+use tokio::sync::oneshot;
+
+use crate::error::EngineError;
+use crate::image_io::{Format, Rgb8};
+use crate::pipeline::{Pipeline, Request};
+use crate::sampler::seeded_noise;
+
+#[derive(Clone, Debug)]
+pub struct LocalConfig {
+    /// A diffusers-layout directory or a Hugging Face repo id.
+    pub weights: String,
+    /// `cpu`, `vulkan` or `wgpu`.
+    pub device: String,
+    pub models: Vec<Model>,
+    /// Requests waiting for the device; one more is refused with 503.
+    pub max_queue: usize,
+    /// Compatible queued requests (same model, size, steps, guidance; no references) run as one
+    /// batch of at most this many.
+    pub max_batch: usize,
+    pub max_sequence_length: usize,
+    pub cost: CostModel,
+}
+
+/// Where the engine reports what it does (the gateway turns this into Prometheus metrics).
+pub trait EngineObserver: Send + Sync + 'static {
+    fn queue_depth(&self, _depth: usize) {}
+    fn batch(&self, _size: usize) {}
+    /// `text_encoder`, `vae_encode`, `step`, `vae_decode`.
+    fn stage(&self, _stage: &'static str, _time: Duration) {}
+    fn images(&self, _model: Model, _count: usize) {}
+}
+
+pub struct NoObserver;
+impl EngineObserver for NoObserver {}
+
+#[derive(Clone, Debug)]
+enum LoadState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+struct Job {
+    req: GenerateRequest,
+    seed: u64,
+    references: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<GeneratedImage, BackendError>>,
+}
+
+impl Job {
+    /// Requests that may share one batch: same shapes and sampling, and no references (those
+    /// change the token count per request).
+    fn batch_key(&self) -> Option<(Model, u32, u32, u32, u64)> {
+        self.references.is_empty().then(|| {
+            let r = &self.req;
+            (
+                r.model,
+                r.width,
+                r.height,
+                r.num_steps,
+                r.guidance.to_bits(),
+            )
+        })
+    }
+}
+
+pub struct LocalBackend {
+    cfg: LocalConfig,
+    state: Arc<Mutex<LoadState>>,
+    queue: mpsc::Sender<Job>,
+    depth: Arc<AtomicUsize>,
+    observer: Arc<dyn EngineObserver>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LocalBackend {
+    /// Start loading the weights on a background thread and return at once.
+    pub fn start(cfg: LocalConfig, observer: Arc<dyn EngineObserver>) -> LocalBackend {
+        let state = Arc::new(Mutex::new(LoadState::Loading));
+        let depth = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (st, dp, ob, c) = (state.clone(), depth.clone(), observer.clone(), cfg.clone());
+        std::thread::Builder::new()
+            .name("kleingate-engine".into())
+            .spawn(move || {
+                let loaded = crate::device::by_name(&c.device).and_then(|device| {
+                    let dir = crate::hub::resolve(&c.weights)?;
+                    Pipeline::load(&dir, &device)
+                });
+                match loaded {
+                    Ok(pipe) => {
+                        *lock(&st) = LoadState::Ready;
+                        Worker {
+                            pipe,
+                            rx,
+                            depth: dp,
+                            observer: ob,
+                            cfg: c,
+                        }
+                        .run();
+                    }
+                    Err(e) => *lock(&st) = LoadState::Failed(e.to_string()),
+                }
+            })
+            .expect("spawning the engine thread");
+        LocalBackend {
+            cfg,
+            state,
+            queue: tx,
+            depth,
+            observer,
+        }
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+}
+
+fn to_format(f: OutputFormat) -> Format {
+    match f {
+        OutputFormat::Jpeg => Format::Jpeg,
+        OutputFormat::Png => Format::Png,
+        OutputFormat::Webp => Format::Webp,
+    }
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn models(&self) -> &[Model] {
+        &self.cfg.models
+    }
+
+    fn checks_safety(&self) -> bool {
+        false
+    }
+
+    fn health(&self) -> Health {
+        match &*lock(&self.state) {
+            LoadState::Loading => Health::Loading {
+                message: format!("loading {}", self.cfg.weights),
+            },
+            LoadState::Ready => Health::Ready,
+            LoadState::Failed(m) => Health::Down { message: m.clone() },
+        }
+    }
+
+    fn cost_estimate(&self, req: &GenerateRequest) -> Option<f64> {
+        self.cfg.cost.estimate(req)
+    }
+
+    async fn generate(
+        &self,
+        req: &GenerateRequest,
+        timeout: Duration,
+    ) -> Result<GeneratedImage, BackendError> {
+        match &*lock(&self.state) {
+            LoadState::Ready => {}
+            LoadState::Loading => {
+                return Err(BackendError::Unavailable {
+                    message: "model not loaded: the local engine is still loading its weights"
+                        .into(),
+                    retry_after: None,
+                })
+            }
+            // Down, not broken per request: answer like an unloaded model so the gateway moves on.
+            LoadState::Failed(m) => {
+                return Err(BackendError::Unavailable {
+                    message: format!("model not loaded: the local engine failed to load: {m}"),
+                    retry_after: None,
+                })
+            }
+        }
+        let mut references = Vec::with_capacity(req.input_images.len());
+        for (i, img) in req.input_images.iter().enumerate() {
+            match img {
+                InputImage::Base64 { .. } => {
+                    references.push(img.decoded_bytes().ok_or_else(|| {
+                        BackendError::InvalidRequest {
+                            message: "not valid base64".into(),
+                            field: Some(format!("input_images[{i}]")),
+                        }
+                    })?)
+                }
+                // Fetching URLs safely belongs to the gateway; until it does, another backend
+                // (Verda fetches them itself) takes these requests.
+                InputImage::Url { .. } => {
+                    return Err(BackendError::Unavailable {
+                        message: "the local backend does not fetch input image URLs".into(),
+                        retry_after: None,
+                    })
+                }
+            }
+        }
+        let waiting = self.depth.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.cfg.max_queue {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(BackendError::Unavailable {
+                message: format!("queue full ({waiting} requests waiting)"),
+                retry_after: None,
+            });
+        }
+        self.observer.queue_depth(waiting + 1);
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            req: req.clone(),
+            seed: req.seed.unwrap_or_else(rand::random),
+            references,
+            reply: tx,
+        };
+        if self.queue.send(job).is_err() {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(BackendError::Failed("the engine thread has stopped".into()));
+        }
+        // Dropping `rx` (timeout, or the client went away and this future with it) is how the
+        // worker learns that nobody waits: it skips or stops that work.
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(BackendError::Failed(
+                "the engine dropped the request".into(),
+            )),
+            Err(_) => Err(BackendError::Timeout(timeout)),
+        }
+    }
+}
+
+struct Worker {
+    pipe: Pipeline,
+    rx: mpsc::Receiver<Job>,
+    depth: Arc<AtomicUsize>,
+    observer: Arc<dyn EngineObserver>,
+    cfg: LocalConfig,
+}
+
+impl Worker {
+    fn take(&self, pending: &mut VecDeque<Job>) -> Option<Job> {
+        let j = match pending.pop_front() {
+            Some(j) => j,
+            None => self.rx.recv().ok()?,
+        };
+        let left = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.observer.queue_depth(left);
+        Some(j)
+    }
+
+    fn run(self) {
+        let mut pending: VecDeque<Job> = VecDeque::new();
+        while let Some(first) = self.take(&mut pending) {
+            if first.reply.is_closed() {
+                continue; // cancelled while queued
+            }
+            while let Ok(j) = self.rx.try_recv() {
+                pending.push_back(j);
+            }
+            let mut batch = vec![first];
+            if let Some(key) = batch[0].batch_key() {
+                let mut i = 0;
+                while i < pending.len() && batch.len() < self.cfg.max_batch.max(1) {
+                    if pending[i].batch_key() == Some(key) && !pending[i].reply.is_closed() {
+                        let j = pending.remove(i).expect("index in range");
+                        let left = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
+                        self.observer.queue_depth(left);
+                        batch.push(j);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            self.observer.batch(batch.len());
+            let results = self.run_batch(&batch);
+            for (job, result) in batch.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+
+    fn run_batch(&self, batch: &[Job]) -> Vec<Result<GeneratedImage, BackendError>> {
+        match self.generate(batch) {
+            Ok(images) => images.into_iter().map(Ok).collect(),
+            Err(e) => {
+                let err = match e {
+                    EngineError::Input(m) => BackendError::InvalidRequest {
+                        field: m
+                            .strip_prefix("input image ")
+                            .and_then(|r| r.split(':').next())
+                            .map(|i| format!("input_images[{i}]")),
+                        message: m,
+                    },
+                    other => BackendError::Failed(other.to_string()),
+                };
+                batch.iter().map(|_| Err(err.clone())).collect()
+            }
+        }
+    }
+
+    fn generate(&self, batch: &[Job]) -> Result<Vec<GeneratedImage>, EngineError> {
+        let r0 = &batch[0].req;
+        let m = self.pipe.size_multiple();
+        let c = self.pipe.transformer.config.in_channels;
+        let (mut w, mut h) = (r0.width as usize, r0.height as usize);
+        // A side the client left open on an editing request is the first reference's (after
+        // the reference preparation), as in the reference pipeline.
+        if let Some(first) = batch[0].references.first() {
+            if !r0.width_given || !r0.height_given {
+                let (rw, rh) = self.pipe.reference_size(first)?;
+                if !r0.width_given {
+                    w = rw;
+                }
+                if !r0.height_given {
+                    h = rh;
+                }
+            }
+        }
+        let device = &self.pipe.device;
+        // One noise tensor per request from its own seed: batching never changes an image's noise.
+        let noise = Tensor::cat(
+            batch
+                .iter()
+                .map(|j| seeded_noise(j.seed, [1, c, h / m, w / m], device))
+                .collect(),
+            0,
+        );
+        let req = Request {
+            prompts: batch.iter().map(|j| j.req.prompt.clone()).collect(),
+            width: w,
+            height: h,
+            steps: r0.num_steps as usize,
+            guidance: r0.guidance as f32,
+            cfg: !r0.model.is_distilled() && r0.guidance > 1.0,
+            max_sequence_length: self.cfg.max_sequence_length,
+            seed: 0,
+            init_noise: Some(noise),
+            references: batch[0].references.clone(),
+        };
+        let out = self
+            .pipe
+            .generate(&req, &mut |_, _| batch.iter().any(|j| !j.reply.is_closed()))?;
+        let t = &out.timings;
+        self.observer.stage("text_encoder", t.text_encoder);
+        if !req.references.is_empty() {
+            self.observer.stage("vae_encode", t.vae_encode);
+        }
+        for s in &t.steps {
+            self.observer.stage("step", *s);
+        }
+        self.observer.stage("vae_decode", t.vae_decode);
+        let values = out
+            .images
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| EngineError::Input(format!("reading the image back failed: {e:?}")))?;
+        let per = h * w * 3;
+        let mut images = Vec::with_capacity(batch.len());
+        for (i, job) in batch.iter().enumerate() {
+            let rgb = Rgb8::from_unit_floats(&values[i * per..(i + 1) * per], w, h);
+            let bytes = rgb.encode(to_format(job.req.output_format), job.req.output_quality)?;
+            images.push(GeneratedImage {
+                bytes: Bytes::from(bytes),
+                format: job.req.output_format,
+                seed: Some(job.seed),
+                // No safety model is loaded: this backend declares it cannot check
+                // (`checks_safety`), and the gateway routes accordingly.
+                has_nsfw_content: false,
+            });
+        }
+        self.observer.images(r0.model, images.len());
+        Ok(images)
+    }
+}

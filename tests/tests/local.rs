@@ -1,0 +1,396 @@
+//! The local engine behind the gateway, over HTTP, on the tiny reference pipeline on CPU.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use kleingate_tests::{FakeVerda, Gateway};
+use serde_json::{json, Value};
+
+const PIPELINE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../backends/local/tests/data/klein-tiny/pipeline"
+);
+const CASES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../backends/local/tests/data/klein-tiny/cases"
+);
+
+fn local(extra: &str) -> String {
+    format!(
+        "[backends.local]\nkind = \"local\"\nweights = \"{PIPELINE}\"\ndevice = \"cpu\"\nmax_sequence_length = 64\nmodels = [\"flux2-klein-4b\", \"flux2-klein-base-4b\"]\n{extra}\n"
+    )
+}
+
+async fn wait_ready(gw: &Gateway, backend: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v: Value = reqwest::get(gw.url("/v1/backends"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let b = v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == backend)
+            .unwrap()
+            .clone();
+        if b["health"]["state"] != "loading" || Instant::now() > deadline {
+            return b;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn post(
+    gw: &Gateway,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut rb = reqwest::Client::new().post(gw.url(path)).json(&body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.unwrap()
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn local_engine_serves_text_to_image_and_editing_over_http() {
+    let gw = Gateway::start(&local("")).await;
+    assert_eq!(wait_ready(&gw, "local").await["health"]["state"], "ready");
+    let body = json!({"prompt": "a red fox", "seed": 5, "width": 80, "height": 64, "output_format": "png", "enable_safety_checker": false});
+    let r = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        body.clone(),
+        &[("x-kleingate-backend", "local")],
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(
+        (header(&r, "content-type"), header(&r, "x-seed")),
+        ("image/png".into(), "5".into())
+    );
+    assert_eq!(
+        (
+            header(&r, "x-kleingate-backend"),
+            header(&r, "x-has-nsfw-content")
+        ),
+        ("local".into(), "false".into())
+    );
+    let png = r.bytes().await.unwrap();
+    let img = image::load_from_memory(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (80, 64));
+    // Deterministic: the same seed again (bypassing the cache) gives the same image.
+    let again = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        body.clone(),
+        &[
+            ("x-kleingate-backend", "local"),
+            ("cache-control", "no-cache"),
+        ],
+    )
+    .await;
+    assert_eq!(again.bytes().await.unwrap(), png);
+    // Another seed, or the base model (CFG, 3 steps), gives another image.
+    let other = post(&gw, "/generate", json!({"prompt": "a red fox", "seed": 6, "width": 80, "height": 64, "output_format": "png", "enable_safety_checker": false}), &[]).await;
+    assert_ne!(other.bytes().await.unwrap(), png);
+    let base = post(&gw, "/flux2-klein-base-4b/generate", json!({"prompt": "a red fox", "seed": 5, "width": 80, "height": 64, "output_format": "png", "num_steps": 3, "guidance": 3.0, "enable_safety_checker": false}), &[]).await;
+    assert_eq!(base.status(), 200);
+    assert_ne!(base.bytes().await.unwrap(), png);
+
+    // JSON answer, jpeg at a given quality.
+    let r = post(&gw, "/generate", json!({"prompt": "x", "seed": 1, "width": 64, "height": 64, "enable_base64_output": true, "output_quality": 50, "enable_safety_checker": false}), &[]).await;
+    let v: Value = r.json().await.unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v["image"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(&bytes[..3], &[0xFF, 0xD8, 0xFF]);
+    assert_eq!(
+        (v["seed"].clone(), v["output_format"].clone()),
+        (json!(1), json!("jpeg"))
+    );
+
+    // Editing with a base64 reference.
+    let reference = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(format!("{CASES}/edit_1ref.ref0.png")).unwrap());
+    let r = post(&gw, "/generate", json!({"prompt": "an oil painting", "seed": 3, "width": 80, "height": 64, "output_format": "png", "input_images": [reference], "enable_safety_checker": false}), &[]).await;
+    assert_eq!(r.status(), 200);
+    let edited = r.bytes().await.unwrap();
+    assert_eq!(
+        image::load_from_memory(&edited)
+            .unwrap()
+            .to_rgb8()
+            .dimensions(),
+        (80, 64)
+    );
+    // Size left open: the first reference (80 x 72) decides it, floored to the latent grid
+    // (multiples of 16 for this VAE), so this is the same image as the explicit 80 x 64 one.
+    let r = post(&gw, "/generate", json!({"prompt": "an oil painting", "seed": 3, "output_format": "png", "input_images": [reference], "enable_safety_checker": false}), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kleingate-cache"), "miss");
+    assert_eq!(r.bytes().await.unwrap(), edited);
+    // A reference the engine refuses is a 400 naming it.
+    let tiny = {
+        let img = image::RgbImage::new(32, 32);
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        base64::engine::general_purpose::STANDARD.encode(out)
+    };
+    let r = post(&gw, "/generate", json!({"prompt": "x", "width": 64, "height": 64, "input_images": [reference, tiny], "enable_safety_checker": false}), &[]).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "input_images[1]", "{e}");
+
+    let m = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        sample(
+            &m,
+            "kleingate_local_images_total",
+            &[("backend", "local"), ("model", "flux2-klein-4b")]
+        ) >= 4.0,
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "kleingate_local_stage_seconds_count",
+            &[("stage", "step")]
+        ) >= 15.0
+    );
+    assert!(
+        sample(
+            &m,
+            "kleingate_local_stage_seconds_count",
+            &[("stage", "text_encoder")]
+        ) >= 5.0
+    );
+    assert!(
+        sample(
+            &m,
+            "kleingate_local_stage_seconds_count",
+            &[("stage", "vae_decode")]
+        ) >= 5.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_local_stage_seconds_count",
+            &[("stage", "vae_encode")]
+        ),
+        2.0
+    );
+    assert!(sample(&m, "kleingate_local_batch_size_count", &[]) >= 5.0);
+    assert_eq!(
+        sample(&m, "kleingate_local_queue_depth", &[("backend", "local")]),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn requests_asking_for_the_safety_checker_avoid_a_backend_that_cannot_check() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "[routing]\norder = [\"local\", \"verda\"]\n{}[backends.verda]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_KEY\"\n",
+        local(""),
+        fake.url()
+    ))
+    .await;
+    wait_ready(&gw, "local").await;
+    // Default enable_safety_checker = true: the local engine cannot check, so Verda serves it.
+    let r = post(
+        &gw,
+        "/generate",
+        json!({"prompt": "x", "width": 64, "height": 64}),
+        &[],
+    )
+    .await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "verda");
+    let r = post(
+        &gw,
+        "/generate",
+        json!({"prompt": "x", "width": 64, "height": 64}),
+        &[("x-kleingate-backend", "local")],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "safety_checker_unavailable"
+    );
+    // Without the check the first backend in order, the local engine, serves it.
+    let r = post(
+        &gw,
+        "/generate",
+        json!({"prompt": "x", "width": 64, "height": 64, "enable_safety_checker": false}),
+        &[],
+    )
+    .await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "local");
+
+    // routing.safety = "skip": the local engine serves them too.
+    let gw = Gateway::start(&format!("[routing]\nsafety = \"skip\"\n{}", local(""))).await;
+    wait_ready(&gw, "local").await;
+    let r = post(
+        &gw,
+        "/generate",
+        json!({"prompt": "x", "width": 64, "height": 64}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-kleingate-backend")),
+        (200, "local".into())
+    );
+}
+
+#[tokio::test]
+async fn a_full_local_queue_falls_back_to_verda_without_tripping_the_circuit() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "[routing]\norder = [\"local\", \"verda\"]\n[circuit]\nfailure_threshold = 1\n{}[backends.verda]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_KEY\"\n",
+        local("max_queue = 1\nmax_batch = 1"),
+        fake.url()
+    ))
+    .await;
+    wait_ready(&gw, "local").await;
+    let gw = &gw;
+    let answers = futures::future::join_all((0..6).map(|i| async move {
+        let r = post(gw, "/generate", json!({"prompt": format!("p{i}"), "seed": i, "width": 64, "height": 64, "enable_safety_checker": false}), &[]).await;
+        (r.status().as_u16(), header(&r, "x-kleingate-backend"))
+    }))
+    .await;
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    assert!(answers.iter().any(|(_, b)| b == "local"), "{answers:?}");
+    assert!(answers.iter().any(|(_, b)| b == "verda"), "{answers:?}");
+    let m = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        sample(
+            &m,
+            "kleingate_fallbacks_total",
+            &[
+                ("from", "local"),
+                ("to", "verda"),
+                ("reason", "unavailable")
+            ]
+        ) >= 1.0,
+        "{m}"
+    );
+    // Busy is not broken: the local circuit stays closed even with a threshold of 1.
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_backend_circuit_state",
+            &[("backend", "local")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn compatible_queued_requests_run_as_one_batch_with_unchanged_images() {
+    let gw = Gateway::start(&local("max_batch = 4")).await;
+    wait_ready(&gw, "local").await;
+    let body = |seed: u64| json!({"prompt": "a fox", "seed": seed, "width": 64, "height": 64, "output_format": "png", "enable_safety_checker": false});
+    // Alone first, for comparison.
+    let alone = post(&gw, "/generate", body(11), &[])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let gw = &gw;
+    // One request occupies the engine; the four behind it queue up and share a batch.
+    let answers = futures::future::join_all((0..5u64).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(if i == 0 { 0 } else { 30 })).await;
+        let r = post(
+            gw,
+            "/generate",
+            body(10 + i),
+            &[("cache-control", "no-cache")],
+        )
+        .await;
+        (r.status().as_u16(), r.bytes().await.unwrap())
+    }))
+    .await;
+    assert!(answers.iter().all(|(s, _)| *s == 200));
+    let m = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (sum, count) = (
+        sample(&m, "kleingate_local_batch_size_sum", &[]),
+        sample(&m, "kleingate_local_batch_size_count", &[]),
+    );
+    assert!(
+        sum > count,
+        "no batch larger than one: sum {sum}, count {count}"
+    );
+    // Each request keeps its own seed's noise, so batching does not change its image.
+    let batched = &answers[1].1;
+    let (a, b) = (
+        image::load_from_memory(&alone).unwrap().to_rgb8(),
+        image::load_from_memory(batched).unwrap().to_rgb8(),
+    );
+    let worst = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "batching changed the image by {worst}/255");
+}
+
+#[tokio::test]
+async fn an_engine_that_cannot_load_is_down_and_answers_503() {
+    let gw = Gateway::start(
+        "[routing]\nsafety = \"skip\"\n[backends.local]\nkind = \"local\"\nweights = \"/nonexistent/klein\"\nmodels = [\"flux2-klein-4b\"]\n",
+    )
+    .await;
+    let b = wait_ready(&gw, "local").await;
+    assert_eq!(b["health"]["state"], "down");
+    assert!(b["health"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/klein"));
+    let r = post(&gw, "/generate", json!({"prompt": "x"}), &[]).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("model not loaded"));
+    assert_eq!(reqwest::get(gw.url("/readyz")).await.unwrap().status(), 503);
+}
