@@ -179,6 +179,13 @@ pub struct BackendConfig {
     /// local: prompt tokens (default 512, as the reference pipeline).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// local: the safety checker, a ViT image classifier checkpoint (directory or Hugging Face
+    /// repo id, e.g. `Falconsai/nsfw_image_detection`). Without it the backend cannot check.
+    #[serde(default)]
+    pub safety_weights: Option<String>,
+    /// local: NSFW probability from which an image is flagged (default 0.5).
+    #[serde(default)]
+    pub safety_threshold: Option<f32>,
 }
 
 fn default_key_env() -> String {
@@ -312,6 +319,20 @@ impl Config {
             {
                 return bad(format!("backends.{name}: max_queue, max_batch and max_sequence_length must be at least 1"));
             }
+            if let Some(t) = b.safety_threshold {
+                if !(t > 0.0 && t <= 1.0) {
+                    return bad(format!(
+                        "backends.{name}: safety_threshold must be in (0, 1]; got {t}"
+                    ));
+                }
+            }
+            if b.kind != BackendKind::Local
+                && (b.safety_weights.is_some() || b.safety_threshold.is_some())
+            {
+                return bad(format!(
+                    "backends.{name}: safety_weights and safety_threshold are for kind \"local\""
+                ));
+            }
         }
         if self.routing.policy == Policy::Weighted && self.backends.values().all(|b| b.weight == 0)
         {
@@ -426,5 +447,19 @@ mod tests {
         assert!(e.to_string().contains("base_url"), "{e}");
         let f = file("[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\nmodels = [\"flux2-klein-3b\"]\n");
         assert!(Config::load_with_env(Some(f.path()), Some(HashMap::new())).is_err());
+        for (extra, needle) in [
+            ("safety_threshold = 1.5", "safety_threshold"),
+            ("safety_threshold = 0.0", "safety_threshold"),
+            ("max_batch = 0", "max_batch"),
+        ] {
+            let f = file(&format!(
+                "[backends.l]\nkind = \"local\"\nweights = \"/w\"\n{extra}\n"
+            ));
+            let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        let f = file("[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\nsafety_weights = \"/s\"\n");
+        let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(e.to_string().contains("kind \"local\""), "{e}");
     }
 }

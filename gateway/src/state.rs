@@ -140,6 +140,8 @@ impl AppState {
                         max_queue: b.max_queue.unwrap_or(16),
                         max_batch: b.max_batch.unwrap_or(4),
                         max_sequence_length: b.max_sequence_length.unwrap_or(512),
+                        safety_weights: b.safety_weights.clone(),
+                        safety_threshold: b.safety_threshold.unwrap_or(0.5),
                         cost: b.cost,
                     },
                     Arc::new(EngineMetrics::new(name, &metrics)),

@@ -394,3 +394,68 @@ async fn an_engine_that_cannot_load_is_down_and_answers_503() {
     assert!(r.text().await.unwrap().contains("model not loaded"));
     assert_eq!(reqwest::get(gw.url("/readyz")).await.unwrap().status(), 503);
 }
+
+const NSFW_TINY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../backends/local/tests/data/nsfw-tiny"
+);
+
+#[tokio::test]
+async fn the_safety_checker_sets_the_nsfw_header_from_its_verdict() {
+    let body = json!({"prompt": "a red fox", "seed": 5, "width": 64, "height": 64, "output_format": "png"});
+    let checker = kleingate_local::safety::SafetyChecker::load(
+        std::path::Path::new(NSFW_TINY),
+        0.5,
+        &kleingate_local::device::by_name("cpu").unwrap(),
+    )
+    .unwrap();
+    for (threshold, expected) in [
+        ("0.5", None),
+        ("0.000001", Some(true)),
+        ("1.0", Some(false)),
+    ] {
+        let gw = Gateway::start(&local(&format!(
+            "safety_weights = \"{NSFW_TINY}\"\nsafety_threshold = {threshold}"
+        )))
+        .await;
+        assert_eq!(wait_ready(&gw, "local").await["health"]["state"], "ready");
+        // With a safety model the local engine takes requests that ask for the check.
+        let r = post(&gw, "/generate", body.clone(), &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-kleingate-backend"), "local");
+        let flag = header(&r, "x-has-nsfw-content");
+        let img = image::load_from_memory(&r.bytes().await.unwrap())
+            .unwrap()
+            .to_rgb8();
+        let verdict = checker
+            .check(&[kleingate_local::image_io::Rgb8 {
+                width: img.width() as usize,
+                height: img.height() as usize,
+                data: img.into_raw(),
+            }])
+            .unwrap()[0]
+            .clone();
+        let want = expected.unwrap_or(verdict.nsfw);
+        assert_eq!(flag, want.to_string(), "threshold {threshold}: {verdict:?}");
+        // Not asked: not checked, and not flagged.
+        let mut off = body.clone();
+        off["enable_safety_checker"] = json!(false);
+        let r = post(&gw, "/generate", off, &[]).await;
+        assert_eq!(header(&r, "x-has-nsfw-content"), "false");
+        let m = reqwest::get(gw.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            sample(
+                &m,
+                "kleingate_local_stage_seconds_count",
+                &[("stage", "safety")]
+            ),
+            1.0,
+            "{m}"
+        );
+    }
+}

@@ -17,8 +17,10 @@ use kleingate_protocol::{GenerateRequest, InputImage, Model, OutputFormat};
 use tokio::sync::oneshot;
 
 use crate::error::EngineError;
+use crate::hub::IMAGE_CLASSIFIER;
 use crate::image_io::{Format, Rgb8};
 use crate::pipeline::{Pipeline, Request};
+use crate::safety::SafetyChecker;
 use crate::sampler::seeded_noise;
 
 #[derive(Clone, Debug)]
@@ -34,6 +36,10 @@ pub struct LocalConfig {
     /// batch of at most this many.
     pub max_batch: usize,
     pub max_sequence_length: usize,
+    /// The safety checker's checkpoint (directory or repo id); `None`: this backend cannot check.
+    pub safety_weights: Option<String>,
+    /// NSFW probability from which an image is flagged.
+    pub safety_threshold: f32,
     pub cost: CostModel,
 }
 
@@ -41,7 +47,7 @@ pub struct LocalConfig {
 pub trait EngineObserver: Send + Sync + 'static {
     fn queue_depth(&self, _depth: usize) {}
     fn batch(&self, _size: usize) {}
-    /// `text_encoder`, `vae_encode`, `step`, `vae_decode`.
+    /// `text_encoder`, `vae_encode`, `step`, `vae_decode`, `safety`.
     fn stage(&self, _stage: &'static str, _time: Duration) {}
     fn images(&self, _model: Model, _count: usize) {}
 }
@@ -104,13 +110,22 @@ impl LocalBackend {
             .spawn(move || {
                 let loaded = crate::device::by_name(&c.device).and_then(|device| {
                     let dir = crate::hub::resolve(&c.weights)?;
-                    Pipeline::load(&dir, &device)
+                    let pipe = Pipeline::load(&dir, &device)?;
+                    let safety = match &c.safety_weights {
+                        Some(w) => {
+                            let dir = crate::hub::resolve_layout(w, &IMAGE_CLASSIFIER)?;
+                            Some(SafetyChecker::load(&dir, c.safety_threshold, &device)?)
+                        }
+                        None => None,
+                    };
+                    Ok((pipe, safety))
                 });
                 match loaded {
-                    Ok(pipe) => {
+                    Ok((pipe, safety)) => {
                         *lock(&st) = LoadState::Ready;
                         Worker {
                             pipe,
+                            safety,
                             rx,
                             depth: dp,
                             observer: ob,
@@ -155,7 +170,7 @@ impl Backend for LocalBackend {
     }
 
     fn checks_safety(&self) -> bool {
-        false
+        self.cfg.safety_weights.is_some()
     }
 
     fn health(&self) -> Health {
@@ -249,6 +264,7 @@ impl Backend for LocalBackend {
 
 struct Worker {
     pipe: Pipeline,
+    safety: Option<SafetyChecker>,
     rx: mpsc::Receiver<Job>,
     depth: Arc<AtomicUsize>,
     observer: Arc<dyn EngineObserver>,
@@ -316,6 +332,30 @@ impl Worker {
         }
     }
 
+    /// The NSFW flag of each image: the classifier's verdict on the 8-bit image the client gets
+    /// (before lossy encoding) for requests that ask for the check, `false` for the others.
+    /// Without a safety model the gateway only sends requests that ask for it when
+    /// `routing.safety = "skip"`, and those are answered `false` unchecked, as documented.
+    fn safety_flags(&self, batch: &[Job], rgbs: &[Rgb8]) -> Result<Vec<bool>, EngineError> {
+        let mut flags = vec![false; batch.len()];
+        let Some(checker) = &self.safety else {
+            return Ok(flags);
+        };
+        let wanted: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].req.enable_safety_checker)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(flags);
+        }
+        let start = std::time::Instant::now();
+        let images: Vec<Rgb8> = wanted.iter().map(|&i| rgbs[i].clone()).collect();
+        for (&i, v) in wanted.iter().zip(checker.check(&images)?) {
+            flags[i] = v.nsfw;
+        }
+        self.observer.stage("safety", start.elapsed());
+        Ok(flags)
+    }
+
     fn generate(&self, batch: &[Job]) -> Result<Vec<GeneratedImage>, EngineError> {
         let r0 = &batch[0].req;
         let m = self.pipe.size_multiple();
@@ -373,17 +413,18 @@ impl Worker {
             .try_to_vec::<f32>()
             .map_err(|e| EngineError::Input(format!("reading the image back failed: {e:?}")))?;
         let per = h * w * 3;
+        let rgbs: Vec<Rgb8> = (0..batch.len())
+            .map(|i| Rgb8::from_unit_floats(&values[i * per..(i + 1) * per], w, h))
+            .collect();
+        let flags = self.safety_flags(batch, &rgbs)?;
         let mut images = Vec::with_capacity(batch.len());
-        for (i, job) in batch.iter().enumerate() {
-            let rgb = Rgb8::from_unit_floats(&values[i * per..(i + 1) * per], w, h);
+        for ((job, rgb), has_nsfw_content) in batch.iter().zip(&rgbs).zip(flags) {
             let bytes = rgb.encode(to_format(job.req.output_format), job.req.output_quality)?;
             images.push(GeneratedImage {
                 bytes: Bytes::from(bytes),
                 format: job.req.output_format,
                 seed: Some(job.seed),
-                // No safety model is loaded: this backend declares it cannot check
-                // (`checks_safety`), and the gateway routes accordingly.
-                has_nsfw_content: false,
+                has_nsfw_content,
             });
         }
         self.observer.images(r0.model, images.len());

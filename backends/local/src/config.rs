@@ -185,3 +185,130 @@ impl VaeConfig {
             .unwrap_or(&self.block_out_channels)
     }
 }
+
+/// `config.json` of a transformers `ViTForImageClassification` checkpoint (the safety checker).
+#[derive(Clone, Debug, Deserialize)]
+pub struct VitConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    #[serde(default = "yes")]
+    pub qkv_bias: bool,
+    pub layer_norm_eps: f64,
+    /// Class index (as a string, as transformers writes it) to label.
+    pub id2label: std::collections::BTreeMap<String, String>,
+}
+
+impl VitConfig {
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        let c: VitConfig = read_json(path)?;
+        let bad = |message: String| EngineError::Config {
+            path: path.display().to_string(),
+            message,
+        };
+        if c.hidden_act != "gelu" {
+            return Err(bad(format!(
+                "hidden_act `{}` is not supported (only the exact erf `gelu`)",
+                c.hidden_act
+            )));
+        }
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return Err(bad(
+                "hidden_size is not a multiple of num_attention_heads".into()
+            ));
+        }
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
+            return Err(bad("image_size is not a multiple of patch_size".into()));
+        }
+        if c.num_channels != 3 {
+            return Err(bad(format!(
+                "num_channels {} (expected RGB, 3)",
+                c.num_channels
+            )));
+        }
+        let n = c.num_labels();
+        for i in 0..n {
+            if !c.id2label.contains_key(&i.to_string()) {
+                return Err(bad(format!("id2label has no entry for class {i}")));
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.id2label.len()
+    }
+
+    pub fn label(&self, i: usize) -> &str {
+        self.id2label.get(&i.to_string()).map_or("", String::as_str)
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ImageSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+/// `preprocessor_config.json` of a transformers `ViTImageProcessor`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ImageProcessorConfig {
+    #[serde(default = "yes")]
+    pub do_resize: bool,
+    pub size: ImageSize,
+    /// PIL's resampling filter code: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic.
+    #[serde(default = "bilinear")]
+    pub resample: u8,
+    #[serde(default = "yes")]
+    pub do_rescale: bool,
+    #[serde(default = "one_255th")]
+    pub rescale_factor: f64,
+    #[serde(default = "yes")]
+    pub do_normalize: bool,
+    #[serde(default = "half3")]
+    pub image_mean: Vec<f64>,
+    #[serde(default = "half3")]
+    pub image_std: Vec<f64>,
+}
+
+fn bilinear() -> u8 {
+    2
+}
+fn one_255th() -> f64 {
+    1.0 / 255.0
+}
+fn half3() -> Vec<f64> {
+    vec![0.5; 3]
+}
+
+impl ImageProcessorConfig {
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        let c: ImageProcessorConfig = read_json(path)?;
+        let bad = |message: &str| EngineError::Config {
+            path: path.display().to_string(),
+            message: message.into(),
+        };
+        if c.image_mean.len() != 3 || c.image_std.len() != 3 {
+            return Err(bad("image_mean and image_std need 3 values (RGB)"));
+        }
+        if c.image_std.contains(&0.0) {
+            return Err(bad("image_std must not be 0"));
+        }
+        if c.resample > 3 {
+            return Err(bad(
+                "resample must be 0 (nearest), 1 (lanczos), 2 (bilinear) or 3 (bicubic)",
+            ));
+        }
+        Ok(c)
+    }
+}

@@ -7,25 +7,57 @@ use std::path::{Path, PathBuf};
 
 use crate::error::EngineError;
 
-/// The files of a klein pipeline, relative to the repo root. Weight files are resolved separately
-/// (single file or shards).
-const SMALL_FILES: &[&str] = &[
-    "model_index.json",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "text_encoder/config.json",
-    "transformer/config.json",
-    "vae/config.json",
-];
-const OPTIONAL_FILES: &[&str] = &["tokenizer/chat_template.jinja"];
-const WEIGHTS: &[(&str, &str)] = &[
-    ("text_encoder", "model"),
-    ("transformer", "diffusion_pytorch_model"),
-    ("vae", "diffusion_pytorch_model"),
-];
+/// What to fetch of one kind of checkpoint: `anchor` (its root is the snapshot root), the other
+/// small files, optional files, and weights as `(directory, stem)` resolved as a single
+/// `stem.safetensors` or the shards of `stem.safetensors.index.json`.
+pub struct Layout {
+    anchor: &'static str,
+    files: &'static [&'static str],
+    optional: &'static [&'static str],
+    weights: &'static [(&'static str, &'static str)],
+}
 
-/// A local directory is used as is; anything else is taken as a repo id.
+/// A klein pipeline in the diffusers layout.
+pub const KLEIN: Layout = Layout {
+    anchor: "model_index.json",
+    files: &[
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "text_encoder/config.json",
+        "transformer/config.json",
+        "vae/config.json",
+    ],
+    optional: &["tokenizer/chat_template.jinja"],
+    weights: &[
+        ("text_encoder", "model"),
+        ("transformer", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+    ],
+};
+
+/// A transformers image classifier (the safety checker), e.g. `Falconsai/nsfw_image_detection`.
+pub const IMAGE_CLASSIFIER: Layout = Layout {
+    anchor: "config.json",
+    files: &["preprocessor_config.json"],
+    optional: &[],
+    weights: &[("", "model")],
+};
+
+fn weight_file(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// A local directory is used as is; anything else is taken as a repo id of a klein pipeline.
 pub fn resolve(weights: &str) -> Result<PathBuf, EngineError> {
+    resolve_layout(weights, &KLEIN)
+}
+
+/// Like [`resolve`], for a checkpoint of the given layout.
+pub fn resolve_layout(weights: &str, layout: &Layout) -> Result<PathBuf, EngineError> {
     let p = Path::new(weights);
     if p.is_dir() {
         return Ok(p.to_path_buf());
@@ -40,14 +72,14 @@ pub fn resolve(weights: &str) -> Result<PathBuf, EngineError> {
         .enable_all()
         .build()
         .map_err(|e| EngineError::Input(e.to_string()))?;
-    rt.block_on(download(weights))
+    rt.block_on(download(weights, layout))
 }
 
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
 }
 
-async fn download(repo_id: &str) -> Result<PathBuf, EngineError> {
+async fn download(repo_id: &str, layout: &Layout) -> Result<PathBuf, EngineError> {
     let hub_err = |file: &str, e: &dyn std::fmt::Display| EngineError::Io {
         path: format!("{repo_id}/{file}"),
         message: if offline() {
@@ -61,20 +93,20 @@ async fn download(repo_id: &str) -> Result<PathBuf, EngineError> {
     if offline() {
         let cache = hf_hub::Cache::from_env().model(repo_id.to_owned());
         let get = |f: &str| cache.get(f).ok_or_else(|| hub_err(f, &"missing"));
-        let index = get("model_index.json")?;
-        for f in SMALL_FILES {
+        let anchor = get(layout.anchor)?;
+        for f in layout.files {
             get(f)?;
         }
-        for (dir, stem) in WEIGHTS {
-            let single = format!("{dir}/{stem}.safetensors");
+        for (dir, stem) in layout.weights {
+            let single = weight_file(dir, &format!("{stem}.safetensors"));
             if cache.get(&single).is_none() {
                 let idx = get(&format!("{single}.index.json"))?;
                 for shard in shard_names(&idx)? {
-                    get(&format!("{dir}/{shard}"))?;
+                    get(&weight_file(dir, &shard))?;
                 }
             }
         }
-        return root_of(&index);
+        return root_of(&anchor);
     }
     let api = hf_hub::api::tokio::ApiBuilder::from_env()
         .with_progress(true)
@@ -82,18 +114,18 @@ async fn download(repo_id: &str) -> Result<PathBuf, EngineError> {
         .build()
         .map_err(|e| hub_err("", &e))?;
     let repo = api.model(repo_id.to_owned());
-    let index = repo
-        .get("model_index.json")
+    let anchor = repo
+        .get(layout.anchor)
         .await
-        .map_err(|e| hub_err("model_index.json", &e))?;
-    for f in SMALL_FILES {
+        .map_err(|e| hub_err(layout.anchor, &e))?;
+    for f in layout.files {
         repo.get(f).await.map_err(|e| hub_err(f, &e))?;
     }
-    for f in OPTIONAL_FILES {
+    for f in layout.optional {
         let _ = repo.get(f).await;
     }
-    for (dir, stem) in WEIGHTS {
-        let single = format!("{dir}/{stem}.safetensors");
+    for (dir, stem) in layout.weights {
+        let single = weight_file(dir, &format!("{stem}.safetensors"));
         if repo.get(&single).await.is_err() {
             let idx_name = format!("{single}.index.json");
             let idx = repo
@@ -101,12 +133,12 @@ async fn download(repo_id: &str) -> Result<PathBuf, EngineError> {
                 .await
                 .map_err(|e| hub_err(&idx_name, &e))?;
             for shard in shard_names(&idx)? {
-                let f = format!("{dir}/{shard}");
+                let f = weight_file(dir, &shard);
                 repo.get(&f).await.map_err(|e| hub_err(&f, &e))?;
             }
         }
     }
-    root_of(&index)
+    root_of(&anchor)
 }
 
 fn shard_names(index: &Path) -> Result<Vec<String>, EngineError> {
@@ -126,7 +158,7 @@ fn shard_names(index: &Path) -> Result<Vec<String>, EngineError> {
 }
 
 /// hf-hub stores a snapshot as `<cache>/snapshots/<rev>/<path>`: the snapshot root is the
-/// directory holding `model_index.json`.
+/// directory holding the layout's anchor file (at the repo root).
 fn root_of(model_index: &Path) -> Result<PathBuf, EngineError> {
     model_index
         .parent()
@@ -156,5 +188,10 @@ mod tests {
             .to_string();
         assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
         assert!(e.contains("model_index.json"), "{e}");
+        let e = resolve_layout("Falconsai/nsfw_image_detection", &IMAGE_CLASSIFIER)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HF_HUB_OFFLINE"), "{e}");
+        assert!(e.contains("nsfw_image_detection/config.json"), "{e}");
     }
 }

@@ -10,6 +10,7 @@ pub mod image_io;
 mod nn;
 pub mod pipeline;
 pub mod reference;
+pub mod safety;
 pub mod sampler;
 pub mod schedule;
 pub mod text_encoder;
