@@ -458,7 +458,9 @@ mod tests {
             let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
             assert!(e.to_string().contains(needle), "{e}");
         }
-        let f = file("[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\nsafety_weights = \"/s\"\n");
+        let f = file(
+            "[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\nsafety_weights = \"/s\"\n",
+        );
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("kind \"local\""), "{e}");
     }

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kleingate_gateway::{server, AppState, Config};
 
+mod bench_engine;
 mod generate;
 
 /// kleingate: one Verda-compatible API for the FLUX.2 [klein] image models.
@@ -27,6 +28,9 @@ enum Command {
     },
     /// Generate one image with the local engine (no gateway, no network unless weights are a repo id).
     Generate(generate::GenerateArgs),
+    /// Time the local engine's stages (text encoder, transformer step, CFG step, VAE decode and
+    /// encode, a whole distilled image) and print them beside the diffusers reference figures.
+    BenchEngine(bench_engine::BenchArgs),
     /// Load and validate a config file, print the effective settings (no secrets) and exit.
     CheckConfig {
         #[arg(long, short)]
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Generate(args) => generate::run(args),
+        Command::BenchEngine(args) => bench_engine::run(args),
         Command::CheckConfig { config } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("loading {}", config.display()))?;

@@ -147,7 +147,7 @@ impl Metrics {
         let local_stage_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "kleingate_local_stage_seconds",
-                "Time of each local engine stage per batch: text_encoder, vae_encode, step (each denoising step), vae_decode",
+                "Time of each local engine stage per batch: text_encoder, vae_encode, step (each denoising step), vae_decode, safety",
             )
             .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             &["backend", "stage"],

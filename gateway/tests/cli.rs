@@ -319,3 +319,66 @@ fn generate_edits_with_a_reference_image() {
         .unwrap();
     assert!(worst <= 2, "differs by {worst}/255");
 }
+
+#[test]
+fn bench_engine_times_every_stage_on_random_weights() {
+    let configs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../backends/local/tests/data/klein-tiny/pipeline"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args([
+            "bench-engine",
+            "--random-weights",
+            "--configs",
+            configs,
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--seq-len",
+            "32",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stages: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert!(s["median_ms"].as_f64().unwrap() > 0.0, "{s}");
+            s["stage"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "text encoder",
+            "transformer step",
+            "CFG step (batch 2)",
+            "VAE decode",
+            "VAE encode",
+            "distilled image (4 steps)"
+        ]
+    );
+    assert_eq!(v["step_ops"].as_array().unwrap().len(), 2);
+    // A size the VAE cannot take is refused with the reason.
+    let bad = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+        .args(["bench-engine", "--random-weights", "--configs", configs])
+        .args(["--width", "60", "--iters", "1", "--warmup", "0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiples of 16"));
+}

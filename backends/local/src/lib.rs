@@ -2,6 +2,7 @@
 //! checkpoint's own `config.json` files.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod device;
 pub mod error;

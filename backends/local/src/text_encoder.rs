@@ -13,7 +13,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use crate::config::Qwen3Config;
 use crate::error::EngineError;
 use crate::nn::{lin, rms_norm, sdpa};
-use crate::weights::WeightStore;
+use crate::weights::{Source, WeightStore};
 
 struct Layer {
     input_norm: Tensor<1>,
@@ -44,6 +44,16 @@ fn layer_name(i: usize, part: &str) -> String {
 impl TextEncoder {
     /// Load `text_encoder/` with as many layers as the deepest of `out_layers` needs.
     pub fn load(dir: &Path, out_layers: &[usize], device: &Device) -> Result<Self, EngineError> {
+        Self::load_from(dir, out_layers, Source::Files, device)
+    }
+
+    /// [`load`](Self::load) with the weights from `source` (the config always from `dir`).
+    pub fn load_from(
+        dir: &Path,
+        out_layers: &[usize],
+        source: Source,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
         let config = Qwen3Config::load(&dir.join("config.json"))?;
         let deepest = out_layers.iter().copied().max().unwrap_or(0);
         if deepest == 0 || deepest >= config.num_hidden_layers {
@@ -57,7 +67,7 @@ impl TextEncoder {
                 ),
             });
         }
-        let w = WeightStore::open(dir, "model", device)?;
+        let w = WeightStore::open_from(dir, "model", source, device)?;
         let h = config.hidden_size;
         let hd = config.head_dim();
         let (nh, nkv, inter) = (

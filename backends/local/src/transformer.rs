@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::config::Flux2Config;
 use crate::error::EngineError;
 use crate::nn::{layer_norm, lin, rms_norm, sdpa, swiglu};
-use crate::weights::WeightStore;
+use crate::weights::{Source, WeightStore};
 
 struct DoubleBlock {
     to_q: Tensor<2>,
@@ -72,8 +72,13 @@ fn record<const D: usize>(trace: &mut Option<&mut Trace>, name: impl Into<String
 
 impl Transformer {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        Self::load_from(dir, Source::Files, device)
+    }
+
+    /// [`load`](Self::load) with the weights from `source` (the config always from `dir`).
+    pub fn load_from(dir: &Path, source: Source, device: &Device) -> Result<Self, EngineError> {
         let config = Flux2Config::load(&dir.join("config.json"))?;
-        let w = WeightStore::open(dir, "diffusion_pytorch_model", device)?;
+        let w = WeightStore::open_from(dir, "diffusion_pytorch_model", source, device)?;
         let d = config.inner_dim();
         let hd = config.attention_head_dim;
         let m = config.mlp_hidden();

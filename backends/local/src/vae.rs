@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor};
 use crate::config::VaeConfig;
 use crate::error::EngineError;
 use crate::nn::{group_norm, lin, sdpa, Conv};
-use crate::weights::WeightStore;
+use crate::weights::{Source, WeightStore};
 
 /// GroupNorm epsilon of every norm in the VAE (diffusers' fixed `resnet_eps`).
 const GN_EPS: f64 = 1e-6;
@@ -201,8 +201,18 @@ fn upsample2(x: Tensor<4>) -> Tensor<4> {
 impl Vae {
     /// Load `vae/`. The encoder is only loaded when `with_encoder` (reference images).
     pub fn load(dir: &Path, with_encoder: bool, device: &Device) -> Result<Self, EngineError> {
+        Self::load_from(dir, with_encoder, Source::Files, device)
+    }
+
+    /// [`load`](Self::load) with the weights from `source` (the config always from `dir`).
+    pub fn load_from(
+        dir: &Path,
+        with_encoder: bool,
+        source: Source,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
         let config = VaeConfig::load(&dir.join("config.json"))?;
-        let w = WeightStore::open(dir, "diffusion_pytorch_model", device)?;
+        let w = WeightStore::open_from(dir, "diffusion_pytorch_model", source, device)?;
         let ld = Loader { w: &w };
         let lc = config.latent_channels;
         let lpb = config.layers_per_block;

@@ -29,6 +29,20 @@ pub struct WeightStore {
     /// tensor name -> shard index
     index: HashMap<String, usize>,
     device: Device,
+    /// `Some(seed)`: no files; every tensor asked for is made up (see [`Source::Random`]).
+    random: Option<u64>,
+}
+
+/// Where the weights come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The checkpoint's safetensors files.
+    Files,
+    /// Random weights of exactly the shapes the configs ask for, for benchmarks at real size
+    /// without a download: deterministic per tensor name and seed. Matrices are uniform with
+    /// standard deviation 1/sqrt(fan_in) (activations stay in range), 1-D scales and variances
+    /// are 1, biases and means 0. Images from them are noise; their timings are real.
+    Random(u64),
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> EngineError {
@@ -36,6 +50,24 @@ fn io(path: &Path, e: impl std::fmt::Display) -> EngineError {
 }
 
 impl WeightStore {
+    /// Open `dir/{stem}.safetensors` (or its shards), or a random store for [`Source::Random`].
+    pub fn open_from(
+        dir: &Path,
+        stem: &str,
+        source: Source,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        match source {
+            Source::Files => Self::open(dir, stem, device),
+            Source::Random(seed) => Ok(WeightStore {
+                shards: Vec::new(),
+                index: HashMap::new(),
+                device: device.clone(),
+                random: Some(seed),
+            }),
+        }
+    }
+
     /// Open `dir/{stem}.safetensors`, or the shards of `dir/{stem}.safetensors.index.json`.
     pub fn open(dir: &Path, stem: &str, device: &Device) -> Result<Self, EngineError> {
         let single = dir.join(format!("{stem}.safetensors"));
@@ -96,6 +128,7 @@ impl WeightStore {
             shards,
             index,
             device: device.clone(),
+            random: None,
         })
     }
 
@@ -104,7 +137,7 @@ impl WeightStore {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.random.is_some() || self.index.contains_key(name)
     }
 
     /// The stored shape of `name`, if present.
@@ -115,6 +148,9 @@ impl WeightStore {
 
     /// Read `name` as f32 values, checking its shape.
     pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
+        if let Some(seed) = self.random {
+            return Ok(random_values(seed, name, shape));
+        }
         let err = |file: &Path, message: String| EngineError::Weight {
             file: file.display().to_string(),
             tensor: name.to_owned(),
@@ -193,6 +229,32 @@ impl WeightStore {
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>, EngineError> {
         Ok(self.tensor(name, [d_out, d_in])?.transpose())
     }
+}
+
+fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if shape.len() == 1 {
+        let one = name.ends_with("running_var")
+            || (!name.ends_with("bias") && !name.ends_with("running_mean"));
+        return vec![if one { 1.0 } else { 0.0 }; n];
+    }
+    let fan_in: usize = shape[1..].iter().product();
+    // Uniform on [-a, a] has standard deviation a / sqrt(3).
+    let a = (3.0 / fan_in.max(1) as f64).sqrt() as f32;
+    // FNV-1a of the name, so every tensor differs and the same name always gives the same values.
+    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (0..n)
+        .map(|_| {
+            // xorshift64*: fast enough for billions of values, and plenty random for timing.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40; // 24 bits
+            (r as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,390 @@
+//! The engine benchmark behind `kleingate bench-engine`: per-stage times of the real pipeline
+//! stages at a given size, from a checkpoint or from random weights of the real shapes (the
+//! configs in `backends/local/configs/`, so no download is needed), plus the device memory the
+//! allocator reserved and a breakdown of one transformer step by op kind.
+//!
+//! Every timed region ends with a device sync, so queued GPU work lands on the stage that issued
+//! it. Each stage runs `warmup` times untimed (kernel compilation and autotuning happen there),
+//! then `iters` times; the median is reported.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Device, Distribution, Tensor};
+
+use crate::error::EngineError;
+use crate::nn::{lin, sdpa};
+use crate::pipeline::TEXT_OUT_LAYERS;
+use crate::sampler::{euler_step, grid_ids, pack, seeded_noise, text_ids, unpack};
+use crate::schedule::{model_timestep, Schedule};
+use crate::text_encoder::TextEncoder;
+use crate::transformer::Transformer;
+use crate::vae::Vae;
+use crate::weights::Source;
+
+/// The shipped configs of a real checkpoint, by the model name's size class.
+const PRESETS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "4b",
+        &[
+            (
+                "text_encoder",
+                include_str!("../configs/flux2-klein-4b/text_encoder/config.json"),
+            ),
+            (
+                "transformer",
+                include_str!("../configs/flux2-klein-4b/transformer/config.json"),
+            ),
+            (
+                "vae",
+                include_str!("../configs/flux2-klein-4b/vae/config.json"),
+            ),
+        ],
+    ),
+    (
+        "9b",
+        &[
+            (
+                "text_encoder",
+                include_str!("../configs/flux2-klein-9b/text_encoder/config.json"),
+            ),
+            (
+                "transformer",
+                include_str!("../configs/flux2-klein-9b/transformer/config.json"),
+            ),
+            (
+                "vae",
+                include_str!("../configs/flux2-klein-9b/vae/config.json"),
+            ),
+        ],
+    ),
+];
+
+/// Write the real configs for `model` (any klein name ending in `4b` or `9b`) into a fresh
+/// directory laid out like a checkpoint, and return it.
+pub fn preset_dir(model: &str) -> Result<PathBuf, EngineError> {
+    let (_, files) = PRESETS
+        .iter()
+        .find(|(size, _)| model.ends_with(size))
+        .ok_or_else(|| EngineError::Input(format!("no shipped configs for `{model}`")))?;
+    let root = std::env::temp_dir().join(format!("kleingate-bench-{model}-{}", std::process::id()));
+    for (part, text) in *files {
+        let dir = root.join(part);
+        std::fs::create_dir_all(&dir).map_err(|e| EngineError::io(&dir, e))?;
+        let path = dir.join("config.json");
+        std::fs::write(&path, text).map_err(|e| EngineError::io(&path, e))?;
+    }
+    Ok(root)
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchSpec {
+    pub width: usize,
+    pub height: usize,
+    /// Prompt tokens (512 in the pipeline).
+    pub seq_len: usize,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub name: &'static str,
+    pub median: Duration,
+    pub min: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct OpShare {
+    pub kind: &'static str,
+    pub time: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub stages: Vec<Stage>,
+    /// Device memory the allocator held at its highest reading (sampled after each stage);
+    /// `None` where the backend does not report it (the CPU backend).
+    pub peak_reserved_bytes: Option<u64>,
+    /// One distilled transformer step split by op kind (see [`profile_step`]).
+    pub step_ops: Vec<OpShare>,
+    /// Building the models (reading or generating the weights, uploading them).
+    pub load_time: Duration,
+}
+
+fn sync(device: &Device) -> Result<(), EngineError> {
+    device
+        .sync()
+        .map_err(|e| EngineError::Input(format!("device error: {e:?}")))
+}
+
+struct Timer<'a> {
+    device: &'a Device,
+    spec: &'a BenchSpec,
+    peak: Option<u64>,
+    progress: &'a mut dyn FnMut(&str),
+}
+
+impl Timer<'_> {
+    fn sample_memory(&mut self) {
+        if let Some(u) = self.device.memory_pool_usage() {
+            self.peak = Some(self.peak.unwrap_or(0).max(u.bytes_reserved));
+        }
+    }
+
+    fn time(
+        &mut self,
+        name: &'static str,
+        mut f: impl FnMut() -> Result<(), EngineError>,
+    ) -> Result<Stage, EngineError> {
+        (self.progress)(name);
+        for _ in 0..self.spec.warmup {
+            f()?;
+            sync(self.device)?;
+        }
+        let mut runs = Vec::with_capacity(self.spec.iters);
+        for _ in 0..self.spec.iters.max(1) {
+            sync(self.device)?;
+            let start = Instant::now();
+            f()?;
+            sync(self.device)?;
+            runs.push(start.elapsed());
+        }
+        self.sample_memory();
+        runs.sort();
+        Ok(Stage {
+            name,
+            median: runs[runs.len() / 2],
+            min: runs[0],
+        })
+    }
+}
+
+/// Load the three models from `dir`'s configs (weights from `source`) and time every stage.
+pub fn run(
+    dir: &Path,
+    source: Source,
+    spec: &BenchSpec,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, EngineError> {
+    let loading = Instant::now();
+    progress("loading");
+    let te = TextEncoder::load_from(&dir.join("text_encoder"), &TEXT_OUT_LAYERS, source, device)?;
+    let tr = Transformer::load_from(&dir.join("transformer"), source, device)?;
+    let vae = Vae::load_from(&dir.join("vae"), true, source, device)?;
+    sync(device)?;
+    let load_time = loading.elapsed();
+
+    let m = 2 * vae.config.scale_factor();
+    if spec.width == 0
+        || spec.height == 0
+        || !spec.width.is_multiple_of(m)
+        || !spec.height.is_multiple_of(m)
+    {
+        return Err(EngineError::Input(format!(
+            "width and height must be positive multiples of {m}"
+        )));
+    }
+    let (h, w) = (spec.height / m, spec.width / m);
+    let (l, c) = (spec.seq_len, tr.config.in_channels);
+    let ids: Vec<u32> = (0..l)
+        .map(|i| (i * 7919 % te.config.vocab_size) as u32)
+        .collect();
+    let mask = vec![1u32; l];
+    let txt_ids = text_ids(l);
+    let img_ids = grid_ids(0, h, w);
+    let ctx = te.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS)?;
+    let ctx2 = Tensor::cat(vec![ctx.clone(), ctx.clone()], 0);
+    let x = pack(seeded_noise(1, [1, c, h, w], device));
+    let x2 = Tensor::cat(vec![x.clone(), x.clone()], 0);
+    let t = model_timestep(1000.0, false);
+    let latents = seeded_noise(2, [1, vae.config.latent_channels, 2 * h, 2 * w], device);
+    let pixels: Tensor<4> = Tensor::random(
+        [1, 3, spec.height, spec.width],
+        Distribution::Uniform(-1.0, 1.0),
+        device,
+    );
+
+    let mut timer = Timer {
+        device,
+        spec,
+        peak: None,
+        progress,
+    };
+    timer.sample_memory();
+    let mut stages = vec![
+        timer.time("text encoder", || {
+            te.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS).map(drop)
+        })?,
+        timer.time("transformer step", || {
+            tr.forward(x.clone(), ctx.clone(), t, &txt_ids, &img_ids, None)
+                .map(drop)
+        })?,
+        timer.time("CFG step (batch 2)", || {
+            tr.forward(x2.clone(), ctx2.clone(), t, &txt_ids, &img_ids, None)
+                .map(drop)
+        })?,
+        timer.time("VAE decode", || {
+            let _ = vae.decode(latents.clone());
+            Ok(())
+        })?,
+        timer.time("VAE encode", || vae.encode(pixels.clone()).map(drop))?,
+    ];
+    // The whole distilled image as the pipeline runs it, minus tokenisation (host-side, well
+    // under a millisecond).
+    let sched = Schedule::new(4, h * w);
+    stages.push(timer.time("distilled image (4 steps)", || {
+        let ctx = te.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS)?;
+        let mut z = pack(seeded_noise(3, [1, c, h, w], device));
+        for i in 0..4 {
+            let v = tr.forward(
+                z.clone(),
+                ctx.clone(),
+                model_timestep(sched.timesteps[i], false),
+                &txt_ids,
+                &img_ids,
+                None,
+            )?;
+            z = euler_step(z, v, sched.sigmas[i], sched.sigmas[i + 1]);
+        }
+        let img = vae.decode(Vae::unpatchify(vae.denormalize(unpack(z, h, w))));
+        let _ = img.mul_scalar(0.5).add_scalar(0.5).clamp(0.0, 1.0);
+        Ok(())
+    })?);
+    let step_ops = profile_step(&tr, &mut timer, 1, l, h * w)?;
+    Ok(BenchReport {
+        stages,
+        peak_reserved_bytes: timer.peak,
+        step_ops,
+        load_time,
+    })
+}
+
+/// Where a transformer step's time goes, by op kind: every linear layer of one forward run alone
+/// at its real shape, as many times as the model has it, and attention alone at its real shape
+/// (`[B, heads, L + N, head_dim]`, once per block). A double block's text and image projections
+/// (L and N rows) are timed as one matmul of L + N rows: the same work. Modulation and the
+/// timestep MLP (one row each) are left in "other", which the caller derives as the measured step
+/// minus these two.
+fn profile_step(
+    tr: &Transformer,
+    timer: &mut Timer<'_>,
+    batch: usize,
+    text_tokens: usize,
+    image_tokens: usize,
+) -> Result<Vec<OpShare>, EngineError> {
+    let c = &tr.config;
+    let (d, m, heads, hd) = (
+        c.inner_dim(),
+        c.mlp_hidden(),
+        c.num_attention_heads,
+        c.attention_head_dim,
+    );
+    let device = timer.device.clone();
+    let tokens = text_tokens + image_tokens;
+    let (nd, ns) = (c.num_layers, c.num_single_layers);
+    // (rows, in, out, count)
+    let shapes = [
+        (text_tokens, c.joint_attention_dim, d, 1), // txt_in
+        (image_tokens, c.in_channels, d, 1),        // img_in
+        (tokens, d, 3 * d, nd),                     // double: qkv
+        (tokens, d, d, nd),                         // double: attention out
+        (tokens, d, 2 * m, nd),                     // double: SwiGLU in
+        (tokens, m, d, nd),                         // double: SwiGLU out
+        (tokens, d, 3 * d + 2 * m, ns),             // single: fused qkv + MLP in
+        (tokens, d + m, d, ns),                     // single: fused out
+        (image_tokens, d, c.out_channels(), 1),     // proj_out
+    ];
+    let mut linear_time = Duration::ZERO;
+    for (rows, din, dout, count) in shapes {
+        let x: Tensor<3> = Tensor::random([batch, rows, din], Distribution::Default, &device);
+        let wt: Tensor<2> = Tensor::random([din, dout], Distribution::Default, &device);
+        let s = timer.time("profile: linear", || {
+            let _ = lin(x.clone(), &wt);
+            Ok(())
+        })?;
+        linear_time += s.median * count as u32;
+    }
+    let q: Tensor<4> = Tensor::random([batch, heads, tokens, hd], Distribution::Default, &device);
+    let att = timer.time("profile: attention", || {
+        let _ = sdpa(q.clone(), q.clone(), q.clone(), None);
+        Ok(())
+    })?;
+    Ok(vec![
+        OpShare {
+            kind: "linear (matmul)",
+            time: linear_time,
+        },
+        OpShare {
+            kind: "attention",
+            time: att.median * (nd + ns) as u32,
+        },
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Flux2Config, Qwen3Config, VaeConfig};
+
+    /// Transformer parameters implied by a config, weight by weight as `transformer.rs` loads
+    /// them (no biases anywhere).
+    fn transformer_params(c: &Flux2Config) -> usize {
+        let (d, m, hd) = (c.inner_dim(), c.mlp_hidden(), c.attention_head_dim);
+        let embed = c.in_channels * d + c.joint_attention_dim * d;
+        let time = c.timestep_guidance_channels * d + d * d;
+        let modulation = 2 * d * 6 * d + d * 3 * d;
+        let double = 2 * (d * 3 * d + d * d + 2 * hd + d * 2 * m + m * d);
+        let single = d * (3 * d + 2 * m) + (d + m) * d + 2 * hd;
+        let out = d * 2 * d + d * c.out_channels();
+        embed + time + modulation + c.num_layers * double + c.num_single_layers * single + out
+    }
+
+    /// The shipped configs are the published checkpoints': their transformers have exactly the
+    /// parameter counts of BFL's single-file releases (flux-2-klein-4b/9b.safetensors).
+    #[test]
+    fn shipped_configs_match_the_published_parameter_counts() {
+        for (model, params, hidden) in [
+            ("flux2-klein-4b", 3_875_544_576usize, 2560),
+            ("flux2-klein-base-9b", 9_078_581_248, 4096),
+        ] {
+            let dir = preset_dir(model).unwrap();
+            let t = Flux2Config::load(&dir.join("transformer/config.json")).unwrap();
+            assert_eq!(transformer_params(&t), params, "{model}");
+            let q = Qwen3Config::load(&dir.join("text_encoder/config.json")).unwrap();
+            assert_eq!(q.hidden_size, hidden);
+            assert_eq!(t.joint_attention_dim, 3 * q.hidden_size);
+            let v = VaeConfig::load(&dir.join("vae/config.json")).unwrap();
+            assert_eq!(4 * v.latent_channels, t.in_channels);
+            assert_eq!(v.scale_factor(), 8);
+        }
+        assert!(preset_dir("flux2-klein-7b").is_err());
+    }
+
+    #[test]
+    fn random_weights_are_deterministic_and_scaled_by_fan_in() {
+        let device = Device::flex();
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/klein-tiny/pipeline/transformer");
+        let a =
+            crate::weights::WeightStore::open_from(&dir, "x", Source::Random(1), &device).unwrap();
+        let b =
+            crate::weights::WeightStore::open_from(&dir, "x", Source::Random(1), &device).unwrap();
+        let w = a.values("l.weight", &[256, 400]).unwrap();
+        assert_eq!(w, b.values("l.weight", &[256, 400]).unwrap());
+        assert_ne!(w, a.values("m.weight", &[256, 400]).unwrap());
+        let var = w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32;
+        assert!(
+            (var * 400.0 - 1.0).abs() < 0.05,
+            "variance x fan_in = {}",
+            var * 400.0
+        );
+        assert!(a.values("n.bias", &[8]).unwrap().iter().all(|&x| x == 0.0));
+        assert!(a
+            .values("norm.weight", &[8])
+            .unwrap()
+            .iter()
+            .all(|&x| x == 1.0));
+    }
+}
