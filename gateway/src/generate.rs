@@ -125,14 +125,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (width, height) = match (a.width, a.height, references.first()) {
-        (Some(w), Some(h), _) => (w, h),
-        (w, h, Some(first)) => {
-            let (rw, rh) = pipe.reference_size(first)?;
-            (w.unwrap_or(rw), h.unwrap_or(rh))
-        }
-        (w, h, None) => (w.unwrap_or(1024), h.unwrap_or(768)),
-    };
+    let (width, height) = pipe.output_size(a.width, a.height, &references)?;
     let req = Request {
         prompts: vec![a.prompt.clone()],
         width,

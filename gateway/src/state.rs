@@ -142,6 +142,7 @@ impl AppState {
                         max_sequence_length: b.max_sequence_length.unwrap_or(512),
                         safety_weights: b.safety_weights.clone(),
                         safety_threshold: b.safety_threshold.unwrap_or(0.5),
+                        limits: config.limits.clone(),
                         cost: b.cost,
                     },
                     Arc::new(EngineMetrics::new(name, &metrics)),

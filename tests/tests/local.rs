@@ -153,6 +153,29 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-kleingate-cache"), "miss");
     assert_eq!(r.bytes().await.unwrap(), edited);
+    // A size taken from a reference is held to the same bounds as a given one: this 362 x 2896
+    // reference (aspect 8, 1 MP) would make the height 2896, over max_side.
+    let tall = {
+        let img = image::RgbImage::new(362, 2896);
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        base64::engine::general_purpose::STANDARD.encode(out)
+    };
+    let r = post(
+        &gw,
+        "/generate",
+        json!({"prompt": "x", "width": 64, "input_images": [tall], "enable_safety_checker": false}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "height", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("2896"),
+        "{e}"
+    );
     // A reference the engine refuses is a 400 naming it.
     let tiny = {
         let img = image::RgbImage::new(32, 32);
@@ -333,19 +356,29 @@ async fn compatible_queued_requests_run_as_one_batch_with_unchanged_images() {
         .await
         .unwrap();
     let gw = &gw;
-    // One request occupies the engine; the four behind it queue up and share a batch.
-    let answers = futures::future::join_all((0..5u64).map(|i| async move {
-        tokio::time::sleep(Duration::from_millis(if i == 0 { 0 } else { 30 })).await;
-        let r = post(
-            gw,
-            "/generate",
-            body(10 + i),
-            &[("cache-control", "no-cache")],
-        )
-        .await;
-        (r.status().as_u16(), r.bytes().await.unwrap())
-    }))
-    .await;
+    // A slow request (base model, 30 CFG steps: seconds on this pipeline) occupies the engine;
+    // the four sent 300 ms later queue up behind it and share one batch. The margins are wide
+    // (the slow one is taken within a millisecond and runs for seconds), so this does not hang
+    // on timing.
+    let slow = async move {
+        let r = post(gw, "/flux2-klein-base-4b/generate", json!({"prompt": "slow", "seed": 1, "width": 64, "height": 64, "num_steps": 30, "guidance": 3.0, "enable_safety_checker": false}), &[]).await;
+        assert_eq!(r.status(), 200);
+    };
+    let queued = async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        futures::future::join_all((1..5u64).map(|i| async move {
+            let r = post(
+                gw,
+                "/generate",
+                body(10 + i),
+                &[("cache-control", "no-cache")],
+            )
+            .await;
+            (r.status().as_u16(), r.bytes().await.unwrap())
+        }))
+        .await
+    };
+    let ((), answers) = futures::future::join(slow, queued).await;
     assert!(answers.iter().all(|(s, _)| *s == 200));
     let m = reqwest::get(gw.url("/metrics"))
         .await
@@ -353,16 +386,16 @@ async fn compatible_queued_requests_run_as_one_batch_with_unchanged_images() {
         .text()
         .await
         .unwrap();
-    let (sum, count) = (
-        sample(&m, "kleingate_local_batch_size_sum", &[]),
-        sample(&m, "kleingate_local_batch_size_count", &[]),
-    );
-    assert!(
-        sum > count,
-        "no batch larger than one: sum {sum}, count {count}"
+    // Batches: the one alone (1), the slow one (1), the four queued ones (4).
+    assert_eq!(
+        (
+            sample(&m, "kleingate_local_batch_size_sum", &[]),
+            sample(&m, "kleingate_local_batch_size_count", &[]),
+        ),
+        (6.0, 3.0)
     );
     // Each request keeps its own seed's noise, so batching does not change its image.
-    let batched = &answers[1].1;
+    let batched = &answers[0].1;
     let (a, b) = (
         image::load_from_memory(&alone).unwrap().to_rgb8(),
         image::load_from_memory(batched).unwrap().to_rgb8(),
@@ -428,7 +461,7 @@ async fn the_safety_checker_sets_the_nsfw_header_from_its_verdict() {
             .unwrap()
             .to_rgb8();
         let verdict = checker
-            .check(&[kleingate_local::image_io::Rgb8 {
+            .check(&[&kleingate_local::image_io::Rgb8 {
                 width: img.width() as usize,
                 height: img.height() as usize,
                 data: img.into_raw(),

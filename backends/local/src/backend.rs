@@ -4,7 +4,7 @@
 //! requests, and cancellation when nobody waits for a result any more.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use burn::tensor::Tensor;
 use bytes::Bytes;
 use kleingate_backend::{Backend, BackendError, CostModel, GeneratedImage, Health};
-use kleingate_protocol::{GenerateRequest, InputImage, Model, OutputFormat};
+use kleingate_protocol::{GenerateRequest, InputImage, Limits, Model, OutputFormat};
 use tokio::sync::oneshot;
 
 use crate::error::EngineError;
@@ -40,6 +40,8 @@ pub struct LocalConfig {
     pub safety_weights: Option<String>,
     /// NSFW probability from which an image is flagged.
     pub safety_threshold: f32,
+    /// The gateway's bounds, applied to sizes the engine derives from a reference.
+    pub limits: Limits,
     pub cost: CostModel,
 }
 
@@ -52,9 +54,6 @@ pub trait EngineObserver: Send + Sync + 'static {
     fn images(&self, _model: Model, _count: usize) {}
 }
 
-pub struct NoObserver;
-impl EngineObserver for NoObserver {}
-
 #[derive(Clone, Debug)]
 enum LoadState {
     Loading,
@@ -63,10 +62,39 @@ enum LoadState {
 }
 
 struct Job {
+    /// The request without its `input_images` (decoded into `references`).
     req: GenerateRequest,
     seed: u64,
     references: Vec<Vec<u8>>,
     reply: oneshot::Sender<Result<GeneratedImage, BackendError>>,
+    slot: Arc<QueueSlot>,
+}
+
+/// One place in the bounded queue. Whoever is first to release it, the worker taking the job or
+/// the caller giving up on it (timeout, disconnect), takes it off the depth count, so jobs
+/// nobody waits for do not keep the queue full until the worker reaches them.
+struct QueueSlot {
+    released: AtomicBool,
+    depth: Arc<AtomicUsize>,
+    observer: Arc<dyn EngineObserver>,
+}
+
+impl QueueSlot {
+    fn release(&self) {
+        if !self.released.swap(true, Ordering::SeqCst) {
+            let left = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
+            self.observer.queue_depth(left);
+        }
+    }
+}
+
+/// Releases the caller's slot when `generate` returns or its future is dropped.
+struct SlotGuard(Arc<QueueSlot>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.release();
+    }
 }
 
 impl Job {
@@ -104,13 +132,14 @@ impl LocalBackend {
         let state = Arc::new(Mutex::new(LoadState::Loading));
         let depth = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel::<Job>();
-        let (st, dp, ob, c) = (state.clone(), depth.clone(), observer.clone(), cfg.clone());
+        let (st, ob, c) = (state.clone(), observer.clone(), cfg.clone());
         std::thread::Builder::new()
             .name("kleingate-engine".into())
             .spawn(move || {
                 let loaded = crate::device::by_name(&c.device).and_then(|device| {
                     let dir = crate::hub::resolve(&c.weights)?;
                     let pipe = Pipeline::load(&dir, &device)?;
+                    check_models(pipe.transformer.config.inner_dim(), &c.models)?;
                     let safety = match &c.safety_weights {
                         Some(w) => {
                             let dir = crate::hub::resolve_layout(w, &IMAGE_CLASSIFIER)?;
@@ -123,15 +152,27 @@ impl LocalBackend {
                 match loaded {
                     Ok((pipe, safety)) => {
                         *lock(&st) = LoadState::Ready;
-                        Worker {
+                        let worker = Worker {
                             pipe,
                             safety,
                             rx,
-                            depth: dp,
                             observer: ob,
                             cfg: c,
+                        };
+                        // A bug that panics must not leave a backend that looks ready but
+                        // answers nothing: it goes down with the reason, and the gateway routes
+                        // around it. (Waiting callers get "the engine dropped the request".)
+                        let run =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                        if let Err(p) = run {
+                            let why = p
+                                .downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| p.downcast_ref::<&str>().copied())
+                                .unwrap_or("unknown");
+                            *lock(&st) =
+                                LoadState::Failed(format!("the engine thread panicked: {why}"));
                         }
-                        .run();
                     }
                     Err(e) => *lock(&st) = LoadState::Failed(e.to_string()),
                 }
@@ -145,9 +186,26 @@ impl LocalBackend {
             observer,
         }
     }
+}
 
-    pub fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::SeqCst)
+/// Refuse to serve a model with the other size's weights: 4B weights answering `*-9b` requests
+/// would be a silent downgrade (and cached as 9B images). Recognised by the transformer width of
+/// the published checkpoints; other shapes (test and custom checkpoints) are the operator's call.
+fn check_models(inner_dim: usize, models: &[Model]) -> Result<(), EngineError> {
+    let size = match inner_dim {
+        3072 => "4b",
+        4096 => "9b",
+        _ => return Ok(()),
+    };
+    match models.iter().find(|m| !m.id().ends_with(size)) {
+        Some(m) => Err(EngineError::Config {
+            path: "transformer/config.json".into(),
+            message: format!(
+                "these are klein-{} weights (hidden size {inner_dim}) but the backend lists `{m}`; set `models` to the variants these weights serve",
+                size.to_uppercase()
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -239,15 +297,24 @@ impl Backend for LocalBackend {
             });
         }
         self.observer.queue_depth(waiting + 1);
+        let slot = Arc::new(QueueSlot {
+            released: AtomicBool::new(false),
+            depth: self.depth.clone(),
+            observer: self.observer.clone(),
+        });
+        let _guard = SlotGuard(slot.clone());
         let (tx, rx) = oneshot::channel();
         let job = Job {
-            req: req.clone(),
+            req: GenerateRequest {
+                input_images: Vec::new(),
+                ..req.clone()
+            },
             seed: req.seed.unwrap_or_else(rand::random),
             references,
             reply: tx,
+            slot,
         };
         if self.queue.send(job).is_err() {
-            self.depth.fetch_sub(1, Ordering::SeqCst);
             return Err(BackendError::Failed("the engine thread has stopped".into()));
         }
         // Dropping `rx` (timeout, or the client went away and this future with it) is how the
@@ -266,7 +333,6 @@ struct Worker {
     pipe: Pipeline,
     safety: Option<SafetyChecker>,
     rx: mpsc::Receiver<Job>,
-    depth: Arc<AtomicUsize>,
     observer: Arc<dyn EngineObserver>,
     cfg: LocalConfig,
 }
@@ -277,8 +343,7 @@ impl Worker {
             Some(j) => j,
             None => self.rx.recv().ok()?,
         };
-        let left = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
-        self.observer.queue_depth(left);
+        j.slot.release();
         Some(j)
     }
 
@@ -297,8 +362,7 @@ impl Worker {
                 while i < pending.len() && batch.len() < self.cfg.max_batch.max(1) {
                     if pending[i].batch_key() == Some(key) && !pending[i].reply.is_closed() {
                         let j = pending.remove(i).expect("index in range");
-                        let left = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
-                        self.observer.queue_depth(left);
+                        j.slot.release();
                         batch.push(j);
                     } else {
                         i += 1;
@@ -317,13 +381,16 @@ impl Worker {
         match self.generate(batch) {
             Ok(images) => images.into_iter().map(Ok).collect(),
             Err(e) => {
+                // Only what the client sent is the client's fault; anything else the engine
+                // hits is a failure of this backend (the gateway may try another).
                 let err = match e {
-                    EngineError::Input(m) => BackendError::InvalidRequest {
-                        field: m
-                            .strip_prefix("input image ")
-                            .and_then(|r| r.split(':').next())
-                            .map(|i| format!("input_images[{i}]")),
-                        message: m,
+                    EngineError::Reference { index, message } => BackendError::InvalidRequest {
+                        message: format!("input image {index}: {message}"),
+                        field: Some(format!("input_images[{index}]")),
+                    },
+                    EngineError::Size { field, message } => BackendError::InvalidRequest {
+                        message,
+                        field: Some(field.into()),
                     },
                     other => BackendError::Failed(other.to_string()),
                 };
@@ -348,7 +415,7 @@ impl Worker {
             return Ok(flags);
         }
         let start = std::time::Instant::now();
-        let images: Vec<Rgb8> = wanted.iter().map(|&i| rgbs[i].clone()).collect();
+        let images: Vec<&Rgb8> = wanted.iter().map(|&i| &rgbs[i]).collect();
         for (&i, v) in wanted.iter().zip(checker.check(&images)?) {
             flags[i] = v.nsfw;
         }
@@ -356,23 +423,45 @@ impl Worker {
         Ok(flags)
     }
 
+    /// A size taken from a reference has not been through the gateway's validation: hold it to
+    /// the same bounds (an explicit 2048 beside a tall reference can exceed them).
+    fn check_derived_size(&self, w: usize, h: usize) -> Result<(), EngineError> {
+        let l = &self.cfg.limits;
+        for (field, side) in [("width", w), ("height", h)] {
+            if side > l.max_side as usize {
+                return Err(EngineError::Size {
+                    field,
+                    message: format!(
+                        "`{field}` taken from the first input image is {side}; at most {} is allowed: set `{field}`",
+                        l.max_side
+                    ),
+                });
+            }
+        }
+        if (w * h) as u64 > l.max_pixels {
+            return Err(EngineError::Size {
+                field: "width",
+                message: format!(
+                    "{w}x{h} (with the size taken from the first input image) is {} pixels; at most {} are allowed",
+                    w * h,
+                    l.max_pixels
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn generate(&self, batch: &[Job]) -> Result<Vec<GeneratedImage>, EngineError> {
         let r0 = &batch[0].req;
         let m = self.pipe.size_multiple();
         let c = self.pipe.transformer.config.in_channels;
-        let (mut w, mut h) = (r0.width as usize, r0.height as usize);
-        // A side the client left open on an editing request is the first reference's (after
-        // the reference preparation), as in the reference pipeline.
-        if let Some(first) = batch[0].references.first() {
-            if !r0.width_given || !r0.height_given {
-                let (rw, rh) = self.pipe.reference_size(first)?;
-                if !r0.width_given {
-                    w = rw;
-                }
-                if !r0.height_given {
-                    h = rh;
-                }
-            }
+        let (w, h) = self.pipe.output_size(
+            r0.width_given.then_some(r0.width as usize),
+            r0.height_given.then_some(r0.height as usize),
+            &batch[0].references,
+        )?;
+        if !r0.width_given || !r0.height_given {
+            self.check_derived_size(w, h)?;
         }
         let device = &self.pipe.device;
         // One noise tensor per request from its own seed: batching never changes an image's noise.
@@ -407,11 +496,10 @@ impl Worker {
             self.observer.stage("step", *s);
         }
         self.observer.stage("vae_decode", t.vae_decode);
-        let values = out
-            .images
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| EngineError::Input(format!("reading the image back failed: {e:?}")))?;
+        let values =
+            out.images.into_data().try_to_vec::<f32>().map_err(|e| {
+                EngineError::Device(format!("reading the image back failed: {e:?}"))
+            })?;
         let per = h * w * 3;
         let rgbs: Vec<Rgb8> = (0..batch.len())
             .map(|i| Rgb8::from_unit_floats(&values[i * per..(i + 1) * per], w, h))
@@ -429,5 +517,49 @@ impl Worker {
         }
         self.observer.images(r0.model, images.len());
         Ok(images)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_slot_is_released_once_by_whoever_is_first() {
+        let depth = Arc::new(AtomicUsize::new(2));
+        let slot = |depth: &Arc<AtomicUsize>| {
+            Arc::new(QueueSlot {
+                released: AtomicBool::new(false),
+                depth: depth.clone(),
+                observer: Arc::new(NoMetrics),
+            })
+        };
+        // The caller gives up first (its future is dropped): the job stops counting at once,
+        // and the worker reaching it later does not count it again.
+        let gave_up = slot(&depth);
+        drop(SlotGuard(gave_up.clone()));
+        assert_eq!(depth.load(Ordering::SeqCst), 1);
+        gave_up.release();
+        assert_eq!(depth.load(Ordering::SeqCst), 1);
+        // The worker takes it first: the caller's guard, dropped when the answer arrives, does
+        // nothing more.
+        let taken = slot(&depth);
+        taken.release();
+        drop(SlotGuard(taken));
+        assert_eq!(depth.load(Ordering::SeqCst), 0);
+    }
+
+    struct NoMetrics;
+    impl EngineObserver for NoMetrics {}
+
+    #[test]
+    fn weights_of_one_size_do_not_serve_the_other() {
+        assert!(check_models(3072, &[Model::Klein4b, Model::KleinBase4b]).is_ok());
+        let e = check_models(3072, &[Model::Klein4b, Model::Klein9b]).unwrap_err();
+        assert!(e.to_string().contains("flux2-klein-9b"), "{e}");
+        assert!(check_models(4096, &[Model::KleinBase4b]).is_err());
+        assert!(check_models(4096, &[Model::Klein9b, Model::KleinBase9b]).is_ok());
+        // Shapes of no published checkpoint: the operator decides.
+        assert!(check_models(32, &Model::ALL).is_ok());
     }
 }

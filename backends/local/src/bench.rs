@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Distribution, Tensor};
 
+use crate::config::VaeConfig;
 use crate::error::EngineError;
 use crate::nn::{lin, sdpa};
 use crate::pipeline::TEXT_OUT_LAYERS;
@@ -115,7 +116,7 @@ pub struct BenchReport {
 fn sync(device: &Device) -> Result<(), EngineError> {
     device
         .sync()
-        .map_err(|e| EngineError::Input(format!("device error: {e:?}")))
+        .map_err(|e| EngineError::Device(format!("{e:?}")))
 }
 
 struct Timer<'a> {
@@ -168,15 +169,8 @@ pub fn run(
     device: &Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, EngineError> {
-    let loading = Instant::now();
-    progress("loading");
-    let te = TextEncoder::load_from(&dir.join("text_encoder"), &TEXT_OUT_LAYERS, source, device)?;
-    let tr = Transformer::load_from(&dir.join("transformer"), source, device)?;
-    let vae = Vae::load_from(&dir.join("vae"), true, source, device)?;
-    sync(device)?;
-    let load_time = loading.elapsed();
-
-    let m = 2 * vae.config.scale_factor();
+    // Check the size before building a model that can take minutes and tens of GB.
+    let m = 2 * VaeConfig::load(&dir.join("vae/config.json"))?.scale_factor();
     if spec.width == 0
         || spec.height == 0
         || !spec.width.is_multiple_of(m)
@@ -186,6 +180,13 @@ pub fn run(
             "width and height must be positive multiples of {m}"
         )));
     }
+    let loading = Instant::now();
+    progress("loading");
+    let te = TextEncoder::load_from(&dir.join("text_encoder"), &TEXT_OUT_LAYERS, source, device)?;
+    let tr = Transformer::load_from(&dir.join("transformer"), source, device)?;
+    let vae = Vae::load_from(&dir.join("vae"), true, source, device)?;
+    sync(device)?;
+    let load_time = loading.elapsed();
     let (h, w) = (spec.height / m, spec.width / m);
     let (l, c) = (spec.seq_len, tr.config.in_channels);
     let ids: Vec<u32> = (0..l)
@@ -326,7 +327,7 @@ fn profile_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Flux2Config, Qwen3Config, VaeConfig};
+    use crate::config::{Flux2Config, Qwen3Config};
 
     /// Transformer parameters implied by a config, weight by weight as `transformer.rs` loads
     /// them (no biases anywhere).

@@ -20,6 +20,19 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("invalid input: {0}")]
     Input(String),
+    /// A reference image the engine refuses (undecodable, too small, too elongated): the
+    /// client's fault, reported per image.
+    #[error("input image {index}: {message}")]
+    Reference { index: usize, message: String },
+    /// An output size (derived by the engine) outside the allowed bounds.
+    #[error("{message}")]
+    Size {
+        field: &'static str,
+        message: String,
+    },
+    /// The device or a read-back from it failed.
+    #[error("device: {0}")]
+    Device(String),
     #[error("cancelled: nobody is waiting for the result any more")]
     Cancelled,
 }

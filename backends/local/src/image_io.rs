@@ -53,7 +53,7 @@ impl Rgb8 {
     pub fn encode(&self, format: Format, quality: u8) -> Result<Vec<u8>, EngineError> {
         let (w, h) = (self.width as u32, self.height as u32);
         let enc_err =
-            |e: &dyn std::fmt::Display| EngineError::Input(format!("image encoding failed: {e}"));
+            |e: &dyn std::fmt::Display| EngineError::Device(format!("image encoding failed: {e}"));
         let mut out = Vec::new();
         match format {
             Format::Png => PngEncoder::new_with_quality(

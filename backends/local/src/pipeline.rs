@@ -83,11 +83,22 @@ impl Pipeline {
         2 * self.vae.config.scale_factor()
     }
 
-    /// The output size a request with references gets when it leaves the size open: the size of
-    /// the first reference after preprocessing, as in the reference pipeline.
-    pub fn reference_size(&self, first: &[u8]) -> Result<(usize, usize), EngineError> {
-        let p = reference::prepare(first, 0, self.size_multiple(), &self.device)?;
-        Ok((p.width, p.height))
+    /// The output size of a request: a side left open is the first reference's (after its
+    /// preparation), as in the reference pipeline, or 1024 x 768 without references.
+    pub fn output_size(
+        &self,
+        width: Option<usize>,
+        height: Option<usize>,
+        references: &[Vec<u8>],
+    ) -> Result<(usize, usize), EngineError> {
+        match (width, height, references.first()) {
+            (Some(w), Some(h), _) => Ok((w, h)),
+            (w, h, Some(first)) => {
+                let p = reference::prepare(first, 0, self.size_multiple(), &self.device)?;
+                Ok((w.unwrap_or(p.width), h.unwrap_or(p.height)))
+            }
+            (w, h, None) => Ok((w.unwrap_or(1024), h.unwrap_or(768))),
+        }
     }
 
     /// Prepare and encode the references: their tokens `(1, sum h_k w_k, C)` and position ids.

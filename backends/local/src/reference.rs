@@ -22,7 +22,10 @@ pub struct Prepared {
 }
 
 fn bad(index: usize, msg: impl std::fmt::Display) -> EngineError {
-    EngineError::Input(format!("input image {index}: {msg}"))
+    EngineError::Reference {
+        index,
+        message: msg.to_string(),
+    }
 }
 
 /// Prepare the encoded image `bytes` (reference number `index`, for error messages).

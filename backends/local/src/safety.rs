@@ -59,14 +59,13 @@ impl Linear {
         name: &str,
         d: usize,
         bias: bool,
-        device: &Device,
     ) -> Result<Self, EngineError> {
         if bias {
             Self::load(w, name, d, d)
         } else {
             Ok(Linear {
                 w: w.linear(&format!("{name}.weight"), d, d)?,
-                b: Tensor::zeros([d], device),
+                b: Tensor::zeros([d], w.device()),
             })
         }
     }
@@ -184,7 +183,7 @@ impl SafetyChecker {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let l = |part: &str| names::layer(i, part);
-            let qkv = |part: &str| Linear::load_opt_bias(&w, &l(part), h, config.qkv_bias, device);
+            let qkv = |part: &str| Linear::load_opt_bias(&w, &l(part), h, config.qkv_bias);
             layers.push(Layer {
                 norm_before: Norm::load(&w, &l("layernorm_before"), h, eps)?,
                 q: qkv("attention.attention.query")?,
@@ -290,7 +289,7 @@ impl SafetyChecker {
     }
 
     /// Classify images (any size; each is resized to the model's input).
-    pub fn check(&self, images: &[Rgb8]) -> Result<Vec<Verdict>, EngineError> {
+    pub fn check(&self, images: &[&Rgb8]) -> Result<Vec<Verdict>, EngineError> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
@@ -303,7 +302,7 @@ impl SafetyChecker {
         let values = probs
             .into_data()
             .try_to_vec::<f32>()
-            .map_err(|e| EngineError::Input(format!("reading the classifier output: {e:?}")))?;
+            .map_err(|e| EngineError::Device(format!("reading the classifier output: {e:?}")))?;
         Ok(values
             .chunks(k)
             .map(|row| {

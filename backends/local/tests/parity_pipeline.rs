@@ -108,7 +108,7 @@ fn text_to_image_matches_the_reference() {
         }
         if j["width_arg"].is_null() {
             assert_eq!(
-                pipe.reference_size(&req.references[0]).unwrap(),
+                pipe.output_size(None, None, &req.references).unwrap(),
                 (req.width, req.height)
             );
         }

@@ -125,7 +125,8 @@ fn verdicts_match_the_reference() {
     let device = Device::flex();
     let checker = SafetyChecker::load(&dir(), 0.5, &device).unwrap();
     let f = Fixture::load();
-    let verdicts = checker.check(&f.images()).unwrap();
+    let images = f.images();
+    let verdicts = checker.check(&images.iter().collect::<Vec<_>>()).unwrap();
     let flags: Vec<bool> = verdicts.iter().map(|v| v.nsfw).collect();
     let want: Vec<bool> = f.json["nsfw"]
         .as_array()
@@ -143,7 +144,11 @@ fn verdicts_match_the_reference() {
     }
     // The threshold is the probability from which an image is flagged.
     let strict = SafetyChecker::load(&dir(), 0.99, &device).unwrap();
-    assert!(strict.check(&f.images()).unwrap().iter().all(|v| !v.nsfw));
+    assert!(strict
+        .check(&images.iter().collect::<Vec<_>>())
+        .unwrap()
+        .iter()
+        .all(|v| !v.nsfw));
 }
 
 fn copy_fixture(name: &str) -> PathBuf {
