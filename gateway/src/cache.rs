@@ -22,6 +22,8 @@ pub struct CachedImage {
     pub backend: Arc<str>,
     /// Time spent waiting on backends to produce it (for the overhead metric).
     pub backend_time: Duration,
+    /// What producing it cost (measured by the backend, else its estimate; 0 when unknown).
+    pub cost_usd: f64,
 }
 
 /// Per-entry bookkeeping charged on top of the image bytes, so that many tiny images cannot

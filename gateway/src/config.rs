@@ -309,6 +309,12 @@ impl Config {
             if b.timeout_secs <= 0.0 || b.connect_timeout_secs <= 0.0 {
                 return bad(format!("backends.{name}: timeouts must be positive"));
             }
+            if let Err(e) = b.cost.validate() {
+                return bad(format!("backends.{name}.cost: {e}"));
+            }
+            if b.kind != BackendKind::Local && b.cost.gpu_hour_usd > 0.0 {
+                return bad(format!("backends.{name}.cost: gpu_hour_usd is for kind \"local\" (a verda backend is priced per image)"));
+            }
             if b.kind == BackendKind::Verda && b.base_url.is_none() {
                 return bad(format!("backends.{name}: kind \"verda\" needs base_url"));
             }

@@ -117,10 +117,20 @@ pub async fn dispatch(
         match result {
             Ok(image) => {
                 ticket.success();
+                let cost_usd = image
+                    .cost_usd
+                    .or_else(|| slot.backend.cost_estimate(req))
+                    .unwrap_or(0.0);
+                state
+                    .metrics
+                    .cost_usd
+                    .with_label_values(&[&*slot.name, model])
+                    .inc_by(cost_usd);
                 return Ok(CachedImage {
                     image,
                     backend: slot.name.clone(),
                     backend_time,
+                    cost_usd,
                 });
             }
             Err(e) if !e.should_fall_back() => {

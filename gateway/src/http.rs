@@ -26,6 +26,7 @@ use crate::state::AppState;
 
 pub const BACKEND_HEADER: &str = "x-kleingate-backend";
 pub const CACHE_HEADER: &str = "x-kleingate-cache";
+pub const COST_HEADER: &str = "x-kleingate-cost";
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -75,6 +76,8 @@ struct Outcome {
     model: &'static str,
     backend: Option<Arc<str>>,
     cache: &'static str,
+    /// What this request made a backend spend: 0 for cache hits, coalesced waits and errors.
+    cost_usd: f64,
 }
 
 async fn generate_for_model(
@@ -95,6 +98,7 @@ async fn generate_for_model(
                     model: "unknown",
                     backend: None,
                     cache: "none",
+                    cost_usd: 0.0,
                 },
                 Instant::now(),
             )
@@ -122,6 +126,7 @@ async fn handle(
         model: path_model.map_or("unknown", Model::id),
         backend: None,
         cache: "none",
+        cost_usd: 0.0,
     };
     let resp = match generate(&state, path_model, &headers, body, start, &mut outcome).await {
         Ok(r) => r,
@@ -142,6 +147,9 @@ fn finish(state: &AppState, mut resp: Response, outcome: Outcome, start: Instant
         h.insert(BACKEND_HEADER, v);
     }
     h.insert(CACHE_HEADER, HeaderValue::from_static(outcome.cache));
+    if let Ok(v) = HeaderValue::from_str(&format!("{:.6}", outcome.cost_usd)) {
+        h.insert(COST_HEADER, v);
+    }
     let m = &state.metrics;
     m.requests
         .with_label_values(&[
@@ -266,6 +274,9 @@ async fn generate(
     };
     outcome.cache = label;
     outcome.backend = Some(served.backend.clone());
+    if label != "coalesced" {
+        outcome.cost_usd = served.cost_usd;
+    }
     let resp = image_response(&req, &served);
     if label != "coalesced" {
         // A coalesced request waited on someone else's backend call; its wait is not ours to time.

@@ -3,8 +3,8 @@
 //! scanner or a typo cannot mint new series.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Seconds-long image work: 50 ms to 2 minutes.
@@ -36,6 +36,7 @@ pub struct Metrics {
     pub local_batch_size: HistogramVec,
     pub local_stage_seconds: HistogramVec,
     pub local_images: IntCounterVec,
+    pub cost_usd: CounterVec,
 }
 
 impl Metrics {
@@ -161,8 +162,17 @@ impl Metrics {
             &["backend", "model"],
         )
         .expect("metric");
+        let cost_usd = CounterVec::new(
+            Opts::new(
+                "kleingate_cost_usd_total",
+                "Estimated or measured USD spent on backend generations (cache hits and coalesced requests cost nothing)",
+            ),
+            &["backend", "model"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cost_usd.clone()),
             Box::new(request_duration.clone()),
             Box::new(backend_duration.clone()),
             Box::new(overhead.clone()),
@@ -203,6 +213,7 @@ impl Metrics {
             local_batch_size,
             local_stage_seconds,
             local_images,
+            cost_usd,
         }
     }
 

@@ -123,7 +123,7 @@ impl AppState {
                             models: b.models.clone(),
                             connect_timeout: Duration::from_secs_f64(b.connect_timeout_secs),
                             max_response_bytes: b.max_response_bytes,
-                            cost: b.cost,
+                            cost: b.cost.clone(),
                             pool_max_idle: b.max_concurrency,
                         })
                         .map_err(|e| BuildError::Backend {
@@ -143,7 +143,7 @@ impl AppState {
                         safety_weights: b.safety_weights.clone(),
                         safety_threshold: b.safety_threshold.unwrap_or(0.5),
                         limits: config.limits.clone(),
-                        cost: b.cost,
+                        cost: b.cost.clone(),
                     },
                     Arc::new(EngineMetrics::new(name, &metrics)),
                 )),

@@ -916,3 +916,85 @@ async fn graceful_shutdown_drains_in_flight_requests() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn every_answer_carries_its_cost_and_the_counter_adds_up() {
+    let fake = FakeVerda::start().await;
+    // Example prices (USD): a default price and a per-model one for 9B.
+    let priced = backend(
+        "verda",
+        &fake,
+        "[backends.verda.cost]\nper_image_usd = 0.002\nper_megapixel_step_usd = 0.0005\n[backends.verda.cost.models.flux2-klein-9b]\nper_image_usd = 0.01\n",
+    );
+    let gw = Gateway::start(&priced).await;
+    let cost = |r: &reqwest::Response| header(r, "x-kleingate-cost").parse::<f64>().unwrap();
+    // 1024 x 768 = 0.786432 MP, 4 steps: 0.002 + 0.0005 * 0.786432 * 4.
+    let want_4b = 0.002 + 0.0005 * 0.786_432 * 4.0;
+    let r = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "x", "seed": 1}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!((cost(&r) - want_4b).abs() < 1e-6, "{}", cost(&r));
+    let r = post(
+        &gw,
+        "/flux2-klein-9b/generate",
+        json!({"prompt": "x", "seed": 1}),
+    )
+    .await;
+    assert!((cost(&r) - 0.01).abs() < 1e-9);
+    // A cache hit and an error cost nothing, and say so.
+    let r = post(
+        &gw,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "x", "seed": 1}),
+    )
+    .await;
+    assert_eq!(header(&r, "x-kleingate-cache"), "hit");
+    assert_eq!(cost(&r), 0.0);
+    let r = post(&gw, "/generate", json!({"prompt": ""})).await;
+    assert_eq!((r.status().as_u16(), cost(&r)), (400, 0.0));
+    let m = metrics(&gw).await;
+    let spent = |m: &str, backend: &str, model: &str| {
+        sample(
+            m,
+            "kleingate_cost_usd_total",
+            &[("backend", backend), ("model", model)],
+        )
+    };
+    assert!((spent(&m, "verda", "flux2-klein-4b") - want_4b).abs() < 1e-9);
+    assert!((spent(&m, "verda", "flux2-klein-9b") - 0.01).abs() < 1e-9);
+
+    // A gateway in front of this one, without prices of its own, takes the cost the inner
+    // kleingate reports (a GPU worker's measured cost reaches the front).
+    let outer = Gateway::start(&format!(
+        "[backends.gpu]\nkind = \"verda\"\nbase_url = \"http://{}\"\napi_key_env = \"KLEINGATE_TEST_NO_SUCH_VAR\"\n",
+        gw.addr
+    ))
+    .await;
+    let r = post(
+        &outer,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "y", "seed": 2}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!((cost(&r) - want_4b).abs() < 1e-6, "{}", cost(&r));
+    let m = metrics(&outer).await;
+    assert!((spent(&m, "gpu", "flux2-klein-4b") - want_4b).abs() < 1e-6);
+
+    // Prices are checked at start-up.
+    for bad in ["per_image_usd = -1.0", "gpu_hour_usd = 2.0"] {
+        let f = format!(
+            "{}[backends.verda.cost]\n{bad}\n",
+            backend("verda", &fake, "")
+        );
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, f.as_bytes()).unwrap();
+        let e =
+            kleingate_gateway::Config::load_with_env(Some(file.path()), Some(Default::default()));
+        assert!(e.is_err(), "{bad} was accepted");
+    }
+}

@@ -492,3 +492,33 @@ async fn the_safety_checker_sets_the_nsfw_header_from_its_verdict() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_local_engine_charges_its_measured_device_time() {
+    // 3600 USD per device-hour = 1 USD per device-second: the header is the seconds per image.
+    let gw = Gateway::start(&local("[backends.local.cost]\ngpu_hour_usd = 3600.0")).await;
+    wait_ready(&gw, "local").await;
+    let body = |seed: u64| json!({"prompt": "a fox", "seed": seed, "width": 64, "height": 64, "enable_safety_checker": false});
+    let started = Instant::now();
+    let r = post(&gw, "/generate", body(1), &[]).await;
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(r.status(), 200);
+    let cost: f64 = header(&r, "x-kleingate-cost").parse().unwrap();
+    // Device time is part of the request's wall time, and not nothing.
+    assert!(
+        cost > 0.0 && cost <= wall,
+        "cost {cost} for a {wall} s request"
+    );
+    let m = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let spent = sample(
+        &m,
+        "kleingate_cost_usd_total",
+        &[("backend", "local"), ("model", "flux2-klein-4b")],
+    );
+    assert!((spent - cost).abs() < 1e-5, "{spent} vs {cost}");
+}

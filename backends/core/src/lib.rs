@@ -19,6 +19,9 @@ pub struct GeneratedImage {
     /// The seed used; `None` only when an upstream did not report one (then it is not cached).
     pub seed: Option<u64>,
     pub has_nsfw_content: bool,
+    /// What this image cost, when the backend measured it (the local engine: device time at its
+    /// hourly price). Otherwise the gateway uses the backend's estimate.
+    pub cost_usd: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -100,27 +103,86 @@ pub enum Health {
     },
 }
 
-/// A price list: USD per image = `per_image + per_megapixel * MP + per_megapixel_step * MP * steps`.
-/// All zero means "unknown", and then no estimate is given.
+/// One price: USD per image = `per_image + per_megapixel * MP + per_megapixel_step * MP * steps`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct CostModel {
+pub struct Price {
     pub per_image_usd: f64,
     pub per_megapixel_usd: f64,
     pub per_megapixel_step_usd: f64,
 }
 
+impl Price {
+    pub fn is_zero(&self) -> bool {
+        *self == Price::default()
+    }
+
+    pub fn of(&self, megapixels: f64, steps: u32) -> f64 {
+        self.per_image_usd
+            + self.per_megapixel_usd * megapixels
+            + self.per_megapixel_step_usd * megapixels * f64::from(steps)
+    }
+}
+
+/// What a backend's images cost: a price list (a default price plus per-model prices), and for
+/// the local engine the price of a device-hour, charged by the device time each image took.
+/// Nothing configured means "unknown" and no estimate is given.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostModel {
+    pub per_image_usd: f64,
+    pub per_megapixel_usd: f64,
+    pub per_megapixel_step_usd: f64,
+    /// Prices that replace the default one for a model.
+    pub models: std::collections::BTreeMap<Model, Price>,
+    /// local: USD per device-hour (GPU rental or amortised hardware + power).
+    pub gpu_hour_usd: f64,
+}
+
 impl CostModel {
-    pub fn estimate(&self, req: &GenerateRequest) -> Option<f64> {
-        if *self == CostModel::default() {
-            return None;
+    fn default_price(&self) -> Price {
+        Price {
+            per_image_usd: self.per_image_usd,
+            per_megapixel_usd: self.per_megapixel_usd,
+            per_megapixel_step_usd: self.per_megapixel_step_usd,
         }
-        let mp = req.megapixels();
-        Some(
-            self.per_image_usd
-                + self.per_megapixel_usd * mp
-                + self.per_megapixel_step_usd * mp * f64::from(req.num_steps),
-        )
+    }
+
+    /// The price list's figure for `req`, `None` when it has no price for that model.
+    pub fn estimate(&self, req: &GenerateRequest) -> Option<f64> {
+        let price = self
+            .models
+            .get(&req.model)
+            .copied()
+            .unwrap_or_else(|| self.default_price());
+        (!price.is_zero()).then(|| price.of(req.megapixels(), req.num_steps))
+    }
+
+    /// The cost of `device_time` at `gpu_hour_usd`; `None` when no hourly price is set.
+    pub fn device_time(&self, device_time: Duration) -> Option<f64> {
+        (self.gpu_hour_usd > 0.0).then(|| self.gpu_hour_usd * device_time.as_secs_f64() / 3600.0)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let prices = std::iter::once(self.default_price()).chain(self.models.values().copied());
+        for p in prices {
+            for v in [
+                p.per_image_usd,
+                p.per_megapixel_usd,
+                p.per_megapixel_step_usd,
+            ] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(format!("prices must be finite and >= 0; got {v}"));
+                }
+            }
+        }
+        if !(self.gpu_hour_usd.is_finite() && self.gpu_hour_usd >= 0.0) {
+            return Err(format!(
+                "gpu_hour_usd must be finite and >= 0; got {}",
+                self.gpu_hour_usd
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -158,4 +220,55 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Estimated price of this request in USD, when known.
     fn cost_estimate(&self, req: &GenerateRequest) -> Option<f64>;
+}
+
+#[cfg(test)]
+mod cost_tests {
+    use super::*;
+    use kleingate_protocol::Limits;
+
+    fn req(json: &str) -> GenerateRequest {
+        GenerateRequest::from_json(json.as_bytes(), None, Model::Klein4b, &Limits::default())
+            .unwrap()
+    }
+
+    #[test]
+    fn prices_follow_model_megapixels_and_steps() {
+        let mut c = CostModel {
+            per_image_usd: 0.001,
+            per_megapixel_step_usd: 0.01,
+            ..CostModel::default()
+        };
+        c.models.insert(
+            Model::KleinBase9b,
+            Price {
+                per_megapixel_usd: 0.5,
+                ..Price::default()
+            },
+        );
+        // 512 x 512 = 0.262144 MP.
+        let small = req(r#"{"prompt":"x","width":512,"height":512}"#);
+        assert!((c.estimate(&small).unwrap() - (0.001 + 0.01 * 0.262144 * 4.0)).abs() < 1e-12);
+        let base = req(
+            r#"{"prompt":"x","model":"flux2-klein-base-9b","width":512,"height":512,"num_steps":30}"#,
+        );
+        assert!((c.estimate(&base).unwrap() - 0.5 * 0.262144).abs() < 1e-12);
+        assert_eq!(CostModel::default().estimate(&small), None);
+        // Device time at an hourly price.
+        let local = CostModel {
+            gpu_hour_usd: 7.2,
+            ..CostModel::default()
+        };
+        assert!((local.device_time(Duration::from_millis(500)).unwrap() - 0.001).abs() < 1e-12);
+        assert_eq!(
+            CostModel::default().device_time(Duration::from_secs(1)),
+            None
+        );
+        assert!(CostModel {
+            per_image_usd: f64::NAN,
+            ..CostModel::default()
+        }
+        .validate()
+        .is_err());
+    }
 }

@@ -116,6 +116,8 @@ impl Job {
 
 pub struct LocalBackend {
     cfg: LocalConfig,
+    /// Measured device seconds per megapixel-step (smoothed), for cost estimates before a run.
+    throughput: Arc<Mutex<Option<f64>>>,
     state: Arc<Mutex<LoadState>>,
     queue: mpsc::Sender<Job>,
     depth: Arc<AtomicUsize>,
@@ -132,7 +134,13 @@ impl LocalBackend {
         let state = Arc::new(Mutex::new(LoadState::Loading));
         let depth = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel::<Job>();
-        let (st, ob, c) = (state.clone(), observer.clone(), cfg.clone());
+        let throughput = Arc::new(Mutex::new(None));
+        let (st, ob, c, tp) = (
+            state.clone(),
+            observer.clone(),
+            cfg.clone(),
+            throughput.clone(),
+        );
         std::thread::Builder::new()
             .name("kleingate-engine".into())
             .spawn(move || {
@@ -158,6 +166,7 @@ impl LocalBackend {
                             rx,
                             observer: ob,
                             cfg: c,
+                            throughput: tp,
                         };
                         // A bug that panics must not leave a backend that looks ready but
                         // answers nothing: it goes down with the reason, and the gateway routes
@@ -180,6 +189,7 @@ impl LocalBackend {
             .expect("spawning the engine thread");
         LocalBackend {
             cfg,
+            throughput,
             state,
             queue: tx,
             depth,
@@ -241,8 +251,14 @@ impl Backend for LocalBackend {
         }
     }
 
+    /// A configured price list wins; otherwise the device-hour price times the device time this
+    /// request should take at the throughput measured so far (none before the first run).
     fn cost_estimate(&self, req: &GenerateRequest) -> Option<f64> {
-        self.cfg.cost.estimate(req)
+        self.cfg.cost.estimate(req).or_else(|| {
+            let per_mp_step = (*lock(&self.throughput))?;
+            let seconds = per_mp_step * req.megapixels() * f64::from(req.num_steps.max(1));
+            self.cfg.cost.device_time(Duration::from_secs_f64(seconds))
+        })
     }
 
     async fn generate(
@@ -335,6 +351,7 @@ struct Worker {
     rx: mpsc::Receiver<Job>,
     observer: Arc<dyn EngineObserver>,
     cfg: LocalConfig,
+    throughput: Arc<Mutex<Option<f64>>>,
 }
 
 impl Worker {
@@ -464,6 +481,7 @@ impl Worker {
             self.check_derived_size(w, h)?;
         }
         let device = &self.pipe.device;
+        let started = std::time::Instant::now();
         // One noise tensor per request from its own seed: batching never changes an image's noise.
         let noise = Tensor::cat(
             batch
@@ -505,6 +523,16 @@ impl Worker {
             .map(|i| Rgb8::from_unit_floats(&values[i * per..(i + 1) * per], w, h))
             .collect();
         let flags = self.safety_flags(batch, &rgbs)?;
+        // Device time is shared equally by the batch; it also updates the measured throughput
+        // the estimates use.
+        let per_image = started.elapsed() / batch.len() as u32;
+        let mp_steps = (w * h) as f64 / 1e6 * req.steps.max(1) as f64;
+        {
+            let sample = per_image.as_secs_f64() / mp_steps;
+            let mut tp = lock(&self.throughput);
+            *tp = Some(tp.map_or(sample, |old| 0.8 * old + 0.2 * sample));
+        }
+        let cost_usd = self.cfg.cost.device_time(per_image);
         let mut images = Vec::with_capacity(batch.len());
         for ((job, rgb), has_nsfw_content) in batch.iter().zip(&rgbs).zip(flags) {
             let bytes = rgb.encode(to_format(job.req.output_format), job.req.output_quality)?;
@@ -513,6 +541,7 @@ impl Worker {
                 format: job.req.output_format,
                 seed: Some(job.seed),
                 has_nsfw_content,
+                cost_usd,
             });
         }
         self.observer.images(r0.model, images.len());

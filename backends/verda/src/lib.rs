@@ -292,6 +292,7 @@ fn parse_success(
         format,
         seed,
         has_nsfw_content,
+        cost_usd: upstream_cost(headers),
     })
 }
 
@@ -367,7 +368,18 @@ fn parse_json_success(req: &GenerateRequest, body: &[u8]) -> Result<GeneratedIma
         format,
         seed,
         has_nsfw_content: nsfw,
+        cost_usd: None,
     })
+}
+
+/// Another kleingate upstream (a GPU worker running the local engine) reports what the image
+/// cost it in `X-Kleingate-Cost`; that measured figure beats our price-list estimate.
+fn upstream_cost(headers: &HeaderMap) -> Option<f64> {
+    headers
+        .get("x-kleingate-cost")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|c| c.is_finite() && *c >= 0.0)
 }
 
 #[cfg(test)]
