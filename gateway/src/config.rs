@@ -79,6 +79,9 @@ pub enum Policy {
     Priority,
     /// A weighted random first choice; the others follow by descending weight as fallbacks.
     Weighted,
+    /// The cheapest healthy backend whose observed p95 latency meets its objective; ties broken
+    /// by load. The others follow in the same order as fallbacks.
+    Cost,
 }
 
 /// What to do with a request that asks for the safety checker (the default).
@@ -98,6 +101,9 @@ pub struct RoutingConfig {
     pub order: Vec<String>,
     pub allow_backend_header: bool,
     pub safety: SafetyPolicy,
+    /// For `policy = "cost"`: recent successful latencies kept per backend and model, from which
+    /// the p95 is taken.
+    pub latency_window: usize,
 }
 
 impl Default for RoutingConfig {
@@ -107,6 +113,7 @@ impl Default for RoutingConfig {
             order: Vec::new(),
             allow_backend_header: true,
             safety: SafetyPolicy::Require,
+            latency_window: 100,
         }
     }
 }
@@ -183,6 +190,9 @@ pub struct BackendConfig {
     /// repo id, e.g. `Falconsai/nsfw_image_detection`). Without it the backend cannot check.
     #[serde(default)]
     pub safety_weights: Option<String>,
+    /// For `policy = "cost"`: the p95 latency (seconds) this backend must keep to be preferred.
+    #[serde(default)]
+    pub latency_objective_secs: Option<f64>,
     /// local: NSFW probability from which an image is flagged (default 0.5).
     #[serde(default)]
     pub safety_threshold: Option<f32>,
@@ -308,6 +318,13 @@ impl Config {
             }
             if b.timeout_secs <= 0.0 || b.connect_timeout_secs <= 0.0 {
                 return bad(format!("backends.{name}: timeouts must be positive"));
+            }
+            if b.latency_objective_secs
+                .is_some_and(|s| !(s > 0.0 && s.is_finite()))
+            {
+                return bad(format!(
+                    "backends.{name}: latency_objective_secs must be a positive number of seconds"
+                ));
             }
             if let Err(e) = b.cost.validate() {
                 return bad(format!("backends.{name}.cost: {e}"));
@@ -457,6 +474,7 @@ mod tests {
             ("safety_threshold = 1.5", "safety_threshold"),
             ("safety_threshold = 0.0", "safety_threshold"),
             ("max_batch = 0", "max_batch"),
+            ("latency_objective_secs = -1.0", "latency_objective_secs"),
         ] {
             let f = file(&format!(
                 "[backends.l]\nkind = \"local\"\nweights = \"/w\"\n{extra}\n"

@@ -117,6 +117,7 @@ pub async fn dispatch(
         match result {
             Ok(image) => {
                 ticket.success();
+                slot.record_latency(req.model, took);
                 let cost_usd = image
                     .cost_usd
                     .or_else(|| slot.backend.cost_estimate(req))

@@ -223,7 +223,7 @@ async fn generate(
                 .with_field("X-Kleingate-Backend")
         })?),
     };
-    let candidates = candidates(state, req.model, forced, req.enable_safety_checker)?;
+    let candidates = candidates(state, &req, forced)?;
     let deadline = start + state.request_timeout;
     let (no_cache, no_store) = cache_directives(headers);
     let store = state.config.cache.enabled && !no_store;

@@ -3,23 +3,26 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use kleingate_protocol::Model;
+use kleingate_backend::Health;
+use kleingate_protocol::GenerateRequest;
 use rand::Rng;
 
+use crate::circuit::CircuitState;
 use crate::config::{Policy, SafetyPolicy};
 use crate::error::ApiError;
 use crate::state::{AppState, BackendSlot};
 
-/// Candidates for `model`: the forced backend alone when the client named one (no fallback: the
+/// Candidates for `req`: the forced backend alone when the client named one (no fallback: the
 /// client asked for that backend's answer, e.g. to compare backends), otherwise every backend
 /// serving the model in policy order.
 pub fn candidates(
     state: &AppState,
-    model: Model,
+    req: &GenerateRequest,
     forced: Option<&str>,
-    wants_safety: bool,
 ) -> Result<Vec<Arc<BackendSlot>>, ApiError> {
-    let need_checker = wants_safety && state.config.routing.safety == SafetyPolicy::Require;
+    let model = req.model;
+    let need_checker =
+        req.enable_safety_checker && state.config.routing.safety == SafetyPolicy::Require;
     if let Some(name) = forced {
         let slot = state.by_name.get(name).ok_or_else(|| {
             let known: Vec<&str> = state.backends.iter().map(|s| &*s.name).collect();
@@ -69,10 +72,43 @@ pub fn candidates(
             ));
         }
     }
-    if state.config.routing.policy == Policy::Weighted {
-        weighted_order(&mut list, &mut rand::rng());
+    match state.config.routing.policy {
+        Policy::Priority => {}
+        Policy::Weighted => weighted_order(&mut list, &mut rand::rng()),
+        Policy::Cost => cost_order(&mut list, req),
     }
     Ok(list)
+}
+
+/// Cheapest first among the backends that can take the request now and keep their latency
+/// objective; then those over their objective; then those not ready (loading, down, circuit
+/// open, told to back off), each group by estimated cost, ties by load (in-flight share of the
+/// concurrency limit). A backend without a price sorts after the priced ones (unknown is not free);
+/// one without an objective, or without observations yet, counts as meeting it.
+fn cost_order(list: &mut [Arc<BackendSlot>], req: &GenerateRequest) {
+    let key = |s: &Arc<BackendSlot>| {
+        let ready = matches!(s.backend.health(), Health::Ready)
+            && s.breaker.state() != CircuitState::Open
+            && s.busy_for().is_none();
+        let meets = match (s.latency_objective, s.p95(req.model)) {
+            (Some(objective), Some(p95)) => p95 <= objective,
+            _ => true,
+        };
+        let cost = s.backend.cost_estimate(req).unwrap_or(f64::INFINITY);
+        let load = s.inflight() as f64 / s.max_concurrency.max(1) as f64;
+        (!ready, !meets, cost, load)
+    };
+    let mut keyed: Vec<_> = list.iter().map(|s| (key(s), s.clone())).collect();
+    // Stable: equal keys keep the configured order.
+    keyed.sort_by(|(a, _), (b, _)| {
+        (a.0, a.1)
+            .cmp(&(b.0, b.1))
+            .then(a.2.total_cmp(&b.2))
+            .then(a.3.total_cmp(&b.3))
+    });
+    for (slot, (_, s)) in list.iter_mut().zip(keyed) {
+        *slot = s;
+    }
 }
 
 /// First a weighted random pick, then the rest by descending weight (stable, so ties keep the

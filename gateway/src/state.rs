@@ -26,9 +26,18 @@ pub struct BackendSlot {
     pub max_concurrency: usize,
     pub timeout: Duration,
     pub weight: u32,
+    /// For `policy = "cost"`: the p95 latency this backend must keep to be preferred.
+    pub latency_objective: Option<Duration>,
+    latencies: Mutex<LatencyWindows>,
     /// Set from an upstream's `Retry-After`: do not send it work before then.
     busy_until: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
+}
+
+/// A sliding window of the last `size` successful latencies per model.
+struct LatencyWindows {
+    size: usize,
+    by_model: HashMap<Model, std::collections::VecDeque<Duration>>,
 }
 
 impl BackendSlot {
@@ -39,8 +48,14 @@ impl BackendSlot {
         max_concurrency: usize,
         timeout: Duration,
         weight: u32,
+        latency_objective: Option<Duration>,
     ) -> Self {
         BackendSlot {
+            latency_objective,
+            latencies: Mutex::new(LatencyWindows {
+                size: cfg.routing.latency_window.max(1),
+                by_model: HashMap::new(),
+            }),
             name: Arc::from(name),
             backend,
             breaker: CircuitBreaker::new(
@@ -54,6 +69,30 @@ impl BackendSlot {
             busy_until: Mutex::new(None),
             last_error: Mutex::new(None),
         }
+    }
+
+    /// Record a successful generation's latency (for the cost policy's objective check).
+    pub fn record_latency(&self, model: Model, took: Duration) {
+        let mut w = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        let size = w.size;
+        let q = w.by_model.entry(model).or_default();
+        if q.len() == size {
+            q.pop_front();
+        }
+        q.push_back(took);
+    }
+
+    /// The 95th percentile of the recent successful latencies for `model` (nearest rank), `None`
+    /// before the first.
+    pub fn p95(&self, model: Model) -> Option<Duration> {
+        let w = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<Duration> = w.by_model.get(&model)?.iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let rank = (0.95 * v.len() as f64).ceil() as usize;
+        Some(v[rank.clamp(1, v.len()) - 1])
     }
 
     pub fn inflight(&self) -> usize {
@@ -183,6 +222,7 @@ impl AppState {
                 bc.max_concurrency,
                 Duration::from_secs_f64(bc.timeout_secs),
                 bc.weight,
+                bc.latency_objective_secs.map(Duration::from_secs_f64),
             )));
         }
         let by_name = backends

@@ -998,3 +998,51 @@ async fn every_answer_carries_its_cost_and_the_counter_adds_up() {
         assert!(e.is_err(), "{bad} was accepted");
     }
 }
+
+#[tokio::test]
+async fn cost_policy_picks_the_cheapest_backend_within_its_latency_objective() {
+    let (cheap, pricey, unpriced) = (
+        FakeVerda::start().await,
+        FakeVerda::start().await,
+        FakeVerda::start().await,
+    );
+    // The configured order is the reverse of the prices: the policy, not the order, decides.
+    let gw = Gateway::start(&format!(
+        "[routing]\npolicy = \"cost\"\norder = [\"unpriced\", \"pricey\", \"cheap\"]\n{}{}{}",
+        backend(
+            "cheap",
+            &cheap,
+            "latency_objective_secs = 0.2\n[backends.cheap.cost]\nper_image_usd = 0.001"
+        ),
+        backend(
+            "pricey",
+            &pricey,
+            "[backends.pricey.cost]\nper_image_usd = 0.01"
+        ),
+        backend("unpriced", &unpriced, ""),
+    ))
+    .await;
+    let ask = |seed: u64| post(&gw, "/generate", json!({"prompt": "x", "seed": seed}));
+    let r = ask(1).await;
+    assert_eq!(
+        (
+            header(&r, "x-kleingate-backend"),
+            header(&r, "x-kleingate-cost")
+        ),
+        ("cheap".into(), "0.001000".into())
+    );
+    // The cheap one gets slow: once its observed p95 is over its 0.2 s objective, the next
+    // cheapest takes the traffic (the slow answer itself still arrives).
+    cheap.set_mode(Mode::Slow(Duration::from_millis(400)));
+    assert_eq!(header(&ask(2).await, "x-kleingate-backend"), "cheap");
+    assert_eq!(header(&ask(3).await, "x-kleingate-backend"), "pricey");
+    // An unpriced backend is never preferred over priced ones, but is still a fallback.
+    pricey.kill();
+    cheap.kill();
+    let r = ask(4).await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-kleingate-backend")),
+        (200, "unpriced".into())
+    );
+    assert_eq!(unpriced.calls(), 1);
+}
