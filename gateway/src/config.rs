@@ -35,6 +35,8 @@ pub struct Config {
     pub circuit: CircuitConfig,
     #[serde(default)]
     pub backends: BTreeMap<String, BackendConfig>,
+    #[serde(default)]
+    pub budget: crate::budget::BudgetConfig,
 }
 
 fn default_listen() -> String {
@@ -276,7 +278,7 @@ impl Config {
     }
 
     /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
-    const TOP_LEVEL: [&'static str; 10] = [
+    const TOP_LEVEL: [&'static str; 11] = [
         "listen",
         "default_model",
         "request_timeout_secs",
@@ -287,12 +289,16 @@ impl Config {
         "routing",
         "circuit",
         "backends",
+        "budget",
     ];
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.backends.is_empty() {
             return bad("no backends configured: add at least one [backends.NAME] table".into());
+        }
+        if let Err(e) = self.budget.validate() {
+            return bad(e);
         }
         for name in &self.routing.order {
             if !self.backends.contains_key(name) {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -17,12 +17,13 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
+use crate::budget::{OnExceed, Verdict};
 use crate::cache::{CachedImage, Lookup};
 use crate::dispatch::dispatch;
 use crate::error::ApiError;
 use crate::metrics::InflightGuard;
 use crate::routing::candidates;
-use crate::state::AppState;
+use crate::state::{AppState, BackendSlot};
 
 pub const BACKEND_HEADER: &str = "x-kleingate-backend";
 pub const CACHE_HEADER: &str = "x-kleingate-cache";
@@ -137,6 +138,9 @@ async fn handle(
             e.into_response()
         }
     };
+    if let Some(key) = client_key(&state, &headers) {
+        state.budgets.charge(key, outcome.cost_usd);
+    }
     finish(&state, resp, outcome, start)
 }
 
@@ -163,6 +167,58 @@ fn finish(state: &AppState, mut resp: Response, outcome: Outcome, start: Instant
         .with_label_values(&[outcome.model, backend, outcome.cache])
         .observe(start.elapsed().as_secs_f64());
     resp
+}
+
+/// The client key budgets are kept by (the configured header), if the request has one.
+fn client_key<'h>(state: &AppState, headers: &'h HeaderMap) -> Option<&'h str> {
+    headers
+        .get(state.budgets.header())
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// Over its daily budget, a client is refused (429 until the next UTC day) or served by the
+/// cheapest candidate only.
+fn apply_budget(
+    state: &AppState,
+    headers: &HeaderMap,
+    req: &GenerateRequest,
+    candidates: &mut Vec<Arc<BackendSlot>>,
+) -> Result<(), ApiError> {
+    let Some(key) = client_key(state, headers) else {
+        return Ok(());
+    };
+    let Verdict::Exceeded { spent, limit } = state.budgets.check(key) else {
+        return Ok(());
+    };
+    match state.budgets.on_exceed() {
+        OnExceed::Reject => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let reset = Duration::from_secs(86_400 - now % 86_400);
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                format!("client `{key}` has spent {spent:.4} USD of its daily budget of {limit:.4} USD; it resets at 00:00 UTC"),
+            )
+            .with_retry_after(Some(reset)))
+        }
+        OnExceed::Cheapest => {
+            let cheapest = candidates
+                .iter()
+                .min_by(|a, b| {
+                    let cost = |s: &Arc<BackendSlot>| {
+                        s.backend.cost_estimate(req).unwrap_or(f64::INFINITY)
+                    };
+                    cost(a).total_cmp(&cost(b))
+                })
+                .cloned();
+            candidates.retain(|s| cheapest.as_ref().is_some_and(|c| Arc::ptr_eq(c, s)));
+            Ok(())
+        }
+    }
 }
 
 /// `Cache-Control` directives the client sent: (no-cache, no-store). `no-cache` skips the lookup
@@ -223,7 +279,8 @@ async fn generate(
                 .with_field("X-Kleingate-Backend")
         })?),
     };
-    let candidates = candidates(state, &req, forced)?;
+    let mut candidates = candidates(state, &req, forced)?;
+    apply_budget(state, headers, &req, &mut candidates)?;
     let deadline = start + state.request_timeout;
     let (no_cache, no_store) = cache_directives(headers);
     let store = state.config.cache.enabled && !no_store;

@@ -4,6 +4,7 @@
 //! Request path: [`http`] (parse, validate) → [`cache`] (lookup / coalesce) → [`routing`]
 //! (candidates in order) → [`dispatch`] (attempts with breaker, limits, deadline) → backend.
 
+pub mod budget;
 pub mod cache;
 pub mod circuit;
 pub mod config;

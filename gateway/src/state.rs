@@ -134,6 +134,7 @@ pub struct AppState {
     pub cache: ImageCache,
     pub metrics: Metrics,
     pub request_timeout: Duration,
+    pub budgets: crate::budget::Budgets,
     draining: AtomicBool,
 }
 
@@ -231,6 +232,7 @@ impl AppState {
             .collect();
         Arc::new(AppState {
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
+            budgets: crate::budget::Budgets::new(config.budget.clone()),
             config,
             backends,
             by_name,

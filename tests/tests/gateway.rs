@@ -1046,3 +1046,61 @@ async fn cost_policy_picks_the_cheapest_backend_within_its_latency_objective() {
     );
     assert_eq!(unpriced.calls(), 1);
 }
+
+#[tokio::test]
+async fn daily_budgets_per_client_key_reject_or_route_to_the_cheapest() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "[budget]\n[budget.keys]\nteam-a = 0.025\n{}",
+        backend(
+            "verda",
+            &fake,
+            "[backends.verda.cost]\nper_image_usd = 0.01"
+        )
+    ))
+    .await;
+    let ask = |key: Option<&'static str>| {
+        let headers: Vec<(&str, &str)> =
+            key.map(|k| ("x-kleingate-client", k)).into_iter().collect();
+        let gw = &gw;
+        async move { post_with(gw, "/generate", json!({"prompt": "x"}), &headers).await }
+    };
+    // 0.01 per image: the third request starts at 0.02 < 0.025 and is served; the fourth is not.
+    for _ in 0..3 {
+        assert_eq!(ask(Some("team-a")).await.status(), 200);
+    }
+    let r = ask(Some("team-a")).await;
+    let retry: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!(retry > 0 && retry <= 86_400);
+    let (s, e) = error_of(r).await;
+    assert_eq!((s, e["code"].as_str()), (429, Some("budget_exceeded")));
+    assert!(e["message"].as_str().unwrap().contains("0.0300 USD"), "{e}");
+    assert_eq!(fake.calls(), 3, "a refused request never reaches a backend");
+    // Keys without a budget, and requests without a key, are not limited.
+    assert_eq!(ask(Some("team-b")).await.status(), 200);
+    assert_eq!(ask(None).await.status(), 200);
+
+    // on_exceed = "cheapest": an exhausted key is served by the cheapest backend only, here
+    // against the priority order, and without the dearer one as a fallback.
+    let (cheap, pricey) = (FakeVerda::start().await, FakeVerda::start().await);
+    let gw = Gateway::start(&format!(
+        "[routing]\norder = [\"pricey\", \"cheap\"]\n[budget]\non_exceed = \"cheapest\"\n[budget.keys]\nbroke = 0.0\n{}{}",
+        backend("cheap", &cheap, "[backends.cheap.cost]\nper_image_usd = 0.001"),
+        backend("pricey", &pricey, "[backends.pricey.cost]\nper_image_usd = 0.05"),
+    ))
+    .await;
+    let broke = [("x-kleingate-client", "broke")];
+    let r = post_with(&gw, "/generate", json!({"prompt": "x"}), &broke).await;
+    assert_eq!(header(&r, "x-kleingate-backend"), "cheap");
+    assert_eq!(
+        header(
+            &post(&gw, "/generate", json!({"prompt": "x"})).await,
+            "x-kleingate-backend"
+        ),
+        "pricey"
+    );
+    cheap.kill();
+    let r = post_with(&gw, "/generate", json!({"prompt": "x"}), &broke).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(pricey.calls(), 1);
+}
