@@ -429,6 +429,26 @@ mod tests {
         assert_eq!(cfg.cache.max_bytes, 536_870_912);
     }
 
+    /// The configs inside the Kubernetes ConfigMaps are real kleingate configs.
+    #[test]
+    fn the_kubernetes_configmaps_hold_valid_configs() {
+        for f in ["gateway-configmap.yaml", "gpu-worker-configmap.yaml"] {
+            let path = format!("{}/../k8s/base/{f}", env!("CARGO_MANIFEST_DIR"));
+            let yaml = std::fs::read_to_string(&path).unwrap();
+            let toml: String = yaml
+                .lines()
+                .skip_while(|l| !l.trim_end().ends_with("kleingate.toml: |"))
+                .skip(1)
+                .take_while(|l| l.is_empty() || l.starts_with("    "))
+                .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+                .collect();
+            assert!(toml.contains("[backends."), "{f}: no config found");
+            let cfg = Config::load_with_env(Some(file(&toml).path()), Some(HashMap::new()))
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(!cfg.backends.is_empty());
+        }
+    }
+
     #[test]
     fn environment_overrides_file_values_and_lists() {
         let f = file(BASIC);
