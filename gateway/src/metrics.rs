@@ -25,6 +25,7 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     pub circuit_state: IntGaugeVec,
     pub backend_inflight: IntGaugeVec,
+    pub backend_ready: IntGaugeVec,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cache_evictions: IntCounter,
@@ -88,6 +89,14 @@ impl Metrics {
             Opts::new(
                 "kleingate_backend_circuit_state",
                 "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
+            ),
+            &["backend"],
+        )
+        .expect("metric");
+        let backend_ready = IntGaugeVec::new(
+            Opts::new(
+                "kleingate_backend_ready",
+                "1 when the backend can take requests (loaded, circuit not open), else 0",
             ),
             &["backend"],
         )
@@ -179,6 +188,7 @@ impl Metrics {
             Box::new(fallbacks.clone()),
             Box::new(circuit_state.clone()),
             Box::new(backend_inflight.clone()),
+            Box::new(backend_ready.clone()),
             Box::new(cache_hits.clone()),
             Box::new(cache_misses.clone()),
             Box::new(cache_evictions.clone()),
@@ -202,6 +212,7 @@ impl Metrics {
             fallbacks,
             circuit_state,
             backend_inflight,
+            backend_ready,
             cache_hits,
             cache_misses,
             cache_evictions,

@@ -95,6 +95,11 @@ impl BackendSlot {
         Some(v[rank.clamp(1, v.len()) - 1])
     }
 
+    /// Loaded and not circuit-open: what `/readyz` and the `kleingate_backend_ready` gauge report.
+    pub fn is_ready(&self) -> bool {
+        self.available() && matches!(self.backend.health(), kleingate_backend::Health::Ready)
+    }
+
     pub fn inflight(&self) -> usize {
         self.max_concurrency - self.permits.available_permits()
     }
@@ -258,10 +263,7 @@ impl AppState {
 
     /// Ready = not shutting down and at least one backend is not known to be broken.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining()
-            && self.backends.iter().any(|s| {
-                s.available() && matches!(s.backend.health(), kleingate_backend::Health::Ready)
-            })
+        !self.is_draining() && self.backends.iter().any(|s| s.is_ready())
     }
 
     /// Refresh the gauges that are read off state rather than updated on the hot path.
@@ -275,6 +277,10 @@ impl AppState {
                 .backend_inflight
                 .with_label_values(&[&*s.name])
                 .set(s.inflight() as i64);
+            self.metrics
+                .backend_ready
+                .with_label_values(&[&*s.name])
+                .set(i64::from(s.is_ready()));
         }
         let (entries, bytes) = self.cache.usage().await;
         self.metrics.cache_entries.set(entries as i64);
