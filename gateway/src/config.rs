@@ -37,6 +37,27 @@ pub struct Config {
     pub backends: BTreeMap<String, BackendConfig>,
     #[serde(default)]
     pub budget: crate::budget::BudgetConfig,
+    /// A/B experiments by name (see `experiments.rs`).
+    #[serde(default)]
+    pub experiments: BTreeMap<String, crate::experiments::ExperimentConfig>,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Where experiment results and feedback are kept.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// SQLite file; created when missing. Only opened when experiments are configured.
+    pub path: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: "kleingate.db".into(),
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -278,7 +299,7 @@ impl Config {
     }
 
     /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
-    const TOP_LEVEL: [&'static str; 11] = [
+    const TOP_LEVEL: [&'static str; 13] = [
         "listen",
         "default_model",
         "request_timeout_secs",
@@ -290,6 +311,8 @@ impl Config {
         "circuit",
         "backends",
         "budget",
+        "experiments",
+        "storage",
     ];
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -299,6 +322,12 @@ impl Config {
         }
         if let Err(e) = self.budget.validate() {
             return bad(e);
+        }
+        let names: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+        for (name, x) in &self.experiments {
+            if let Err(e) = x.validate(name, &names) {
+                return bad(e);
+            }
         }
         for name in &self.routing.order {
             if !self.backends.contains_key(name) {
@@ -513,5 +542,17 @@ mod tests {
         );
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("kind \"local\""), "{e}");
+        for (exp, needle) in [
+            ("variants = [{ name = \"a\" }]", "at least two"),
+            (
+                "variants = [{ name = \"a\" }, { name = \"b\", backend = \"nope\" }]",
+                "nope",
+            ),
+            ("variants = [{ name = \"a\" }, { name = \"a\" }]", "twice"),
+        ] {
+            let f = file(&format!("{BASIC}\n[experiments.x]\n{exp}\n"));
+            let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+            assert!(e.to_string().contains(needle), "{e}");
+        }
     }
 }

@@ -29,6 +29,8 @@ pub const BACKEND_HEADER: &str = "x-kleingate-backend";
 pub const CACHE_HEADER: &str = "x-kleingate-cache";
 pub const COST_HEADER: &str = "x-kleingate-cost";
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const EXPERIMENT_HEADER: &str = "x-kleingate-experiment";
+pub const VARIANT_HEADER: &str = "x-kleingate-variant";
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -36,6 +38,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/{model}/generate", post(generate_for_model))
         .route("/v1/models", get(list_models))
         .route("/v1/backends", get(list_backends))
+        .route("/v1/feedback", post(feedback))
+        .route("/v1/experiments/{name}", get(experiment_results))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -79,6 +83,17 @@ struct Outcome {
     cache: &'static str,
     /// What this request made a backend spend: 0 for cache hits, coalesced waits and errors.
     cost_usd: f64,
+    experiment: Option<ExperimentRun>,
+}
+
+/// The experiment variant a request was assigned to, for the record written after the answer.
+struct ExperimentRun {
+    experiment: String,
+    variant: String,
+    /// The variant's backend, if it names one: any other serving backend was a fallback.
+    preferred: Option<String>,
+    prompt: String,
+    seed: Option<u64>,
 }
 
 async fn generate_for_model(
@@ -100,6 +115,7 @@ async fn generate_for_model(
                     backend: None,
                     cache: "none",
                     cost_usd: 0.0,
+                    experiment: None,
                 },
                 Instant::now(),
             )
@@ -128,6 +144,7 @@ async fn handle(
         backend: None,
         cache: "none",
         cost_usd: 0.0,
+        experiment: None,
     };
     let resp = match generate(&state, path_model, &headers, body, start, &mut outcome).await {
         Ok(r) => r,
@@ -141,6 +158,7 @@ async fn handle(
     if let Some(key) = client_key(&state, &headers) {
         state.budgets.charge(key, outcome.cost_usd);
     }
+    let resp = record_experiment(&state, &headers, resp, &outcome, start).await;
     finish(&state, resp, outcome, start)
 }
 
@@ -279,7 +297,21 @@ async fn generate(
                 .with_field("X-Kleingate-Backend")
         })?),
     };
+    let mut req = req;
+    if let Some(run) = assign_experiment(state, headers, &bytes, forced, &mut req)? {
+        outcome.model = req.model.id();
+        outcome.experiment = Some(run);
+    }
     let mut candidates = candidates(state, &req, forced)?;
+    if let Some(b) = outcome
+        .experiment
+        .as_ref()
+        .and_then(|r| r.preferred.as_deref())
+    {
+        if let Some(i) = candidates.iter().position(|s| &*s.name == b) {
+            candidates[..=i].rotate_right(1);
+        }
+    }
     apply_budget(state, headers, &req, &mut candidates)?;
     let deadline = start + state.request_timeout;
     let (no_cache, no_store) = cache_directives(headers);
@@ -458,4 +490,232 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not accept that method",
     )
+}
+
+/// Join the experiment the client named: pick the variant (sticky by client key), apply its
+/// model, and count the assignment. The variant's backend is applied to the candidates later.
+fn assign_experiment(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+    forced: Option<&str>,
+    req: &mut GenerateRequest,
+) -> Result<Option<ExperimentRun>, ApiError> {
+    let Some(v) = headers.get(EXPERIMENT_HEADER) else {
+        return Ok(None);
+    };
+    let bad = |code: &'static str, msg: String| {
+        ApiError::new(StatusCode::BAD_REQUEST, code, msg).with_field("X-Kleingate-Experiment")
+    };
+    let name = v.to_str().map_err(|_| {
+        bad(
+            "invalid_request",
+            "X-Kleingate-Experiment is not valid text".into(),
+        )
+    })?;
+    if forced.is_some() {
+        return Err(bad(
+            "invalid_request",
+            "X-Kleingate-Experiment and X-Kleingate-Backend cannot be combined: the experiment chooses the backend".into(),
+        ));
+    }
+    let Some(cfg) = state.experiments.configs.get(name) else {
+        let known: Vec<&str> = state
+            .experiments
+            .configs
+            .keys()
+            .map(String::as_str)
+            .collect();
+        return Err(bad(
+            "unknown_experiment",
+            format!("no experiment `{name}`; configured: {}", known.join(", ")),
+        ));
+    };
+    let key = headers
+        .get(cfg.key_header.as_str())
+        .and_then(|k| k.to_str().ok())
+        .filter(|k| !k.is_empty());
+    let variant = cfg.assign(name, key);
+    if let Some(m) = variant.model.filter(|m| *m != req.model) {
+        // The variant's model, with the client's other fields, validated for that model.
+        let mut obj: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(body).unwrap_or_default();
+        obj.remove("model");
+        *req =
+            GenerateRequest::from_object(&obj, Some(m), m, &state.config.limits).map_err(|e| {
+                let mut err = ApiError::from(e);
+                err.message = format!(
+                    "{} (experiment `{name}` variant `{}` uses `{m}`)",
+                    err.message, variant.name
+                );
+                err
+            })?;
+    }
+    state
+        .metrics
+        .experiment_assignments
+        .with_label_values(&[name, &variant.name])
+        .inc();
+    Ok(Some(ExperimentRun {
+        experiment: name.to_owned(),
+        variant: variant.name.clone(),
+        preferred: variant.backend.clone(),
+        prompt: req.prompt.clone(),
+        seed: req.seed,
+    }))
+}
+
+/// Store the answer of an experiment request and tell the client its variant.
+async fn record_experiment(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    mut resp: Response,
+    outcome: &Outcome,
+    start: Instant,
+) -> Response {
+    let Some(run) = &outcome.experiment else {
+        return resp;
+    };
+    if let Ok(v) = HeaderValue::from_str(&run.variant) {
+        resp.headers_mut().insert(VARIANT_HEADER, v);
+    }
+    let Some(store_state) = state.experiments.store.as_ref().map(|_| state.clone()) else {
+        return resp;
+    };
+    let backend = outcome.backend.as_deref().unwrap_or("none").to_owned();
+    let fallback = run.preferred.as_ref().is_some_and(|p| *p != backend);
+    let seed = resp
+        .headers()
+        .get("x-seed")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+        .or(run.seed);
+    let record = crate::experiments::Record {
+        request_id: headers
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned(),
+        experiment: run.experiment.clone(),
+        variant: run.variant.clone(),
+        backend,
+        model: outcome.model.to_owned(),
+        prompt: run.prompt.clone(),
+        seed,
+        status: resp.status().as_u16(),
+        latency_ms: start.elapsed().as_secs_f64() * 1e3,
+        cost_usd: outcome.cost_usd,
+        excluded: matches!(outcome.cache, "hit" | "coalesced") || fallback,
+    };
+    // Written before the answer goes out, so feedback on this request id can follow at once.
+    let written = tokio::task::spawn_blocking(move || {
+        store_state
+            .experiments
+            .store
+            .as_ref()
+            .map(|s| s.record(&record))
+    })
+    .await;
+    if !matches!(written, Ok(Some(Ok(())))) {
+        tracing::error!(experiment = %run.experiment, "could not store an experiment result");
+    }
+    resp
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Feedback {
+    request_id: String,
+    #[serde(default)]
+    score: Option<f64>,
+    #[serde(default)]
+    thumbs: Option<String>,
+}
+
+/// `POST /v1/feedback {"request_id": "...", "score": 1-5}` or `{"request_id", "thumbs": "up"|"down"}`
+/// (up = 5, down = 1).
+async fn feedback(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m);
+    let f: Feedback = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return bad(format!("feedback must be {{\"request_id\": \"...\", \"score\": 1-5}} or {{\"request_id\": \"...\", \"thumbs\": \"up\"|\"down\"}}: {e}")).into_response(),
+    };
+    let score = match (f.score, f.thumbs.as_deref()) {
+        (Some(s), None) if (1.0..=5.0).contains(&s) => s,
+        (Some(s), None) => {
+            return bad(format!("`score` must be between 1 and 5; got {s}"))
+                .with_field("score")
+                .into_response()
+        }
+        (None, Some("up")) => 5.0,
+        (None, Some("down")) => 1.0,
+        (None, Some(t)) => {
+            return bad(format!("`thumbs` must be \"up\" or \"down\"; got `{t}`"))
+                .with_field("thumbs")
+                .into_response()
+        }
+        _ => return bad("give exactly one of `score` and `thumbs`".into()).into_response(),
+    };
+    if state.experiments.store.is_none() {
+        return ApiError::not_found("no experiments are configured").into_response();
+    }
+    let st = state.clone();
+    let id = f.request_id.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        st.experiments
+            .store
+            .as_ref()
+            .map(|s| s.feedback(&id, score))
+    })
+    .await;
+    match stored {
+        Ok(Some(Ok((experiment, variant)))) => {
+            let m = &state.metrics;
+            m.experiment_feedback
+                .with_label_values(&[&experiment, &variant])
+                .inc();
+            m.experiment_score_sum
+                .with_label_values(&[&experiment, &variant])
+                .inc_by(score);
+            Json(json!({"request_id": f.request_id, "experiment": experiment, "variant": variant, "score": score})).into_response()
+        }
+        Ok(Some(Err(crate::experiments::StoreError::UnknownRequest(id)))) => {
+            ApiError::not_found(format!("no experiment request with id `{id}`")).into_response()
+        }
+        _ => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage_failed",
+            "could not store the feedback",
+        )
+        .into_response(),
+    }
+}
+
+/// `GET /v1/experiments/{name}`: the variants and, per variant, count, mean score, latency, cost.
+async fn experiment_results(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    let Some(cfg) = state.experiments.configs.get(&name).cloned() else {
+        return ApiError::not_found(format!("no experiment `{name}`")).into_response();
+    };
+    let st = state.clone();
+    let n = name.clone();
+    let results =
+        tokio::task::spawn_blocking(move || st.experiments.store.as_ref().map(|s| s.results(&n)))
+            .await;
+    match results {
+        Ok(Some(Ok(results))) => Json(json!({
+            "experiment": name,
+            "variants": cfg.variants,
+            "results": results,
+        }))
+        .into_response(),
+        _ => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage_failed",
+            "could not read the results",
+        )
+        .into_response(),
+    }
 }

@@ -10,6 +10,7 @@ pub mod circuit;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod experiments;
 pub mod http;
 pub mod metrics;
 pub mod routing;

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub local_stage_seconds: HistogramVec,
     pub local_images: IntCounterVec,
     pub cost_usd: CounterVec,
+    pub experiment_assignments: IntCounterVec,
+    pub experiment_feedback: IntCounterVec,
+    pub experiment_score_sum: CounterVec,
 }
 
 impl Metrics {
@@ -179,8 +182,35 @@ impl Metrics {
             &["backend", "model"],
         )
         .expect("metric");
+        let experiment_assignments = IntCounterVec::new(
+            Opts::new(
+                "kleingate_experiment_assignments_total",
+                "Requests assigned to each experiment variant",
+            ),
+            &["experiment", "variant"],
+        )
+        .expect("metric");
+        let experiment_feedback = IntCounterVec::new(
+            Opts::new(
+                "kleingate_experiment_feedback_total",
+                "Feedback scores received per experiment variant",
+            ),
+            &["experiment", "variant"],
+        )
+        .expect("metric");
+        let experiment_score_sum = CounterVec::new(
+            Opts::new(
+                "kleingate_experiment_score_sum",
+                "Sum of the feedback scores (1-5) per variant; divide by kleingate_experiment_feedback_total",
+            ),
+            &["experiment", "variant"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(experiment_assignments.clone()),
+            Box::new(experiment_feedback.clone()),
+            Box::new(experiment_score_sum.clone()),
             Box::new(cost_usd.clone()),
             Box::new(request_duration.clone()),
             Box::new(backend_duration.clone()),
@@ -225,6 +255,9 @@ impl Metrics {
             local_stage_seconds,
             local_images,
             cost_usd,
+            experiment_assignments,
+            experiment_feedback,
+            experiment_score_sum,
         }
     }
 

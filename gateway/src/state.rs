@@ -140,6 +140,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub request_timeout: Duration,
     pub budgets: crate::budget::Budgets,
+    pub experiments: crate::experiments::Experiments,
     draining: AtomicBool,
 }
 
@@ -147,6 +148,8 @@ pub struct AppState {
 pub enum BuildError {
     #[error("backend `{name}`: {message}")]
     Backend { name: String, message: String },
+    #[error("storage {path}: {message}")]
+    Storage { path: String, message: String },
 }
 
 impl AppState {
@@ -195,22 +198,25 @@ impl AppState {
             };
             built.insert(name.clone(), backend);
         }
-        Ok(Self::assemble(config, built, metrics))
-    }
-
-    /// Assemble the state around already-built backends (one per configured name).
-    pub fn with_backends(
-        config: Config,
-        built: HashMap<String, Arc<dyn Backend>>,
-    ) -> Arc<AppState> {
-        Self::assemble(config, built, Metrics::new())
+        Self::assemble(config, built, metrics)
     }
 
     fn assemble(
         config: Config,
         mut built: HashMap<String, Arc<dyn Backend>>,
         metrics: Metrics,
-    ) -> Arc<AppState> {
+    ) -> Result<Arc<AppState>, BuildError> {
+        let store = if config.experiments.is_empty() {
+            None
+        } else {
+            let path = std::path::Path::new(&config.storage.path);
+            Some(
+                crate::experiments::Store::open(path).map_err(|e| BuildError::Storage {
+                    path: config.storage.path.clone(),
+                    message: e.to_string(),
+                })?,
+            )
+        };
         let cache = ImageCache::new(
             config.cache.max_bytes,
             Duration::from_secs(config.cache.ttl_secs),
@@ -235,16 +241,20 @@ impl AppState {
             .iter()
             .map(|s| (s.name.clone(), s.clone()))
             .collect();
-        Arc::new(AppState {
+        Ok(Arc::new(AppState {
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
             budgets: crate::budget::Budgets::new(config.budget.clone()),
+            experiments: crate::experiments::Experiments {
+                configs: config.experiments.clone(),
+                store,
+            },
             config,
             backends,
             by_name,
             cache,
             metrics,
             draining: AtomicBool::new(false),
-        })
+        }))
     }
 
     pub fn serving(&self, model: Model) -> impl Iterator<Item = &Arc<BackendSlot>> {

@@ -1104,3 +1104,154 @@ async fn daily_budgets_per_client_key_reject_or_route_to_the_cheapest() {
     assert_eq!(r.status(), 503);
     assert_eq!(pricey.calls(), 1);
 }
+
+#[tokio::test]
+async fn experiments_assign_sticky_variants_and_keep_results_and_feedback_across_restarts() {
+    let (fa, fb) = (FakeVerda::start().await, FakeVerda::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kleingate.db");
+    let config = format!(
+        "[storage]\npath = \"{}\"\n[experiments.ab]\nvariants = [{{ name = \"a\", backend = \"fa\" }}, {{ name = \"b\", backend = \"fb\" }}]\n{}{}",
+        db.display(),
+        backend("fa", &fa, "[backends.fa.cost]\nper_image_usd = 0.01"),
+        backend("fb", &fb, "[backends.fb.cost]\nper_image_usd = 0.02"),
+    );
+    let gw = Gateway::start(&config).await;
+    let ask = |client: String, seed: u64| {
+        let gw = &gw;
+        async move {
+            post_with(
+                gw,
+                "/generate",
+                json!({"prompt": "a fox", "seed": seed}),
+                &[
+                    ("x-kleingate-experiment", "ab"),
+                    ("x-kleingate-client", &client),
+                ],
+            )
+            .await
+        }
+    };
+    // Sticky: one client always gets the same variant, served by that variant's backend.
+    let first = ask("alice".into(), 1).await;
+    let variant = header(&first, "x-kleingate-variant");
+    for seed in 2..6 {
+        let r = ask("alice".into(), seed).await;
+        assert_eq!(header(&r, "x-kleingate-variant"), variant);
+        assert_eq!(header(&r, "x-kleingate-backend"), format!("f{variant}"));
+    }
+    // Across clients both variants are used.
+    let mut ids = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for i in 0..20 {
+        let r = ask(format!("client-{i}"), 100 + i).await;
+        assert_eq!(r.status(), 200);
+        ids.entry(header(&r, "x-kleingate-variant"))
+            .or_default()
+            .push(header(&r, "x-request-id"));
+    }
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    // Feedback by request id: a score, thumbs, and the refusals.
+    let fb_post = |body: Value| {
+        let gw = &gw;
+        async move { post(gw, "/v1/feedback", body).await }
+    };
+    let a_id = ids["a"][0].clone();
+    assert_eq!(
+        fb_post(json!({"request_id": a_id, "score": 4}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        fb_post(json!({"request_id": ids["a"][1], "thumbs": "down"}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        fb_post(json!({"request_id": ids["b"][0], "thumbs": "up"}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        fb_post(json!({"request_id": "nope", "score": 3}))
+            .await
+            .status(),
+        404
+    );
+    let (s, e) = error_of(fb_post(json!({"request_id": a_id, "score": 7})).await).await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("score")));
+    // A repeated request is a cache hit: recorded, but not counted as a measurement.
+    let hit = ask("alice".into(), 1).await;
+    assert_eq!(header(&hit, "x-kleingate-cache"), "hit");
+    // Unknown experiments are refused.
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "x"}),
+        &[("x-kleingate-experiment", "zz")],
+    )
+    .await;
+    assert_eq!(error_of(r).await.1["code"], "unknown_experiment");
+
+    let results = |gw: &Gateway| {
+        let url = gw.url("/v1/experiments/ab");
+        async move {
+            reqwest::get(url)
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let check = |v: &Value| {
+        let by: std::collections::BTreeMap<&str, &Value> = v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["variant"].as_str().unwrap(), r))
+            .collect();
+        // Alice's five generated answers count for her variant; her cache hit does not.
+        let alice = if variant == "a" { 5 } else { 0 };
+        assert_eq!(by["a"]["count"], json!(ids["a"].len() + alice));
+        assert_eq!(by["a"]["feedback"], 2);
+        assert_eq!(by["a"]["mean_score"], 2.5);
+        assert_eq!(by["b"]["mean_score"], 5.0);
+        assert!((by["a"]["mean_cost_usd"].as_f64().unwrap() - 0.01).abs() < 1e-9);
+        assert!((by["b"]["mean_cost_usd"].as_f64().unwrap() - 0.02).abs() < 1e-9);
+        let recorded: u64 = by.values().map(|r| r["recorded"].as_u64().unwrap()).sum();
+        assert_eq!(recorded, 26, "5 from alice, 20 others, the hit");
+    };
+    check(&results(&gw).await);
+    let m = metrics(&gw).await;
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_experiment_assignments_total",
+            &[("experiment", "ab")]
+        ),
+        26.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_experiment_feedback_total",
+            &[("variant", "a")]
+        ),
+        2.0
+    );
+
+    // A restart keeps everything (SQLite file).
+    drop(gw);
+    let gw = Gateway::start(&config).await;
+    check(&results(&gw).await);
+    assert_eq!(
+        reqwest::get(gw.url("/v1/experiments/zz"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}

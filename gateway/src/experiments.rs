@@ -1,0 +1,348 @@
+//! A/B experiments: named experiments with weighted variants (a backend and/or a model), sticky
+//! assignment by a client key, results and feedback stored in SQLite so they survive restarts.
+//!
+//! A request joins an experiment by naming it in `X-Kleingate-Experiment`. With the client key
+//! header (`key_header`, `X-Kleingate-Client` by default) the variant is a hash of experiment name
+//! and key, so a client always sees the same variant; without it the pick is random per request.
+//! Each answer is recorded (variant, requested and serving backend, model, seed, latency, cost,
+//! whether it came from the cache or a fallback) under its request id; `POST /v1/feedback` adds a
+//! score for a request id, and `GET /v1/experiments/{name}` reports per variant. Cache hits and
+//! fallbacks are recorded but left out of the comparison: they do not measure the variant.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use kleingate_protocol::Model;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Serve this variant from this backend (first choice; fallbacks still apply and are marked).
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// Serve this variant with this model instead of the requested one.
+    #[serde(default)]
+    pub model: Option<Model>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub variants: Vec<Variant>,
+    #[serde(default = "default_key_header")]
+    pub key_header: String,
+}
+
+fn default_key_header() -> String {
+    "x-kleingate-client".into()
+}
+
+impl ExperimentConfig {
+    pub fn validate(&self, name: &str, backends: &[&str]) -> Result<(), String> {
+        if self.variants.len() < 2 {
+            return Err(format!("experiments.{name}: needs at least two variants"));
+        }
+        if self.variants.iter().all(|v| v.weight == 0) {
+            return Err(format!("experiments.{name}: every variant has weight 0"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for v in &self.variants {
+            if !seen.insert(&v.name) {
+                return Err(format!("experiments.{name}: variant `{}` twice", v.name));
+            }
+            if let Some(b) = &v.backend {
+                if !backends.contains(&b.as_str()) {
+                    return Err(format!(
+                        "experiments.{name}: variant `{}` names backend `{b}`, which is not configured",
+                        v.name
+                    ));
+                }
+            }
+        }
+        if axum::http::HeaderName::from_bytes(self.key_header.as_bytes()).is_err() {
+            return Err(format!(
+                "experiments.{name}: key_header is not a header name"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The variant for a client key (sticky), or for a random draw without one.
+    pub fn assign(&self, experiment: &str, key: Option<&str>) -> &Variant {
+        let total: u64 = self.variants.iter().map(|v| u64::from(v.weight)).sum();
+        let mut point = match key {
+            Some(k) => {
+                let mut h = Sha256::new();
+                h.update((experiment.len() as u32).to_be_bytes());
+                h.update(experiment.as_bytes());
+                h.update(k.as_bytes());
+                let d = h.finalize();
+                u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) % total.max(1)
+            }
+            None => rand::random_range(0..total.max(1)),
+        };
+        for v in &self.variants {
+            let w = u64::from(v.weight);
+            if point < w {
+                return v;
+            }
+            point -= w;
+        }
+        &self.variants[0]
+    }
+}
+
+/// One answered experiment request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub request_id: String,
+    pub experiment: String,
+    pub variant: String,
+    pub backend: String,
+    pub model: String,
+    pub prompt: String,
+    pub seed: Option<u64>,
+    pub status: u16,
+    pub latency_ms: f64,
+    pub cost_usd: f64,
+    /// Served from the cache or by a fallback backend: not a measurement of the variant.
+    pub excluded: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct VariantResult {
+    pub variant: String,
+    /// Requests answered 200 that measure the variant (not cached, no fallback).
+    pub count: u64,
+    /// All recorded requests, excluded ones included.
+    pub recorded: u64,
+    pub feedback: u64,
+    pub mean_score: Option<f64>,
+    pub mean_latency_ms: Option<f64>,
+    pub mean_cost_usd: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("no experiment request with id `{0}`")]
+    UnknownRequest(String),
+}
+
+/// The SQLite store. WAL with `synchronous = FULL`: a committed result or score survives a crash
+/// or `kill -9` of the gateway.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS results (
+                request_id TEXT PRIMARY KEY,
+                experiment TEXT NOT NULL,
+                variant TEXT NOT NULL,
+                backend TEXT NOT NULL,
+                model TEXT NOT NULL,
+                prompt TEXT NOT NULL,
+                seed INTEGER,
+                status INTEGER NOT NULL,
+                latency_ms REAL NOT NULL,
+                cost_usd REAL NOT NULL,
+                excluded INTEGER NOT NULL,
+                created_at INTEGER NOT NULL DEFAULT (unixepoch())
+            );
+            CREATE INDEX IF NOT EXISTS results_by_experiment ON results (experiment, variant);
+            CREATE TABLE IF NOT EXISTS feedback (
+                id INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL REFERENCES results (request_id),
+                score REAL NOT NULL,
+                created_at INTEGER NOT NULL DEFAULT (unixepoch())
+            );",
+        )?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record(&self, r: &Record) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO results (request_id, experiment, variant, backend, model,
+                prompt, seed, status, latency_ms, cost_usd, excluded)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.request_id,
+                r.experiment,
+                r.variant,
+                r.backend,
+                r.model,
+                r.prompt,
+                r.seed.map(|s| s as i64),
+                r.status,
+                r.latency_ms,
+                r.cost_usd,
+                r.excluded
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Store a score for a recorded request; returns (experiment, variant) it belongs to.
+    pub fn feedback(&self, request_id: &str, score: f64) -> Result<(String, String), StoreError> {
+        let conn = self.conn();
+        let found: Option<(String, String)> = conn
+            .query_row(
+                "SELECT experiment, variant FROM results WHERE request_id = ?1",
+                [request_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some(ev) = found else {
+            return Err(StoreError::UnknownRequest(request_id.to_owned()));
+        };
+        conn.execute(
+            "INSERT INTO feedback (request_id, score) VALUES (?1, ?2)",
+            params![request_id, score],
+        )?;
+        Ok(ev)
+    }
+
+    pub fn results(&self, experiment: &str) -> Result<Vec<VariantResult>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT r.variant,
+                    SUM(CASE WHEN r.excluded = 0 AND r.status = 200 THEN 1 ELSE 0 END),
+                    COUNT(*),
+                    (SELECT COUNT(*) FROM feedback f JOIN results x ON f.request_id = x.request_id
+                      WHERE x.experiment = r.experiment AND x.variant = r.variant),
+                    (SELECT AVG(f.score) FROM feedback f JOIN results x ON f.request_id = x.request_id
+                      WHERE x.experiment = r.experiment AND x.variant = r.variant),
+                    AVG(CASE WHEN r.excluded = 0 AND r.status = 200 THEN r.latency_ms END),
+                    AVG(CASE WHEN r.excluded = 0 AND r.status = 200 THEN r.cost_usd END)
+             FROM results r WHERE r.experiment = ?1 GROUP BY r.variant ORDER BY r.variant",
+        )?;
+        let rows = stmt.query_map([experiment], |row| {
+            Ok(VariantResult {
+                variant: row.get(0)?,
+                count: row.get::<_, i64>(1)? as u64,
+                recorded: row.get::<_, i64>(2)? as u64,
+                feedback: row.get::<_, i64>(3)? as u64,
+                mean_score: row.get(4)?,
+                mean_latency_ms: row.get(5)?,
+                mean_cost_usd: row.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// The configured experiments and their store.
+pub struct Experiments {
+    pub configs: BTreeMap<String, ExperimentConfig>,
+    pub store: Option<Store>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ExperimentConfig {
+        ExperimentConfig {
+            variants: vec![
+                Variant {
+                    name: "a".into(),
+                    weight: 3,
+                    backend: None,
+                    model: None,
+                },
+                Variant {
+                    name: "b".into(),
+                    weight: 1,
+                    backend: None,
+                    model: None,
+                },
+            ],
+            key_header: default_key_header(),
+        }
+    }
+
+    #[test]
+    fn assignment_is_sticky_per_key_and_follows_the_weights() {
+        let c = cfg();
+        let mut counts = BTreeMap::new();
+        for i in 0..4000 {
+            let key = format!("client-{i}");
+            let v = &c.assign("exp", Some(&key)).name;
+            assert_eq!(v, &c.assign("exp", Some(&key)).name, "not sticky");
+            *counts.entry(v.clone()).or_insert(0) += 1;
+        }
+        let a = f64::from(counts["a"]) / 4000.0;
+        assert!((a - 0.75).abs() < 0.03, "share of a: {a}");
+        // Another experiment hashes the same keys differently.
+        let moved = (0..200)
+            .filter(|i| {
+                let k = format!("client-{i}");
+                c.assign("exp", Some(&k)).name != c.assign("other", Some(&k)).name
+            })
+            .count();
+        assert!(moved > 20);
+    }
+
+    #[test]
+    fn results_and_feedback_survive_reopening_and_exclude_cache_and_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let rec = |id: &str, variant: &str, latency: f64, excluded: bool| Record {
+            request_id: id.into(),
+            experiment: "exp".into(),
+            variant: variant.into(),
+            backend: "verda".into(),
+            model: "flux2-klein-4b".into(),
+            prompt: "p".into(),
+            seed: Some(1),
+            status: 200,
+            latency_ms: latency,
+            cost_usd: 0.01,
+            excluded,
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            s.record(&rec("r1", "a", 100.0, false)).unwrap();
+            s.record(&rec("r2", "a", 300.0, false)).unwrap();
+            s.record(&rec("r3", "a", 1.0, true)).unwrap();
+            s.record(&rec("r4", "b", 50.0, false)).unwrap();
+            assert_eq!(s.feedback("r1", 5.0).unwrap(), ("exp".into(), "a".into()));
+            s.feedback("r2", 2.0).unwrap();
+            assert!(matches!(
+                s.feedback("nope", 1.0),
+                Err(StoreError::UnknownRequest(_))
+            ));
+        }
+        let s = Store::open(&path).unwrap();
+        let r = s.results("exp").unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].count, r[0].recorded, r[0].feedback), (2, 3, 2));
+        assert_eq!(r[0].mean_score, Some(3.5));
+        assert_eq!(r[0].mean_latency_ms, Some(200.0));
+        assert_eq!((r[1].count, r[1].feedback, r[1].mean_score), (1, 0, None));
+    }
+}
