@@ -51,13 +51,14 @@ def wait_http(url, timeout=60):
 
 
 def post(url, body, headers=None):
+    """(status, response headers)"""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"content-type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status
+            return r.status, r.headers
     except urllib.error.HTTPError as e:
-        return e.code
+        return e.code, e.headers
 
 
 def query(prom, expr):
@@ -105,6 +106,10 @@ max_sequence_length = 32
 models = ["flux2-klein-base-4b"]
 [backends.local.cost]
 gpu_hour_usd = 3.0
+[storage]
+path = "{tmp / 'kleingate.db'}"
+[experiments.ab]
+variants = [{{ name = "a" }}, {{ name = "b" }}]
 """)
         procs.append(subprocess.Popen([BIN / "kleingate", "serve", "--config", tmp / "kleingate.toml"],
                                       stderr=subprocess.DEVNULL))
@@ -137,6 +142,10 @@ scrape_configs:
             for _ in range(2):
                 seed += 1
                 post(f"{gw}/flux2-klein-9b/generate", {"prompt": "x", "seed": seed})  # only "dead": 503
+            status, h = post(f"{gw}/flux2-klein-4b/generate", {"prompt": "y", "seed": seed},
+                             {"x-kleingate-experiment": "ab", "x-kleingate-client": f"c{rnd}"})
+            if status == 200:
+                post(f"{gw}/v1/feedback", {"request_id": h["x-request-id"], "score": 4})
             if rnd % 3 == 0:
                 post(f"{gw}/flux2-klein-base-4b/generate", {"prompt": "x", "seed": seed, "width": 64,
                      "height": 64, "num_steps": 2, "enable_safety_checker": False})

@@ -43,6 +43,12 @@ ROWS = [
         ("Cost per hour by backend (USD)", "currencyUSD",
          [('sum by (backend) (rate(kleingate_cost_usd_total[$__rate_interval])) * 3600', "{{backend}}")], 12),
     ]),
+    ("Experiments", [
+        ("Experiment assignments by variant", "reqps",
+         [('sum by (experiment, variant) (rate(kleingate_experiment_assignments_total[$__rate_interval]))', "{{experiment}} {{variant}}")], 12),
+        ("Experiment mean feedback score by variant", "none",
+         [('sum by (experiment, variant) (kleingate_experiment_score_sum) / clamp_min(sum by (experiment, variant) (kleingate_experiment_feedback_total), 1)', "{{experiment}} {{variant}}")], 12),
+    ]),
     ("Local engine", [
         ("Local engine queue depth", "none",
          [('max by (backend) (kleingate_local_queue_depth)', "{{backend}}")], 8),
