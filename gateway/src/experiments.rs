@@ -42,6 +42,10 @@ pub struct ExperimentConfig {
     pub variants: Vec<Variant>,
     #[serde(default = "default_key_header")]
     pub key_header: String,
+    /// Also run every request on a second variant in the background (after the client's
+    /// answer, never delaying it) and keep both images, for side-by-side comparison.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 fn default_key_header() -> String {
@@ -76,6 +80,15 @@ impl ExperimentConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The variant a shadow run of `assigned` uses: the next one in the list.
+    pub fn shadow_of(&self, assigned: &str) -> Option<&Variant> {
+        if !self.shadow {
+            return None;
+        }
+        let i = self.variants.iter().position(|v| v.name == assigned)?;
+        Some(&self.variants[(i + 1) % self.variants.len()])
     }
 
     /// The variant for a client key (sticky), or for a random draw without one.
@@ -118,6 +131,20 @@ pub struct Record {
     pub cost_usd: f64,
     /// Served from the cache or by a fallback backend: not a measurement of the variant.
     pub excluded: bool,
+    /// For a shadow run: the request id of the client's request it pairs with.
+    pub pair_of: Option<String>,
+    /// The image, kept for the side-by-side page when the experiment runs shadows.
+    pub image: Option<(String, Vec<u8>)>,
+}
+
+/// A client's answer and its shadow, for the side-by-side page.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pair {
+    pub prompt: String,
+    pub seed: Option<u64>,
+    /// (request id, variant) of the client's answer, then of the shadow.
+    pub left: (String, String),
+    pub right: (String, String),
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -165,7 +192,13 @@ impl Store {
                 latency_ms REAL NOT NULL,
                 cost_usd REAL NOT NULL,
                 excluded INTEGER NOT NULL,
+                pair_of TEXT,
                 created_at INTEGER NOT NULL DEFAULT (unixepoch())
+            );
+            CREATE TABLE IF NOT EXISTS images (
+                request_id TEXT PRIMARY KEY REFERENCES results (request_id),
+                content_type TEXT NOT NULL,
+                bytes BLOB NOT NULL
             );
             CREATE INDEX IF NOT EXISTS results_by_experiment ON results (experiment, variant);
             CREATE TABLE IF NOT EXISTS feedback (
@@ -185,10 +218,13 @@ impl Store {
     }
 
     pub fn record(&self, r: &Record) -> Result<(), StoreError> {
-        self.conn().execute(
+        let mut conn = self.conn();
+        // One transaction: a result never exists without the image it was stored with.
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT OR REPLACE INTO results (request_id, experiment, variant, backend, model,
-                prompt, seed, status, latency_ms, cost_usd, excluded)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                prompt, seed, status, latency_ms, cost_usd, excluded, pair_of)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 r.request_id,
                 r.experiment,
@@ -200,10 +236,51 @@ impl Store {
                 r.status,
                 r.latency_ms,
                 r.cost_usd,
-                r.excluded
+                r.excluded,
+                r.pair_of
             ],
         )?;
+        if let Some((content_type, bytes)) = &r.image {
+            tx.execute(
+                "INSERT OR REPLACE INTO images (request_id, content_type, bytes) VALUES (?1, ?2, ?3)",
+                params![r.request_id, content_type, bytes],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    pub fn image(&self, request_id: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT content_type, bytes FROM images WHERE request_id = ?1",
+                [request_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// The newest pairs (client answer + shadow, both with images) of an experiment.
+    pub fn pairs(&self, experiment: &str, limit: usize) -> Result<Vec<Pair>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT p.prompt, p.seed, p.request_id, p.variant, s.request_id, s.variant
+             FROM results s JOIN results p ON s.pair_of = p.request_id
+             JOIN images ip ON ip.request_id = p.request_id
+             JOIN images isx ON isx.request_id = s.request_id
+             WHERE s.experiment = ?1 AND s.status = 200 AND p.status = 200
+             ORDER BY s.created_at DESC, s.rowid DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![experiment, limit as i64], |row| {
+            Ok(Pair {
+                prompt: row.get(0)?,
+                seed: row.get::<_, Option<i64>>(1)?.map(|s| s as u64),
+                left: (row.get(2)?, row.get(3)?),
+                right: (row.get(4)?, row.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Store a score for a recorded request; returns (experiment, variant) it belongs to.
@@ -282,6 +359,7 @@ mod tests {
                 },
             ],
             key_header: default_key_header(),
+            shadow: false,
         }
     }
 
@@ -323,6 +401,8 @@ mod tests {
             latency_ms: latency,
             cost_usd: 0.01,
             excluded,
+            pair_of: None,
+            image: None,
         };
         {
             let s = Store::open(&path).unwrap();

@@ -40,6 +40,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/backends", get(list_backends))
         .route("/v1/feedback", post(feedback))
         .route("/v1/experiments/{name}", get(experiment_results))
+        .route("/v1/experiments/{name}/images/{id}", get(experiment_image))
+        .route("/ui/experiments/{name}", get(crate::ui::experiment_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -84,6 +86,8 @@ struct Outcome {
     /// What this request made a backend spend: 0 for cache hits, coalesced waits and errors.
     cost_usd: f64,
     experiment: Option<ExperimentRun>,
+    /// The image served, kept only while an experiment that stores images needs it.
+    image: Option<(kleingate_protocol::OutputFormat, bytes::Bytes)>,
 }
 
 /// The experiment variant a request was assigned to, for the record written after the answer.
@@ -94,6 +98,8 @@ struct ExperimentRun {
     preferred: Option<String>,
     prompt: String,
     seed: Option<u64>,
+    /// The experiment runs shadows: keep this answer's image for the side-by-side page.
+    keep_image: bool,
 }
 
 async fn generate_for_model(
@@ -116,6 +122,7 @@ async fn generate_for_model(
                     cache: "none",
                     cost_usd: 0.0,
                     experiment: None,
+                    image: None,
                 },
                 Instant::now(),
             )
@@ -145,6 +152,7 @@ async fn handle(
         cache: "none",
         cost_usd: 0.0,
         experiment: None,
+        image: None,
     };
     let resp = match generate(&state, path_model, &headers, body, start, &mut outcome).await {
         Ok(r) => r,
@@ -259,7 +267,7 @@ fn cache_directives(headers: &HeaderMap) -> (bool, bool) {
 }
 
 async fn generate(
-    state: &AppState,
+    state: &Arc<AppState>,
     path_model: Option<Model>,
     headers: &HeaderMap,
     body: Body,
@@ -298,9 +306,11 @@ async fn generate(
         })?),
     };
     let mut req = req;
-    if let Some(run) = assign_experiment(state, headers, &bytes, forced, &mut req)? {
+    let mut shadow = None;
+    if let Some((run, shadow_req)) = assign_experiment(state, headers, &bytes, forced, &mut req)? {
         outcome.model = req.model.id();
         outcome.experiment = Some(run);
+        shadow = shadow_req;
     }
     let mut candidates = candidates(state, &req, forced)?;
     if let Some(b) = outcome
@@ -308,9 +318,16 @@ async fn generate(
         .as_ref()
         .and_then(|r| r.preferred.as_deref())
     {
-        if let Some(i) = candidates.iter().position(|s| &*s.name == b) {
-            candidates[..=i].rotate_right(1);
-        }
+        prefer(&mut candidates, b);
+    }
+    if let (Some((sreq, variant)), Some(run)) = (shadow, &outcome.experiment) {
+        spawn_shadow(
+            state.clone(),
+            headers,
+            sreq,
+            variant,
+            run.experiment.clone(),
+        );
     }
     apply_budget(state, headers, &req, &mut candidates)?;
     let deadline = start + state.request_timeout;
@@ -326,6 +343,9 @@ async fn generate(
                 outcome.cache = "hit";
                 outcome.backend = Some(hit.backend.clone());
                 let resp = image_response(&req, &hit);
+                if outcome.experiment.as_ref().is_some_and(|r| r.keep_image) {
+                    outcome.image = Some((hit.image.format, hit.image.bytes.clone()));
+                }
                 state
                     .metrics
                     .overhead
@@ -363,6 +383,9 @@ async fn generate(
     };
     outcome.cache = label;
     outcome.backend = Some(served.backend.clone());
+    if outcome.experiment.as_ref().is_some_and(|r| r.keep_image) {
+        outcome.image = Some((served.image.format, served.image.bytes.clone()));
+    }
     if label != "coalesced" {
         outcome.cost_usd = served.cost_usd;
     }
@@ -500,7 +523,7 @@ fn assign_experiment(
     body: &[u8],
     forced: Option<&str>,
     req: &mut GenerateRequest,
-) -> Result<Option<ExperimentRun>, ApiError> {
+) -> Result<Option<(ExperimentRun, ShadowRun)>, ApiError> {
     let Some(v) = headers.get(EXPERIMENT_HEADER) else {
         return Ok(None);
     };
@@ -537,32 +560,134 @@ fn assign_experiment(
         .filter(|k| !k.is_empty());
     let variant = cfg.assign(name, key);
     if let Some(m) = variant.model.filter(|m| *m != req.model) {
-        // The variant's model, with the client's other fields, validated for that model.
-        let mut obj: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(body).unwrap_or_default();
-        obj.remove("model");
-        *req =
-            GenerateRequest::from_object(&obj, Some(m), m, &state.config.limits).map_err(|e| {
-                let mut err = ApiError::from(e);
-                err.message = format!(
-                    "{} (experiment `{name}` variant `{}` uses `{m}`)",
-                    err.message, variant.name
-                );
-                err
-            })?;
+        *req = for_variant(state, body, m, name, &variant.name)?;
     }
+    let shadow = match cfg.shadow_of(&variant.name) {
+        Some(other) => {
+            // Both sides of a pair use the same seed, so they differ only by the variant.
+            if req.seed.is_none() {
+                req.seed = Some(rand::random_range(0..u64::from(u32::MAX)));
+            }
+            let mut sreq = match other.model.filter(|m| *m != req.model) {
+                Some(m) => for_variant(state, body, m, name, &other.name)?,
+                None => req.clone(),
+            };
+            sreq.seed = req.seed;
+            Some((sreq, other.clone()))
+        }
+        None => None,
+    };
     state
         .metrics
         .experiment_assignments
         .with_label_values(&[name, &variant.name])
         .inc();
-    Ok(Some(ExperimentRun {
-        experiment: name.to_owned(),
-        variant: variant.name.clone(),
-        preferred: variant.backend.clone(),
-        prompt: req.prompt.clone(),
-        seed: req.seed,
-    }))
+    Ok(Some((
+        ExperimentRun {
+            experiment: name.to_owned(),
+            variant: variant.name.clone(),
+            preferred: variant.backend.clone(),
+            prompt: req.prompt.clone(),
+            seed: req.seed,
+            keep_image: cfg.shadow,
+        },
+        shadow,
+    )))
+}
+
+type ShadowRun = Option<(GenerateRequest, crate::experiments::Variant)>;
+
+/// The client's request with a variant's model, validated again for that model.
+fn for_variant(
+    state: &AppState,
+    body: &[u8],
+    m: Model,
+    experiment: &str,
+    variant: &str,
+) -> Result<GenerateRequest, ApiError> {
+    let mut obj: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).unwrap_or_default();
+    obj.remove("model");
+    GenerateRequest::from_object(&obj, Some(m), m, &state.config.limits).map_err(|e| {
+        let mut err = ApiError::from(e);
+        err.message = format!(
+            "{} (experiment `{experiment}` variant `{variant}` uses `{m}`)",
+            err.message
+        );
+        err
+    })
+}
+
+/// Move backend `name` to the front of the candidates, if it is one.
+fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
+    if let Some(i) = candidates.iter().position(|s| &*s.name == name) {
+        candidates[..=i].rotate_right(1);
+    }
+}
+
+/// Run the shadow variant in the background and store its result beside the client's request.
+/// The client's answer never waits for it; a shadow that cannot be served is recorded as such.
+fn spawn_shadow(
+    state: Arc<AppState>,
+    headers: &HeaderMap,
+    req: GenerateRequest,
+    variant: crate::experiments::Variant,
+    experiment: String,
+) {
+    let Some(pair) = headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let served = match candidates(&state, &req, None) {
+            Ok(mut c) => {
+                if let Some(b) = &variant.backend {
+                    prefer(&mut c, b);
+                }
+                dispatch(&state, &req, &c, start + state.request_timeout).await
+            }
+            Err(e) => Err(e),
+        };
+        let (status, backend, cost, image) = match &served {
+            Ok(s) => (
+                200,
+                s.backend.to_string(),
+                s.cost_usd,
+                Some((
+                    s.image.format.content_type().to_owned(),
+                    s.image.bytes.to_vec(),
+                )),
+            ),
+            Err(e) => (e.status.as_u16(), "none".to_owned(), 0.0, None),
+        };
+        let record = crate::experiments::Record {
+            request_id: format!("{pair}.shadow"),
+            experiment: experiment.clone(),
+            excluded: variant.backend.as_ref().is_some_and(|p| *p != backend),
+            variant: variant.name,
+            backend,
+            model: req.model.id().to_owned(),
+            prompt: req.prompt,
+            seed: req.seed,
+            status,
+            latency_ms: start.elapsed().as_secs_f64() * 1e3,
+            cost_usd: cost,
+            pair_of: Some(pair),
+            image,
+        };
+        let st = state.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            st.experiments.store.as_ref().map(|s| s.record(&record))
+        })
+        .await;
+        if !matches!(stored, Ok(Some(Ok(())))) {
+            tracing::error!(experiment = %experiment, "could not store a shadow result");
+        }
+    });
 }
 
 /// Store the answer of an experiment request and tell the client its variant.
@@ -606,6 +731,11 @@ async fn record_experiment(
         latency_ms: start.elapsed().as_secs_f64() * 1e3,
         cost_usd: outcome.cost_usd,
         excluded: matches!(outcome.cache, "hit" | "coalesced") || fallback,
+        pair_of: None,
+        image: outcome
+            .image
+            .as_ref()
+            .map(|(f, b)| (f.content_type().to_owned(), b.to_vec())),
     };
     // Written before the answer goes out, so feedback on this request id can follow at once.
     let written = tokio::task::spawn_blocking(move || {
@@ -715,6 +845,36 @@ async fn experiment_results(
             StatusCode::INTERNAL_SERVER_ERROR,
             "storage_failed",
             "could not read the results",
+        )
+        .into_response(),
+    }
+}
+
+/// `GET /v1/experiments/{name}/images/{request_id}`: a stored image of an experiment with shadows.
+async fn experiment_image(
+    State(state): State<Arc<AppState>>,
+    Path((name, id)): Path<(String, String)>,
+) -> Response {
+    if !state.experiments.configs.contains_key(&name) {
+        return ApiError::not_found(format!("no experiment `{name}`")).into_response();
+    }
+    let st = state.clone();
+    let found =
+        tokio::task::spawn_blocking(move || st.experiments.store.as_ref().map(|s| s.image(&id)))
+            .await;
+    match found {
+        Ok(Some(Ok(Some((content_type, bytes))))) => {
+            let mut r = Response::new(Body::from(bytes));
+            if let Ok(v) = HeaderValue::from_str(&content_type) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        Ok(Some(Ok(None))) => ApiError::not_found("no stored image with that id").into_response(),
+        _ => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage_failed",
+            "could not read the image",
         )
         .into_response(),
     }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod ui;
 
 pub use config::Config;
 pub use state::AppState;

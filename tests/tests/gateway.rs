@@ -1255,3 +1255,100 @@ async fn experiments_assign_sticky_variants_and_keep_results_and_feedback_across
         404
     );
 }
+
+#[tokio::test]
+async fn shadow_experiments_store_pairs_without_delaying_the_client() {
+    let (fa, fb) = (FakeVerda::start().await, FakeVerda::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!(
+        "[storage]\npath = \"{}\"\n[experiments.ab]\nshadow = true\nvariants = [{{ name = \"a\", backend = \"fa\" }}, {{ name = \"b\", backend = \"fb\", weight = 0 }}]\n{}{}",
+        dir.path().join("k.db").display(),
+        backend("fa", &fa, ""),
+        backend("fb", &fb, "timeout_secs = 30"),
+    ))
+    .await;
+    // The shadow's backend never answers: the client still gets its answer (nothing waits on
+    // the shadow).
+    fb.set_mode(Mode::Hang);
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "a fox"}),
+        &[("x-kleingate-experiment", "ab")],
+    )
+    .await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-kleingate-variant")),
+        (200, "a".into())
+    );
+    // Now a pair that completes: the shadow runs variant b with the same prompt and seed (a seed
+    // is chosen for unseeded requests so that the pair is comparable).
+    fb.set_mode(Mode::Image);
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "a cat"}),
+        &[("x-kleingate-experiment", "ab")],
+    )
+    .await;
+    let id = header(&r, "x-request-id");
+    let seed = header(&r, "x-seed");
+    assert!(!seed.is_empty());
+    let image = r.bytes().await.unwrap();
+    let shadow_image = gw.url(&format!("/v1/experiments/ab/images/{id}.shadow"));
+    let mut tries = 0;
+    let shadow = loop {
+        let s = reqwest::get(&shadow_image).await.unwrap();
+        if s.status() == 200 || tries == 100 {
+            break s;
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(shadow.status(), 200);
+    assert_eq!(shadow.bytes().await.unwrap(), fb.image());
+    assert_eq!(fb.last_body().unwrap()["seed"].to_string(), seed);
+    assert_eq!(fb.last_body().unwrap()["prompt"], "a cat");
+    let own = reqwest::get(gw.url(&format!("/v1/experiments/ab/images/{id}")))
+        .await
+        .unwrap();
+    assert_eq!(own.bytes().await.unwrap(), image);
+    // The page shows the pair, with the prompt escaped and a vote button per side.
+    let page = reqwest::get(gw.url("/ui/experiments/ab"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("a cat") && page.contains(&format!("data-win=\"{id}.shadow\"")),
+        "{page}"
+    );
+    assert_eq!(
+        page.matches("class=\"vote\"").count(),
+        2,
+        "one pair: the hung shadow has no image"
+    );
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "<script>x</script>", "seed": 5}),
+        &[("x-kleingate-experiment", "ab")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = reqwest::get(gw.url("/ui/experiments/ab"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if page.contains("&lt;script&gt;") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(page.contains("&lt;script&gt;x&lt;/script&gt;") && !page.contains("<script>x"));
+}

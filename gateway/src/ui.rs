@@ -1,0 +1,111 @@
+//! `/ui/experiments/{name}`: pairs of images from two variants for the same prompt and seed, side
+//! by side, with buttons to vote. A vote sends thumbs up for the chosen image and thumbs down for
+//! the other to `POST /v1/feedback`; the variant names are shown only after the vote, and which
+//! side a variant lands on alternates between pairs, so a rater is not led by names or position.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{Html, IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How many of the newest pairs the page shows.
+const PAIRS: usize = 20;
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub async fn experiment_page(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    if !state.experiments.configs.contains_key(&name) {
+        return ApiError::not_found(format!("no experiment `{name}`")).into_response();
+    }
+    let st = state.clone();
+    let n = name.clone();
+    let pairs = tokio::task::spawn_blocking(move || {
+        st.experiments.store.as_ref().map(|s| s.pairs(&n, PAIRS))
+    })
+    .await;
+    let pairs = match pairs {
+        Ok(Some(Ok(p))) => p,
+        _ => {
+            return ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_failed",
+                "could not read the experiment",
+            )
+            .into_response()
+        }
+    };
+    let exp = escape(&name);
+    let mut body = String::new();
+    if pairs.is_empty() {
+        body.push_str("<p id=\"empty\">No pairs yet. Pairs appear for experiments with <code>shadow = true</code>.</p>");
+    }
+    for (i, p) in pairs.iter().enumerate() {
+        let (l, r) = if i % 2 == 0 {
+            (&p.left, &p.right)
+        } else {
+            (&p.right, &p.left)
+        };
+        let side = |(id, variant): &(String, String), other: &str, which: &str| {
+            format!(
+                "<figure><img src=\"/v1/experiments/{exp}/images/{id}\" alt=\"{which}\">\
+                 <figcaption class=\"variant\" hidden>{v}</figcaption>\
+                 <button class=\"vote\" data-win=\"{id}\" data-lose=\"{other}\">{which} is better</button></figure>",
+                id = escape(id),
+                v = escape(variant),
+                other = escape(other),
+            )
+        };
+        body.push_str(&format!(
+            "<section class=\"pair\" data-pair=\"{i}\"><h2>{prompt}</h2><p>seed {seed}</p><div class=\"images\">{a}{b}</div><p class=\"status\"></p></section>",
+            prompt = escape(&p.prompt),
+            seed = p.seed.map_or("random".into(), |s| s.to_string()),
+            a = side(l, &r.0, "Left"),
+            b = side(r, &l.0, "Right"),
+        ));
+    }
+    Html(format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kleingate experiment {exp}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; }}
+.images {{ display: flex; gap: 1rem; }}
+figure {{ margin: 0; }}
+img {{ max-width: 45vw; display: block; }}
+.pair {{ border-bottom: 1px solid #ccc; padding: 1rem 0; }}
+</style></head>
+<body><h1>Experiment {exp}</h1>
+{body}
+<script>
+document.querySelectorAll('button.vote').forEach(b => b.addEventListener('click', async () => {{
+  const pair = b.closest('.pair');
+  pair.querySelectorAll('button').forEach(x => x.disabled = true);
+  const send = (id, thumbs) => fetch('/v1/feedback', {{method: 'POST',
+    headers: {{'content-type': 'application/json'}},
+    body: JSON.stringify({{request_id: id, thumbs}})}});
+  const [w, l] = await Promise.all([send(b.dataset.win, 'up'), send(b.dataset.lose, 'down')]);
+  pair.querySelector('.status').textContent = (w.ok && l.ok) ? 'Vote recorded' : 'Vote failed';
+  pair.querySelectorAll('.variant').forEach(v => v.hidden = false);
+}}));
+</script></body></html>"#
+    ))
+    .into_response()
+}
