@@ -737,6 +737,16 @@ async fn record_experiment(
             .as_ref()
             .map(|(f, b)| (f.content_type().to_owned(), b.to_vec())),
     };
+    if !record.excluded && record.status == 200 {
+        let labels = [record.experiment.as_str(), record.variant.as_str()];
+        let m = &state.metrics;
+        m.experiment_latency
+            .with_label_values(&labels)
+            .observe(record.latency_ms / 1e3);
+        m.experiment_cost_usd
+            .with_label_values(&labels)
+            .inc_by(record.cost_usd);
+    }
     // Written before the answer goes out, so feedback on this request id can follow at once.
     let written = tokio::task::spawn_blocking(move || {
         store_state

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub experiment_assignments: IntCounterVec,
     pub experiment_feedback: IntCounterVec,
     pub experiment_score_sum: CounterVec,
+    pub experiment_latency: HistogramVec,
+    pub experiment_cost_usd: CounterVec,
 }
 
 impl Metrics {
@@ -206,8 +208,27 @@ impl Metrics {
             &["experiment", "variant"],
         )
         .expect("metric");
+        let experiment_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "kleingate_experiment_latency_seconds",
+                "Latency of the answers that measure a variant (not cached, no fallback)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["experiment", "variant"],
+        )
+        .expect("metric");
+        let experiment_cost_usd = CounterVec::new(
+            Opts::new(
+                "kleingate_experiment_cost_usd_total",
+                "Cost of the answers that measure a variant (not cached, no fallback)",
+            ),
+            &["experiment", "variant"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(experiment_latency.clone()),
+            Box::new(experiment_cost_usd.clone()),
             Box::new(experiment_assignments.clone()),
             Box::new(experiment_feedback.clone()),
             Box::new(experiment_score_sum.clone()),
@@ -258,6 +279,8 @@ impl Metrics {
             experiment_assignments,
             experiment_feedback,
             experiment_score_sum,
+            experiment_latency,
+            experiment_cost_usd,
         }
     }
 

@@ -1242,6 +1242,25 @@ async fn experiments_assign_sticky_variants_and_keep_results_and_feedback_across
         ),
         2.0
     );
+    // Latency and cost per variant count only the measuring answers (not alice's cache hit).
+    let measured_a = (ids["a"].len() + if variant == "a" { 5 } else { 0 }) as f64;
+    assert_eq!(
+        sample(
+            &m,
+            "kleingate_experiment_latency_seconds_count",
+            &[("variant", "a")]
+        ),
+        measured_a
+    );
+    assert!(
+        (sample(
+            &m,
+            "kleingate_experiment_cost_usd_total",
+            &[("variant", "a")]
+        ) - 0.01 * measured_a)
+            .abs()
+            < 1e-9
+    );
 
     // A restart keeps everything (SQLite file).
     drop(gw);
