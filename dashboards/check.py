@@ -145,7 +145,7 @@ scrape_configs:
             status, h = post(f"{gw}/flux2-klein-4b/generate", {"prompt": "y", "seed": seed},
                              {"x-kleingate-experiment": "ab", "x-kleingate-client": f"c{rnd}"})
             if status == 200:
-                post(f"{gw}/v1/feedback", {"request_id": h["x-request-id"], "score": 4})
+                post(f"{gw}/v1/feedback", {"request_id": h["x-kleingate-result-id"], "score": 4})
             if rnd % 3 == 0:
                 post(f"{gw}/flux2-klein-base-4b/generate", {"prompt": "x", "seed": seed, "width": 64,
                      "height": 64, "num_steps": 2, "enable_safety_checker": False})

@@ -116,6 +116,11 @@ impl ExperimentConfig {
     }
 }
 
+/// A fresh, unguessable id for a stored answer (128 random bits, hex).
+pub fn new_result_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 /// One answered experiment request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
@@ -222,7 +227,7 @@ impl Store {
         // One transaction: a result never exists without the image it was stored with.
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT OR REPLACE INTO results (request_id, experiment, variant, backend, model,
+            "INSERT INTO results (request_id, experiment, variant, backend, model,
                 prompt, seed, status, latency_ms, cost_usd, excluded, pair_of)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
@@ -242,7 +247,7 @@ impl Store {
         )?;
         if let Some((content_type, bytes)) = &r.image {
             tx.execute(
-                "INSERT OR REPLACE INTO images (request_id, content_type, bytes) VALUES (?1, ?2, ?3)",
+                "INSERT INTO images (request_id, content_type, bytes) VALUES (?1, ?2, ?3)",
                 params![r.request_id, content_type, bytes],
             )?;
         }
@@ -250,12 +255,17 @@ impl Store {
         Ok(())
     }
 
-    pub fn image(&self, request_id: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+    pub fn image(
+        &self,
+        experiment: &str,
+        request_id: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
         Ok(self
             .conn()
             .query_row(
-                "SELECT content_type, bytes FROM images WHERE request_id = ?1",
-                [request_id],
+                "SELECT i.content_type, i.bytes FROM images i JOIN results r ON r.request_id = i.request_id
+                 WHERE i.request_id = ?1 AND r.experiment = ?2",
+                [request_id, experiment],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?)
@@ -270,6 +280,7 @@ impl Store {
              JOIN images ip ON ip.request_id = p.request_id
              JOIN images isx ON isx.request_id = s.request_id
              WHERE s.experiment = ?1 AND s.status = 200 AND p.status = 200
+               AND s.excluded = 0 AND p.excluded = 0
              ORDER BY s.created_at DESC, s.rowid DESC LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![experiment, limit as i64], |row| {
@@ -310,9 +321,9 @@ impl Store {
                     SUM(CASE WHEN r.excluded = 0 AND r.status = 200 THEN 1 ELSE 0 END),
                     COUNT(*),
                     (SELECT COUNT(*) FROM feedback f JOIN results x ON f.request_id = x.request_id
-                      WHERE x.experiment = r.experiment AND x.variant = r.variant),
+                      WHERE x.experiment = r.experiment AND x.variant = r.variant AND x.excluded = 0),
                     (SELECT AVG(f.score) FROM feedback f JOIN results x ON f.request_id = x.request_id
-                      WHERE x.experiment = r.experiment AND x.variant = r.variant),
+                      WHERE x.experiment = r.experiment AND x.variant = r.variant AND x.excluded = 0),
                     AVG(CASE WHEN r.excluded = 0 AND r.status = 200 THEN r.latency_ms END),
                     AVG(CASE WHEN r.excluded = 0 AND r.status = 200 THEN r.cost_usd END)
              FROM results r WHERE r.experiment = ?1 GROUP BY r.variant ORDER BY r.variant",
@@ -412,6 +423,8 @@ mod tests {
             s.record(&rec("r4", "b", 50.0, false)).unwrap();
             assert_eq!(s.feedback("r1", 5.0).unwrap(), ("exp".into(), "a".into()));
             s.feedback("r2", 2.0).unwrap();
+            // A score for a cache hit is kept but does not count for the variant.
+            s.feedback("r3", 1.0).unwrap();
             assert!(matches!(
                 s.feedback("nope", 1.0),
                 Err(StoreError::UnknownRequest(_))

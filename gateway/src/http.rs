@@ -31,6 +31,7 @@ pub const COST_HEADER: &str = "x-kleingate-cost";
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const EXPERIMENT_HEADER: &str = "x-kleingate-experiment";
 pub const VARIANT_HEADER: &str = "x-kleingate-variant";
+pub const RESULT_ID_HEADER: &str = "x-kleingate-result-id";
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -100,6 +101,9 @@ struct ExperimentRun {
     seed: Option<u64>,
     /// The experiment runs shadows: keep this answer's image for the side-by-side page.
     keep_image: bool,
+    /// The server-made id of this answer's record (`X-Kleingate-Result-Id`), what feedback names.
+    /// Never the client's `X-Request-Id`, which a client chooses and could reuse.
+    result_id: String,
 }
 
 async fn generate_for_model(
@@ -166,7 +170,7 @@ async fn handle(
     if let Some(key) = client_key(&state, &headers) {
         state.budgets.charge(key, outcome.cost_usd);
     }
-    let resp = record_experiment(&state, &headers, resp, &outcome, start).await;
+    let resp = record_experiment(&state, resp, &outcome, start).await;
     finish(&state, resp, outcome, start)
 }
 
@@ -197,8 +201,13 @@ fn finish(state: &AppState, mut resp: Response, outcome: Outcome, start: Instant
 
 /// The client key budgets are kept by (the configured header), if the request has one.
 fn client_key<'h>(state: &AppState, headers: &'h HeaderMap) -> Option<&'h str> {
+    header_text(headers, state.budgets.header())
+}
+
+/// A header's trimmed, non-empty text.
+fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
-        .get(state.budgets.header())
+        .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|k| !k.is_empty())
@@ -232,8 +241,16 @@ fn apply_budget(
             .with_retry_after(Some(reset)))
         }
         OnExceed::Cheapest => {
-            let cheapest = candidates
-                .iter()
+            // The cheapest of those that can take it now, else the cheapest of all.
+            let ready: Vec<&Arc<BackendSlot>> =
+                candidates.iter().filter(|s| s.is_ready()).collect();
+            let pool = if ready.is_empty() {
+                candidates.iter().collect()
+            } else {
+                ready
+            };
+            let cheapest = pool
+                .into_iter()
                 .min_by(|a, b| {
                     let cost = |s: &Arc<BackendSlot>| {
                         s.backend.cost_estimate(req).unwrap_or(f64::INFINITY)
@@ -313,23 +330,26 @@ async fn generate(
         shadow = shadow_req;
     }
     let mut candidates = candidates(state, &req, forced)?;
-    if let Some(b) = outcome
+    let preferred = outcome
         .experiment
         .as_ref()
-        .and_then(|r| r.preferred.as_deref())
-    {
+        .and_then(|r| r.preferred.clone());
+    if let Some(b) = &preferred {
         prefer(&mut candidates, b);
     }
+    apply_budget(state, headers, &req, &mut candidates)?;
+    // A variant's answers are cached apart from other backends' (as a forced backend's are),
+    // so a variant never receives another variant's image.
+    let pin = forced.or(preferred.as_deref());
     if let (Some((sreq, variant)), Some(run)) = (shadow, &outcome.experiment) {
         spawn_shadow(
             state.clone(),
-            headers,
+            client_key(state, headers).map(str::to_owned),
             sreq,
             variant,
-            run.experiment.clone(),
+            run,
         );
     }
-    apply_budget(state, headers, &req, &mut candidates)?;
     let deadline = start + state.request_timeout;
     let (no_cache, no_store) = cache_directives(headers);
     let store = state.config.cache.enabled && !no_store;
@@ -337,7 +357,7 @@ async fn generate(
 
     let (served, label) = match req.seed {
         Some(seed) if !bypass => {
-            let key = req.cache_key(seed, forced);
+            let key = req.cache_key(seed, pin);
             if let Some(hit) = state.cache.get(&key).await {
                 state.metrics.cache_hits.inc();
                 outcome.cache = "hit";
@@ -374,7 +394,7 @@ async fn generate(
                 if let Some(seed) = v.image.seed {
                     state
                         .cache
-                        .insert(req.cache_key(seed, forced), v.clone())
+                        .insert(req.cache_key(seed, pin), v.clone())
                         .await;
                 }
             }
@@ -554,10 +574,7 @@ fn assign_experiment(
             format!("no experiment `{name}`; configured: {}", known.join(", ")),
         ));
     };
-    let key = headers
-        .get(cfg.key_header.as_str())
-        .and_then(|k| k.to_str().ok())
-        .filter(|k| !k.is_empty());
+    let key = header_text(headers, &cfg.key_header);
     let variant = cfg.assign(name, key);
     if let Some(m) = variant.model.filter(|m| *m != req.model) {
         *req = for_variant(state, body, m, name, &variant.name)?;
@@ -590,6 +607,7 @@ fn assign_experiment(
             prompt: req.prompt.clone(),
             seed: req.seed,
             keep_image: cfg.shadow,
+            result_id: crate::experiments::new_result_id(),
         },
         shadow,
     )))
@@ -629,18 +647,13 @@ fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
 /// The client's answer never waits for it; a shadow that cannot be served is recorded as such.
 fn spawn_shadow(
     state: Arc<AppState>,
-    headers: &HeaderMap,
+    budget_key: Option<String>,
     req: GenerateRequest,
     variant: crate::experiments::Variant,
-    experiment: String,
+    run: &ExperimentRun,
 ) {
-    let Some(pair) = headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    else {
-        return;
-    };
+    let pair = run.result_id.clone();
+    let experiment = run.experiment.clone();
     tokio::spawn(async move {
         let start = Instant::now();
         let served = match candidates(&state, &req, None) {
@@ -679,21 +692,17 @@ fn spawn_shadow(
             pair_of: Some(pair),
             image,
         };
-        let st = state.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            st.experiments.store.as_ref().map(|s| s.record(&record))
-        })
-        .await;
-        if !matches!(stored, Ok(Some(Ok(())))) {
-            tracing::error!(experiment = %experiment, "could not store a shadow result");
+        // The shadow is spending done for this client: it counts against its budget.
+        if let Some(k) = &budget_key {
+            state.budgets.charge(k, cost);
         }
+        store_record(&state, record).await;
     });
 }
 
 /// Store the answer of an experiment request and tell the client its variant.
 async fn record_experiment(
     state: &Arc<AppState>,
-    headers: &HeaderMap,
     mut resp: Response,
     outcome: &Outcome,
     start: Instant,
@@ -703,6 +712,9 @@ async fn record_experiment(
     };
     if let Ok(v) = HeaderValue::from_str(&run.variant) {
         resp.headers_mut().insert(VARIANT_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&run.result_id) {
+        resp.headers_mut().insert(RESULT_ID_HEADER, v);
     }
     let Some(store_state) = state.experiments.store.as_ref().map(|_| state.clone()) else {
         return resp;
@@ -716,11 +728,7 @@ async fn record_experiment(
         .and_then(|s| s.parse().ok())
         .or(run.seed);
     let record = crate::experiments::Record {
-        request_id: headers
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned(),
+        request_id: run.result_id.clone(),
         experiment: run.experiment.clone(),
         variant: run.variant.clone(),
         backend,
@@ -747,24 +755,29 @@ async fn record_experiment(
             .with_label_values(&labels)
             .inc_by(record.cost_usd);
     }
-    // Written before the answer goes out, so feedback on this request id can follow at once.
-    let written = tokio::task::spawn_blocking(move || {
-        store_state
-            .experiments
-            .store
-            .as_ref()
-            .map(|s| s.record(&record))
+    // Written before the answer goes out, so feedback on this result id can follow at once.
+    store_record(&store_state, record).await;
+    resp
+}
+
+/// Write a record off the async threads (SQLite fsyncs); a failure is logged, never the client's.
+async fn store_record(state: &Arc<AppState>, record: crate::experiments::Record) {
+    let st = state.clone();
+    let experiment = record.experiment.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        st.experiments.store.as_ref().map(|s| s.record(&record))
     })
     .await;
-    if !matches!(written, Ok(Some(Ok(())))) {
-        tracing::error!(experiment = %run.experiment, "could not store an experiment result");
+    if !matches!(stored, Ok(Some(Ok(())))) {
+        tracing::error!(experiment = %experiment, "could not store an experiment result");
     }
-    resp
 }
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Feedback {
+    /// The answer's `X-Kleingate-Result-Id`.
+    #[serde(alias = "result_id")]
     request_id: String,
     #[serde(default)]
     score: Option<f64>,
@@ -869,9 +882,10 @@ async fn experiment_image(
         return ApiError::not_found(format!("no experiment `{name}`")).into_response();
     }
     let st = state.clone();
-    let found =
-        tokio::task::spawn_blocking(move || st.experiments.store.as_ref().map(|s| s.image(&id)))
-            .await;
+    let found = tokio::task::spawn_blocking(move || {
+        st.experiments.store.as_ref().map(|s| s.image(&name, &id))
+    })
+    .await;
     match found {
         Ok(Some(Ok(Some((content_type, bytes))))) => {
             let mut r = Response::new(Body::from(bytes));

@@ -3,11 +3,9 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use kleingate_backend::Health;
 use kleingate_protocol::GenerateRequest;
 use rand::Rng;
 
-use crate::circuit::CircuitState;
 use crate::config::{Policy, SafetyPolicy};
 use crate::error::ApiError;
 use crate::state::{AppState, BackendSlot};
@@ -87,9 +85,9 @@ pub fn candidates(
 /// one without an objective, or without observations yet, counts as meeting it.
 fn cost_order(list: &mut [Arc<BackendSlot>], req: &GenerateRequest) {
     let key = |s: &Arc<BackendSlot>| {
-        let ready = matches!(s.backend.health(), Health::Ready)
-            && s.breaker.state() != CircuitState::Open
-            && s.busy_for().is_none();
+        // `is_ready` counts an open circuit whose cool-down is over as ready: the backend gets
+        // its probe request instead of staying behind the others forever.
+        let ready = s.is_ready() && s.busy_for().is_none();
         let meets = match (s.latency_objective, s.p95(req.model)) {
             (Some(objective), Some(p95)) => p95 <= objective,
             _ => true,

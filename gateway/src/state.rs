@@ -34,11 +34,15 @@ pub struct BackendSlot {
     last_error: Mutex<Option<String>>,
 }
 
-/// A sliding window of the last `size` successful latencies per model.
+/// A sliding window of the last `size` successful latencies per model, each forgotten after
+/// [`LATENCY_MAX_AGE`]: a backend routed around for being slow gets traffic again once its old
+/// samples expire, so it can show that it recovered.
 struct LatencyWindows {
     size: usize,
-    by_model: HashMap<Model, std::collections::VecDeque<Duration>>,
+    by_model: HashMap<Model, std::collections::VecDeque<(Instant, Duration)>>,
 }
+
+const LATENCY_MAX_AGE: Duration = Duration::from_secs(300);
 
 impl BackendSlot {
     pub fn new(
@@ -79,14 +83,20 @@ impl BackendSlot {
         if q.len() == size {
             q.pop_front();
         }
-        q.push_back(took);
+        q.push_back((Instant::now(), took));
     }
 
     /// The 95th percentile of the recent successful latencies for `model` (nearest rank), `None`
     /// before the first.
     pub fn p95(&self, model: Model) -> Option<Duration> {
         let w = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<Duration> = w.by_model.get(&model)?.iter().copied().collect();
+        let mut v: Vec<Duration> = w
+            .by_model
+            .get(&model)?
+            .iter()
+            .filter(|(at, _)| at.elapsed() < LATENCY_MAX_AGE)
+            .map(|(_, d)| *d)
+            .collect();
         if v.is_empty() {
             return None;
         }

@@ -1147,7 +1147,7 @@ async fn experiments_assign_sticky_variants_and_keep_results_and_feedback_across
         assert_eq!(r.status(), 200);
         ids.entry(header(&r, "x-kleingate-variant"))
             .or_default()
-            .push(header(&r, "x-request-id"));
+            .push(header(&r, "x-kleingate-result-id"));
     }
     assert_eq!(ids.len(), 2, "{ids:?}");
     // Feedback by request id: a score, thumbs, and the refusals.
@@ -1289,13 +1289,19 @@ async fn shadow_experiments_store_pairs_without_delaying_the_client() {
     // The shadow's backend never answers: the client still gets its answer (nothing waits on
     // the shadow).
     fb.set_mode(Mode::Hang);
-    let r = post_with(
-        &gw,
-        "/generate",
-        json!({"prompt": "a fox"}),
-        &[("x-kleingate-experiment", "ab")],
+    // (A bound, not a speed measurement: a gateway that waited for the shadow would answer only
+    // after fb's 30 s timeout.)
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        post_with(
+            &gw,
+            "/generate",
+            json!({"prompt": "a fox"}),
+            &[("x-kleingate-experiment", "ab")],
+        ),
     )
-    .await;
+    .await
+    .expect("the client's answer waited for the shadow");
     assert_eq!(
         (r.status().as_u16(), header(&r, "x-kleingate-variant")),
         (200, "a".into())
@@ -1310,7 +1316,7 @@ async fn shadow_experiments_store_pairs_without_delaying_the_client() {
         &[("x-kleingate-experiment", "ab")],
     )
     .await;
-    let id = header(&r, "x-request-id");
+    let id = header(&r, "x-kleingate-result-id");
     let seed = header(&r, "x-seed");
     assert!(!seed.is_empty());
     let image = r.bytes().await.unwrap();

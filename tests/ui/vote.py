@@ -88,7 +88,7 @@ api_key_env = "KLEINGATE_NO_SUCH_VAR"
         status, headers, _ = http("POST", f"{gw}/generate", {"prompt": "a red fox", "seed": 4},
                                   {"x-kleingate-experiment": "ab"})
         assert status == 200, status
-        rid = headers["x-request-id"]
+        rid = headers["x-kleingate-result-id"]
         wait(lambda: http("GET", f"{gw}/v1/experiments/ab/images/{rid}.shadow")[0] == 200,
              "the shadow result")
 
