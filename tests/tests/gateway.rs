@@ -7,6 +7,9 @@ use kleingate_tests::fake_verda::fake_jpeg;
 use kleingate_tests::{FakeVerda, Gateway, Mode};
 use serde_json::{json, Value};
 
+mod common;
+use common::*;
+
 fn backend(name: &str, fake: &FakeVerda, extra: &str) -> String {
     format!(
         "[backends.{name}]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_SUCH_VAR\"\n{extra}\n",
@@ -20,60 +23,6 @@ fn two_backends(a: &FakeVerda, b: &FakeVerda, extra: &str) -> String {
         backend("primary", a, "timeout_secs = 0.5"),
         backend("secondary", b, "")
     )
-}
-
-async fn post(gw: &Gateway, path: &str, body: Value) -> reqwest::Response {
-    post_with(gw, path, body, &[]).await
-}
-
-async fn post_with(
-    gw: &Gateway,
-    path: &str,
-    body: Value,
-    headers: &[(&str, &str)],
-) -> reqwest::Response {
-    let mut rb = reqwest::Client::new().post(gw.url(path)).json(&body);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    rb.send().await.expect("request")
-}
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
-async fn error_of(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let v: Value = r.json().await.expect("JSON error body");
-    (status, v["error"].clone())
-}
-
-async fn metrics(gw: &Gateway) -> String {
-    reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one sample line of the Prometheus text output, 0 when absent.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| {
-            let rest = &l[name.len()..];
-            (rest.starts_with('{') || rest.starts_with(' '))
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 #[tokio::test]

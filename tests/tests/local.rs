@@ -6,6 +6,9 @@ use base64::Engine as _;
 use kleingate_tests::{FakeVerda, Gateway};
 use serde_json::{json, Value};
 
+mod common;
+use common::*;
+
 const PIPELINE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../backends/local/tests/data/klein-tiny/pipeline"
@@ -44,44 +47,12 @@ async fn wait_ready(gw: &Gateway, backend: &str) -> Value {
     }
 }
 
-async fn post(
-    gw: &Gateway,
-    path: &str,
-    body: Value,
-    headers: &[(&str, &str)],
-) -> reqwest::Response {
-    let mut rb = reqwest::Client::new().post(gw.url(path)).json(&body);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    rb.send().await.unwrap()
-}
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 #[tokio::test]
 async fn local_engine_serves_text_to_image_and_editing_over_http() {
     let gw = Gateway::start(&local("")).await;
     assert_eq!(wait_ready(&gw, "local").await["health"]["state"], "ready");
     let body = json!({"prompt": "a red fox", "seed": 5, "width": 80, "height": 64, "output_format": "png", "enable_safety_checker": false});
-    let r = post(
+    let r = post_with(
         &gw,
         "/flux2-klein-4b/generate",
         body.clone(),
@@ -104,7 +75,7 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
     let img = image::load_from_memory(&png).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (80, 64));
     // Deterministic: the same seed again (bypassing the cache) gives the same image.
-    let again = post(
+    let again = post_with(
         &gw,
         "/flux2-klein-4b/generate",
         body.clone(),
@@ -116,14 +87,14 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
     .await;
     assert_eq!(again.bytes().await.unwrap(), png);
     // Another seed, or the base model (CFG, 3 steps), gives another image.
-    let other = post(&gw, "/generate", json!({"prompt": "a red fox", "seed": 6, "width": 80, "height": 64, "output_format": "png", "enable_safety_checker": false}), &[]).await;
+    let other = post_with(&gw, "/generate", json!({"prompt": "a red fox", "seed": 6, "width": 80, "height": 64, "output_format": "png", "enable_safety_checker": false}), &[]).await;
     assert_ne!(other.bytes().await.unwrap(), png);
-    let base = post(&gw, "/flux2-klein-base-4b/generate", json!({"prompt": "a red fox", "seed": 5, "width": 80, "height": 64, "output_format": "png", "num_steps": 3, "guidance": 3.0, "enable_safety_checker": false}), &[]).await;
+    let base = post_with(&gw, "/flux2-klein-base-4b/generate", json!({"prompt": "a red fox", "seed": 5, "width": 80, "height": 64, "output_format": "png", "num_steps": 3, "guidance": 3.0, "enable_safety_checker": false}), &[]).await;
     assert_eq!(base.status(), 200);
     assert_ne!(base.bytes().await.unwrap(), png);
 
     // JSON answer, jpeg at a given quality.
-    let r = post(&gw, "/generate", json!({"prompt": "x", "seed": 1, "width": 64, "height": 64, "enable_base64_output": true, "output_quality": 50, "enable_safety_checker": false}), &[]).await;
+    let r = post_with(&gw, "/generate", json!({"prompt": "x", "seed": 1, "width": 64, "height": 64, "enable_base64_output": true, "output_quality": 50, "enable_safety_checker": false}), &[]).await;
     let v: Value = r.json().await.unwrap();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(v["image"].as_str().unwrap())
@@ -137,7 +108,7 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
     // Editing with a base64 reference.
     let reference = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(format!("{CASES}/edit_1ref.ref0.png")).unwrap());
-    let r = post(&gw, "/generate", json!({"prompt": "an oil painting", "seed": 3, "width": 80, "height": 64, "output_format": "png", "input_images": [reference], "enable_safety_checker": false}), &[]).await;
+    let r = post_with(&gw, "/generate", json!({"prompt": "an oil painting", "seed": 3, "width": 80, "height": 64, "output_format": "png", "input_images": [reference], "enable_safety_checker": false}), &[]).await;
     assert_eq!(r.status(), 200);
     let edited = r.bytes().await.unwrap();
     assert_eq!(
@@ -149,7 +120,7 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
     );
     // Size left open: the first reference (80 x 72) decides it, floored to the latent grid
     // (multiples of 16 for this VAE), so this is the same image as the explicit 80 x 64 one.
-    let r = post(&gw, "/generate", json!({"prompt": "an oil painting", "seed": 3, "output_format": "png", "input_images": [reference], "enable_safety_checker": false}), &[]).await;
+    let r = post_with(&gw, "/generate", json!({"prompt": "an oil painting", "seed": 3, "output_format": "png", "input_images": [reference], "enable_safety_checker": false}), &[]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-kleingate-cache"), "miss");
     assert_eq!(r.bytes().await.unwrap(), edited);
@@ -162,7 +133,7 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
             .unwrap();
         base64::engine::general_purpose::STANDARD.encode(out)
     };
-    let r = post(
+    let r = post_with(
         &gw,
         "/generate",
         json!({"prompt": "x", "width": 64, "input_images": [tall], "enable_safety_checker": false}),
@@ -184,7 +155,7 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
             .unwrap();
         base64::engine::general_purpose::STANDARD.encode(out)
     };
-    let r = post(&gw, "/generate", json!({"prompt": "x", "width": 64, "height": 64, "input_images": [reference, tiny], "enable_safety_checker": false}), &[]).await;
+    let r = post_with(&gw, "/generate", json!({"prompt": "x", "width": 64, "height": 64, "input_images": [reference, tiny], "enable_safety_checker": false}), &[]).await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["field"], "input_images[1]", "{e}");
@@ -250,7 +221,7 @@ async fn requests_asking_for_the_safety_checker_avoid_a_backend_that_cannot_chec
     .await;
     wait_ready(&gw, "local").await;
     // Default enable_safety_checker = true: the local engine cannot check, so Verda serves it.
-    let r = post(
+    let r = post_with(
         &gw,
         "/generate",
         json!({"prompt": "x", "width": 64, "height": 64}),
@@ -258,7 +229,7 @@ async fn requests_asking_for_the_safety_checker_avoid_a_backend_that_cannot_chec
     )
     .await;
     assert_eq!(header(&r, "x-kleingate-backend"), "verda");
-    let r = post(
+    let r = post_with(
         &gw,
         "/generate",
         json!({"prompt": "x", "width": 64, "height": 64}),
@@ -271,7 +242,7 @@ async fn requests_asking_for_the_safety_checker_avoid_a_backend_that_cannot_chec
         "safety_checker_unavailable"
     );
     // Without the check the first backend in order, the local engine, serves it.
-    let r = post(
+    let r = post_with(
         &gw,
         "/generate",
         json!({"prompt": "x", "width": 64, "height": 64, "enable_safety_checker": false}),
@@ -283,7 +254,7 @@ async fn requests_asking_for_the_safety_checker_avoid_a_backend_that_cannot_chec
     // routing.safety = "skip": the local engine serves them too.
     let gw = Gateway::start(&format!("[routing]\nsafety = \"skip\"\n{}", local(""))).await;
     wait_ready(&gw, "local").await;
-    let r = post(
+    let r = post_with(
         &gw,
         "/generate",
         json!({"prompt": "x", "width": 64, "height": 64}),
@@ -308,7 +279,7 @@ async fn a_full_local_queue_falls_back_to_verda_without_tripping_the_circuit() {
     wait_ready(&gw, "local").await;
     let gw = &gw;
     let answers = futures::future::join_all((0..6).map(|i| async move {
-        let r = post(gw, "/generate", json!({"prompt": format!("p{i}"), "seed": i, "width": 64, "height": 64, "enable_safety_checker": false}), &[]).await;
+        let r = post_with(gw, "/generate", json!({"prompt": format!("p{i}"), "seed": i, "width": 64, "height": 64, "enable_safety_checker": false}), &[]).await;
         (r.status().as_u16(), header(&r, "x-kleingate-backend"))
     }))
     .await;
@@ -350,7 +321,7 @@ async fn compatible_queued_requests_run_as_one_batch_with_unchanged_images() {
     wait_ready(&gw, "local").await;
     let body = |seed: u64| json!({"prompt": "a fox", "seed": seed, "width": 64, "height": 64, "output_format": "png", "enable_safety_checker": false});
     // Alone first, for comparison.
-    let alone = post(&gw, "/generate", body(11), &[])
+    let alone = post_with(&gw, "/generate", body(11), &[])
         .await
         .bytes()
         .await
@@ -361,13 +332,13 @@ async fn compatible_queued_requests_run_as_one_batch_with_unchanged_images() {
     // (the slow one is taken within a millisecond and runs for seconds), so this does not hang
     // on timing.
     let slow = async move {
-        let r = post(gw, "/flux2-klein-base-4b/generate", json!({"prompt": "slow", "seed": 1, "width": 64, "height": 64, "num_steps": 30, "guidance": 3.0, "enable_safety_checker": false}), &[]).await;
+        let r = post_with(gw, "/flux2-klein-base-4b/generate", json!({"prompt": "slow", "seed": 1, "width": 64, "height": 64, "num_steps": 30, "guidance": 3.0, "enable_safety_checker": false}), &[]).await;
         assert_eq!(r.status(), 200);
     };
     let queued = async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         futures::future::join_all((1..5u64).map(|i| async move {
-            let r = post(
+            let r = post_with(
                 gw,
                 "/generate",
                 body(10 + i),
@@ -422,7 +393,7 @@ async fn an_engine_that_cannot_load_is_down_and_answers_503() {
         .as_str()
         .unwrap()
         .contains("/nonexistent/klein"));
-    let r = post(&gw, "/generate", json!({"prompt": "x"}), &[]).await;
+    let r = post_with(&gw, "/generate", json!({"prompt": "x"}), &[]).await;
     assert_eq!(r.status(), 503);
     assert!(r.text().await.unwrap().contains("model not loaded"));
     assert_eq!(reqwest::get(gw.url("/readyz")).await.unwrap().status(), 503);
@@ -453,7 +424,7 @@ async fn the_safety_checker_sets_the_nsfw_header_from_its_verdict() {
         .await;
         assert_eq!(wait_ready(&gw, "local").await["health"]["state"], "ready");
         // With a safety model the local engine takes requests that ask for the check.
-        let r = post(&gw, "/generate", body.clone(), &[]).await;
+        let r = post_with(&gw, "/generate", body.clone(), &[]).await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "x-kleingate-backend"), "local");
         let flag = header(&r, "x-has-nsfw-content");
@@ -473,7 +444,7 @@ async fn the_safety_checker_sets_the_nsfw_header_from_its_verdict() {
         // Not asked: not checked, and not flagged.
         let mut off = body.clone();
         off["enable_safety_checker"] = json!(false);
-        let r = post(&gw, "/generate", off, &[]).await;
+        let r = post_with(&gw, "/generate", off, &[]).await;
         assert_eq!(header(&r, "x-has-nsfw-content"), "false");
         let m = reqwest::get(gw.url("/metrics"))
             .await
@@ -500,7 +471,7 @@ async fn the_local_engine_charges_its_measured_device_time() {
     wait_ready(&gw, "local").await;
     let body = |seed: u64| json!({"prompt": "a fox", "seed": seed, "width": 64, "height": 64, "enable_safety_checker": false});
     let started = Instant::now();
-    let r = post(&gw, "/generate", body(1), &[]).await;
+    let r = post_with(&gw, "/generate", body(1), &[]).await;
     let wall = started.elapsed().as_secs_f64();
     assert_eq!(r.status(), 200);
     let cost: f64 = header(&r, "x-kleingate-cost").parse().unwrap();
