@@ -83,8 +83,9 @@ pub enum Verdict {
 
 pub struct Budgets {
     cfg: BudgetConfig,
-    /// key -> (UTC day number, USD spent that day). Only keys with a budget are kept.
-    spent: Mutex<HashMap<String, (u64, f64)>>,
+    /// The UTC day being counted, and key -> USD spent that day. Only keys with a budget are
+    /// kept; a new day starts from an empty map, which also bounds it by one day's keys.
+    spent: Mutex<(u64, HashMap<String, f64>)>,
 }
 
 fn today() -> u64 {
@@ -97,7 +98,7 @@ impl Budgets {
     pub fn new(cfg: BudgetConfig) -> Self {
         Budgets {
             cfg,
-            spent: Mutex::new(HashMap::new()),
+            spent: Mutex::new((0, HashMap::new())),
         }
     }
 
@@ -121,13 +122,8 @@ impl Budgets {
         let Some(limit) = self.cfg.limit(key) else {
             return Verdict::Within;
         };
-        let spent = match self
-            .spent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-        {
-            Some((d, s)) if *d == day => *s,
+        let spent = match &*self.spent.lock().unwrap_or_else(|p| p.into_inner()) {
+            (d, map) if *d == day => map.get(key).copied().unwrap_or(0.0),
             _ => 0.0,
         };
         if spent >= limit {
@@ -141,12 +137,13 @@ impl Budgets {
         if usd <= 0.0 || self.cfg.limit(key).is_none() {
             return;
         }
-        let mut map = self.spent.lock().unwrap_or_else(|p| p.into_inner());
-        // A new day forgets yesterday's entries, which also bounds the map by the keys active
-        // in one day.
-        map.retain(|_, (d, _)| *d == day);
-        let e = map.entry(key.to_owned()).or_insert((day, 0.0));
-        e.1 += usd;
+        let mut guard = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        let (d, map) = &mut *guard;
+        if *d != day {
+            *d = day;
+            map.clear();
+        }
+        *map.entry(key.to_owned()).or_insert(0.0) += usd;
     }
 }
 
@@ -176,7 +173,7 @@ mod tests {
         assert_eq!(b.check_on("team-a", 101), Verdict::Within);
         b.charge_on("team-b", 0.5, 101);
         assert_eq!(
-            b.spent.lock().unwrap().len(),
+            b.spent.lock().unwrap().1.len(),
             1,
             "yesterday's entries are dropped"
         );
@@ -185,7 +182,7 @@ mod tests {
         let none = Budgets::new(BudgetConfig::default());
         none.charge_on("x", 100.0, 1);
         assert_eq!(none.check_on("x", 1), Verdict::Within);
-        assert!(none.spent.lock().unwrap().is_empty());
+        assert!(none.spent.lock().unwrap().1.is_empty());
     }
 
     #[test]

@@ -5,6 +5,12 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// The tiny reference pipeline and its recorded cases.
+const KLEIN_TINY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../backends/local/tests/data/klein-tiny"
+);
+
 fn get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -99,10 +105,7 @@ fn a_bad_config_fails_at_start_up_naming_the_problem() {
 /// recorded initial noise equals the reference's PNG within 2/255.
 #[test]
 fn generate_reproduces_the_reference_image() {
-    let fixtures = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../backends/local/tests/data/klein-tiny"
-    );
+    let fixtures = KLEIN_TINY;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fox.png");
     let run = Command::new(env!("CARGO_BIN_EXE_kleingate"))
@@ -193,10 +196,7 @@ fn generate_reproduces_the_reference_image() {
 /// Broken checkpoints fail with the file and tensor named.
 #[test]
 fn generate_names_the_broken_weight() {
-    let fixtures = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../backends/local/tests/data/klein-tiny/pipeline"
-    );
+    let fixtures = &format!("{KLEIN_TINY}/pipeline");
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("pipeline");
     let status = Command::new("cp")
@@ -268,10 +268,7 @@ fn generate_names_the_broken_weight() {
 /// reference pipeline's within 2/255.
 #[test]
 fn generate_edits_with_a_reference_image() {
-    let fixtures = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../backends/local/tests/data/klein-tiny"
-    );
+    let fixtures = KLEIN_TINY;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("edit.png");
     let run = Command::new(env!("CARGO_BIN_EXE_kleingate"))
@@ -322,10 +319,7 @@ fn generate_edits_with_a_reference_image() {
 
 #[test]
 fn bench_engine_times_every_stage_on_random_weights() {
-    let configs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../backends/local/tests/data/klein-tiny/pipeline"
-    );
+    let configs = &format!("{KLEIN_TINY}/pipeline");
     let out = Command::new(env!("CARGO_BIN_EXE_kleingate"))
         .args([
             "bench-engine",

@@ -10,13 +10,6 @@ use serde_json::{json, Value};
 mod common;
 use common::*;
 
-fn backend(name: &str, fake: &FakeVerda, extra: &str) -> String {
-    format!(
-        "[backends.{name}]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_SUCH_VAR\"\n{extra}\n",
-        fake.url()
-    )
-}
-
 fn two_backends(a: &FakeVerda, b: &FakeVerda, extra: &str) -> String {
     format!(
         "{extra}\n[routing]\norder = [\"primary\", \"secondary\"]\n[circuit]\nfailure_threshold = 2\ncooldown_secs = 0.4\n{}{}",
@@ -489,12 +482,7 @@ async fn circuit_opens_after_failures_and_recovers() {
         post(&gw, "/generate", json!({"prompt": "x"})).await;
     }
     assert_eq!(a.calls(), 2);
-    let v: Value = reqwest::get(gw.url("/v1/backends"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&gw, "/v1/backends").await;
     assert_eq!(v["backends"][0]["name"], "primary");
     assert_eq!(v["backends"][0]["circuit"], "open");
     assert!(v["backends"][0]["last_error"]
@@ -800,12 +788,7 @@ async fn metrics_move_with_traffic() {
 async fn info_and_health_endpoints() {
     let a = FakeVerda::start().await;
     let gw = Gateway::start(&backend("verda", &a, "models = [\"flux2-klein-4b\"]")).await;
-    let v: Value = reqwest::get(gw.url("/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&gw, "/v1/models").await;
     let models = v["models"].as_array().unwrap();
     assert_eq!(models.len(), 4);
     assert_eq!(models[0]["id"], "flux2-klein-4b");
@@ -815,12 +798,7 @@ async fn info_and_health_endpoints() {
     let (s, e) =
         error_of(post(&gw, "/flux2-klein-9b/generate", json!({"prompt": "x"})).await).await;
     assert_eq!((s, e["code"].as_str()), (503, Some("no_backend")));
-    let v: Value = reqwest::get(gw.url("/v1/backends"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&gw, "/v1/backends").await;
     assert_eq!(v["backends"][0]["kind"], "verda");
     assert_eq!(v["backends"][0]["in_flight"], 0);
     assert_eq!(v["backends"][0]["health"]["state"], "ready");

@@ -27,12 +27,7 @@ fn local(extra: &str) -> String {
 async fn wait_ready(gw: &Gateway, backend: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let v: Value = reqwest::get(gw.url("/v1/backends"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(gw, "/v1/backends").await;
         let b = v["backends"]
             .as_array()
             .unwrap()
@@ -160,12 +155,7 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["field"], "input_images[1]", "{e}");
 
-    let m = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&gw).await;
     assert!(
         sample(
             &m,
@@ -214,9 +204,9 @@ async fn local_engine_serves_text_to_image_and_editing_over_http() {
 async fn requests_asking_for_the_safety_checker_avoid_a_backend_that_cannot_check() {
     let fake = FakeVerda::start().await;
     let gw = Gateway::start(&format!(
-        "[routing]\norder = [\"local\", \"verda\"]\n{}[backends.verda]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_KEY\"\n",
+        "[routing]\norder = [\"local\", \"verda\"]\n{}{}",
         local(""),
-        fake.url()
+        backend("verda", &fake, "")
     ))
     .await;
     wait_ready(&gw, "local").await;
@@ -271,9 +261,9 @@ async fn requests_asking_for_the_safety_checker_avoid_a_backend_that_cannot_chec
 async fn a_full_local_queue_falls_back_to_verda_without_tripping_the_circuit() {
     let fake = FakeVerda::start().await;
     let gw = Gateway::start(&format!(
-        "[routing]\norder = [\"local\", \"verda\"]\n[circuit]\nfailure_threshold = 1\n{}[backends.verda]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_KEY\"\n",
+        "[routing]\norder = [\"local\", \"verda\"]\n[circuit]\nfailure_threshold = 1\n{}{}",
         local("max_queue = 1\nmax_batch = 1"),
-        fake.url()
+        backend("verda", &fake, "")
     ))
     .await;
     wait_ready(&gw, "local").await;
@@ -286,12 +276,7 @@ async fn a_full_local_queue_falls_back_to_verda_without_tripping_the_circuit() {
     assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
     assert!(answers.iter().any(|(_, b)| b == "local"), "{answers:?}");
     assert!(answers.iter().any(|(_, b)| b == "verda"), "{answers:?}");
-    let m = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(gw).await;
     assert!(
         sample(
             &m,
@@ -351,12 +336,7 @@ async fn compatible_queued_requests_run_as_one_batch_with_unchanged_images() {
     };
     let ((), answers) = futures::future::join(slow, queued).await;
     assert!(answers.iter().all(|(s, _)| *s == 200));
-    let m = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(gw).await;
     // Batches: the one alone (1), the slow one (1), the four queued ones (4).
     assert_eq!(
         (
@@ -446,12 +426,7 @@ async fn the_safety_checker_sets_the_nsfw_header_from_its_verdict() {
         off["enable_safety_checker"] = json!(false);
         let r = post_with(&gw, "/generate", off, &[]).await;
         assert_eq!(header(&r, "x-has-nsfw-content"), "false");
-        let m = reqwest::get(gw.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = metrics(&gw).await;
         assert_eq!(
             sample(
                 &m,
@@ -480,12 +455,7 @@ async fn the_local_engine_charges_its_measured_device_time() {
         cost > 0.0 && cost <= wall,
         "cost {cost} for a {wall} s request"
     );
-    let m = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&gw).await;
     let spent = sample(
         &m,
         "kleingate_cost_usd_total",

@@ -25,6 +25,27 @@ pub const CASES: [&str; 6] = [
     "vae_roundtrip",
 ];
 
+/// The cases that run the whole pipeline (all but the VAE round trip).
+pub const GENERATION_CASES: [&str; 5] = [
+    "t2i_distilled",
+    "t2i_distilled_batch2",
+    "t2i_base_cfg",
+    "edit_1ref",
+    "edit_2ref_cfg",
+];
+
+/// (values, shape) of the float32 tensor `name` in a safetensors file's bytes.
+pub fn f32_tensor(bytes: &[u8], name: &str) -> Option<(Vec<f32>, Vec<usize>)> {
+    let st = SafeTensors::deserialize(bytes).ok()?;
+    let t = st.tensor(name).ok()?;
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Some((v, t.shape().to_vec()))
+}
+
 pub struct Case {
     pub name: String,
     pub json: Value,
@@ -55,16 +76,8 @@ impl Case {
 
     /// (values, shape) of a recorded float32 tensor.
     pub fn tensor(&self, tensor: &str) -> (Vec<f32>, Vec<usize>) {
-        let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(tensor)
-            .unwrap_or_else(|_| panic!("{}: no tensor {tensor}", self.name));
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        (v, t.shape().to_vec())
+        f32_tensor(&self.bytes, tensor)
+            .unwrap_or_else(|| panic!("{}: no tensor {tensor}", self.name))
     }
 
     pub fn int_tensor(&self, tensor: &str) -> Vec<u32> {

@@ -24,13 +24,7 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn text_to_image_matches_the_reference() {
     let device = Device::flex();
     let pipe = Pipeline::load(&fixture::pipeline(), &device).unwrap();
-    for name in [
-        "t2i_distilled",
-        "t2i_distilled_batch2",
-        "t2i_base_cfg",
-        "edit_1ref",
-        "edit_2ref_cfg",
-    ] {
+    for name in fixture::GENERATION_CASES {
         let case = Case::load(name);
         let j = &case.json;
         let prompts: Vec<String> = match &j["prompt"] {

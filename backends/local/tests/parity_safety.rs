@@ -2,12 +2,13 @@
 //! random ViT saved by transformers 5.24 with non-default sizes (48 px input, 8 px patches, 24
 //! wide, 3 heads, 2 layers), made by tests/data/nsfw-tiny/make_fixture.py.
 
+mod fixture;
+
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use kleingate_local::image_io::Rgb8;
 use kleingate_local::safety::SafetyChecker;
-use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn dir() -> PathBuf {
@@ -29,14 +30,7 @@ impl Fixture {
     }
 
     fn tensor(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
-        let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap();
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        (v, t.shape().to_vec())
+        fixture::f32_tensor(&self.bytes, name).unwrap_or_else(|| panic!("no tensor {name}"))
     }
 
     fn images(&self) -> Vec<Rgb8> {

@@ -28,13 +28,7 @@ fn ids(case: &Case, name: &str) -> Vec<[i64; 4]> {
 fn transformer_forward_matches_the_reference() {
     let device = Device::flex();
     let model = Transformer::load(&fixture::pipeline().join("transformer"), &device).unwrap();
-    for name in [
-        "t2i_distilled",
-        "t2i_distilled_batch2",
-        "t2i_base_cfg",
-        "edit_1ref",
-        "edit_2ref_cfg",
-    ] {
+    for name in fixture::GENERATION_CASES {
         let case = Case::load(name);
         let mut x = tensor3(&case, "latents.packed", &device);
         let mut img_ids = ids(&case, "latents.ids");

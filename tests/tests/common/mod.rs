@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use kleingate_tests::Gateway;
+use kleingate_tests::{FakeVerda, Gateway};
 use serde_json::Value;
 
 pub async fn post(gw: &Gateway, path: &str, body: Value) -> reqwest::Response {
@@ -57,4 +57,22 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
+}
+
+/// A `[backends.NAME]` table for a Verda-compatible fake upstream, plus `extra` lines.
+pub fn backend(name: &str, fake: &FakeVerda, extra: &str) -> String {
+    format!(
+        "[backends.{name}]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_TEST_NO_SUCH_VAR\"\n{extra}\n",
+        fake.url()
+    )
+}
+
+/// GET `path` and parse its JSON.
+pub async fn get_json(gw: &Gateway, path: &str) -> Value {
+    reqwest::get(gw.url(path))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
