@@ -42,6 +42,15 @@ pub struct Config {
     pub experiments: BTreeMap<String, crate::experiments::ExperimentConfig>,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Client API keys and what each may do (see `auth.rs`).
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
+    /// Rate limits per client and load shedding (see `admission.rs`).
+    #[serde(default)]
+    pub admission: crate::admission::AdmissionConfig,
+    /// Fetching `input_images` URLs for the local engine (see `fetch.rs`).
+    #[serde(default)]
+    pub fetch: crate::fetch::FetchConfig,
 }
 
 /// Where experiment results and feedback are kept.
@@ -299,7 +308,7 @@ impl Config {
     }
 
     /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
-    const TOP_LEVEL: [&'static str; 13] = [
+    const TOP_LEVEL: [&'static str; 16] = [
         "listen",
         "default_model",
         "request_timeout_secs",
@@ -313,6 +322,9 @@ impl Config {
         "budget",
         "experiments",
         "storage",
+        "auth",
+        "admission",
+        "fetch",
     ];
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -321,6 +333,12 @@ impl Config {
             return bad("no backends configured: add at least one [backends.NAME] table".into());
         }
         if let Err(e) = self.budget.validate() {
+            return bad(e);
+        }
+        if let Err(e) = self.admission.validate() {
+            return bad(e);
+        }
+        if let Err(e) = self.fetch.validate() {
             return bad(e);
         }
         let names: Vec<&str> = self.backends.keys().map(String::as_str).collect();

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use kleingate_protocol::{GenerateRequest, ImageJson, Model};
 use serde_json::json;
@@ -17,6 +17,8 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
+use crate::admission::{RateLimitLayer, ShedLayer};
+use crate::auth::Principal;
 use crate::budget::{OnExceed, Verdict};
 use crate::cache::{CachedImage, Lookup};
 use crate::dispatch::dispatch;
@@ -34,23 +36,65 @@ pub const VARIANT_HEADER: &str = "x-kleingate-variant";
 pub const RESULT_ID_HEADER: &str = "x-kleingate-result-id";
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let shed = ShedLayer::new(
+        state.config.admission.max_inflight,
+        state.metrics.rejected.clone(),
+    );
+    // Generate requests are shed when the gateway is full; everything a client calls is behind
+    // the API key and the client's rate limit. Health, readiness and metrics stay open for
+    // probes and scrapers (keep /metrics off the public network; see k8s/).
+    let generate = Router::new()
         .route("/generate", post(generate_default))
         .route("/{model}/generate", post(generate_for_model))
+        .route_layer(shed);
+    let api = Router::new()
+        .merge(generate)
         .route("/v1/models", get(list_models))
         .route("/v1/backends", get(list_backends))
         .route("/v1/feedback", post(feedback))
         .route("/v1/experiments/{name}", get(experiment_results))
         .route("/v1/experiments/{name}/images/{id}", get(experiment_image))
         .route("/ui/experiments/{name}", get(crate::ui::experiment_page))
+        .route_layer(RateLimitLayer(state.rate_limiter.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authenticate,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/ui/login", get(crate::ui::login_page).post(crate::ui::login))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, RequestIds::new()))
+}
+
+/// Every response, by route template and status: what came in equals what went out, rejections
+/// by the layers included.
+async fn count_responses(
+    State(state): State<Arc<AppState>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .http_responses
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
 }
 
 /// Request ids: a random per-process prefix and a counter. Unique across replicas without the cost
@@ -108,12 +152,13 @@ struct ExperimentRun {
 
 async fn generate_for_model(
     State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Arc<Principal>>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     match Model::from_id(&model) {
-        Some(m) => handle(state, Some(m), headers, body).await,
+        Some(m) => handle(state, principal.map(|e| e.0), Some(m), headers, body).await,
         None => {
             // Not a model id: count it without the client's string as a label value.
             let err = kleingate_protocol::ValidationError::unknown_model(None, &model);
@@ -136,14 +181,16 @@ async fn generate_for_model(
 
 async fn generate_default(
     State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Arc<Principal>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, None, headers, body).await
+    handle(state, principal.map(|e| e.0), None, headers, body).await
 }
 
 async fn handle(
     state: Arc<AppState>,
+    principal: Option<Arc<Principal>>,
     path_model: Option<Model>,
     headers: HeaderMap,
     body: Body,
@@ -158,7 +205,12 @@ async fn handle(
         experiment: None,
         image: None,
     };
-    let resp = match generate(&state, path_model, &headers, body, start, &mut outcome).await {
+    let client = Client {
+        principal,
+        key: None,
+    }
+    .resolve(&state, &headers);
+    let resp = match generate(&state, &client, path_model, &headers, body, start, &mut outcome).await {
         Ok(r) => r,
         Err(e) => {
             if outcome.backend.is_none() {
@@ -167,8 +219,11 @@ async fn handle(
             e.into_response()
         }
     };
-    if let Some(key) = client_key(&state, &headers) {
+    if let Some(key) = &client.key {
         state.budgets.charge(key, outcome.cost_usd);
+    }
+    if resp.status() == StatusCode::FORBIDDEN {
+        state.metrics.rejected.with_label_values(&["forbidden"]).inc();
     }
     let resp = record_experiment(&state, resp, &outcome, start).await;
     finish(&state, resp, outcome, start)
@@ -199,9 +254,21 @@ fn finish(state: &AppState, mut resp: Response, outcome: Outcome, start: Instant
     resp
 }
 
-/// The client key budgets are kept by (the configured header), if the request has one.
-fn client_key<'h>(state: &AppState, headers: &'h HeaderMap) -> Option<&'h str> {
-    header_text(headers, state.budgets.header())
+/// Who sent a request: the authenticated key, if auth is on, and the name budgets are kept by:
+/// the key's name, else (auth off) the client header the request carries.
+struct Client {
+    principal: Option<Arc<Principal>>,
+    key: Option<String>,
+}
+
+impl Client {
+    fn resolve(mut self, state: &AppState, headers: &HeaderMap) -> Client {
+        self.key = match &self.principal {
+            Some(p) => Some(p.name.to_string()),
+            None => header_text(headers, state.budgets.header()).map(str::to_owned),
+        };
+        self
+    }
 }
 
 /// A header's trimmed, non-empty text.
@@ -217,11 +284,11 @@ fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 /// cheapest candidate only.
 fn apply_budget(
     state: &AppState,
-    headers: &HeaderMap,
+    client: &Client,
     req: &GenerateRequest,
     candidates: &mut Vec<Arc<BackendSlot>>,
 ) -> Result<(), ApiError> {
-    let Some(key) = client_key(state, headers) else {
+    let Some(key) = client.key.as_deref() else {
         return Ok(());
     };
     let Verdict::Exceeded { spent, limit } = state.budgets.check(key) else {
@@ -285,6 +352,7 @@ fn cache_directives(headers: &HeaderMap) -> (bool, bool) {
 
 async fn generate(
     state: &Arc<AppState>,
+    client: &Client,
     path_model: Option<Model>,
     headers: &HeaderMap,
     body: Body,
@@ -306,9 +374,25 @@ async fn generate(
         &state.config.limits,
     )?;
     outcome.model = req.model.id();
+    if let Some(p) = &client.principal {
+        if !p.allows_model(req.model) {
+            return Err(forbidden(
+                "model_not_allowed",
+                format!("key `{}` may not use model {}", p.name, req.model.id()),
+            )
+            .with_field("model"));
+        }
+    }
 
     let forced = match headers.get(BACKEND_HEADER) {
         None => None,
+        Some(_) if client.principal.as_ref().is_some_and(|p| !p.backend_header) => {
+            return Err(forbidden(
+                "backend_header_not_allowed",
+                "this API key may not choose a backend (its backend_header is false)".into(),
+            )
+            .with_field("X-Kleingate-Backend"))
+        }
         Some(_) if !state.config.routing.allow_backend_header => {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -330,6 +414,25 @@ async fn generate(
         shadow = shadow_req;
     }
     let mut candidates = candidates(state, &req, forced)?;
+    if let Some(p) = &client.principal {
+        if let Some(b) = forced.filter(|b| !p.allows_backend(b)) {
+            return Err(forbidden(
+                "backend_not_allowed",
+                format!("key `{}` may not use backend `{b}`", p.name),
+            )
+            .with_field("X-Kleingate-Backend"));
+        }
+        candidates.retain(|s| p.allows_backend(&s.name));
+        if candidates.is_empty() {
+            return Err(forbidden(
+                "backend_not_allowed",
+                format!(
+                    "none of the backends key `{}` may use serves this request",
+                    p.name
+                ),
+            ));
+        }
+    }
     let preferred = outcome
         .experiment
         .as_ref()
@@ -337,14 +440,14 @@ async fn generate(
     if let Some(b) = &preferred {
         prefer(&mut candidates, b);
     }
-    apply_budget(state, headers, &req, &mut candidates)?;
+    apply_budget(state, client, &req, &mut candidates)?;
     // A variant's answers are cached apart from other backends' (as a forced backend's are),
     // so a variant never receives another variant's image.
     let pin = forced.or(preferred.as_deref());
     if let (Some((sreq, variant)), Some(run)) = (shadow, &outcome.experiment) {
         spawn_shadow(
             state.clone(),
-            client_key(state, headers).map(str::to_owned),
+            client.key.clone(),
             sreq,
             variant,
             run,
@@ -902,4 +1005,8 @@ async fn experiment_image(
         )
         .into_response(),
     }
+}
+
+fn forbidden(code: &'static str, message: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, code, message)
 }

@@ -31,11 +31,27 @@ enum Command {
     /// Time the local engine's stages (text encoder, transformer step, CFG step, VAE decode and
     /// encode, a whole distilled image) and print them beside the diffusers reference figures.
     BenchEngine(bench_engine::BenchArgs),
+    /// Make client API keys: `keys new --name team-a` prints a new key (give it to the client) and
+    /// the `[[auth.keys]]` entry with its digest (put that in the config); `keys hash` prints the
+    /// digest of a key read from stdin.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Load and validate a config file, print the effective settings (no secrets) and exit.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    New {
+        #[arg(long)]
+        name: String,
+    },
+    Hash,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +90,25 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => generate::run(args),
         Command::BenchEngine(args) => bench_engine::run(args),
+        Command::Keys {
+            action: KeysAction::New { name },
+        } => {
+            let key = kleingate_gateway::auth::new_key();
+            println!("key (give to the client; it is not stored anywhere): {key}");
+            println!();
+            println!("[[auth.keys]]");
+            println!("name = {}", serde_json::to_string(&name)?);
+            println!("sha256 = \"{}\"", kleingate_gateway::auth::hash_key(&key));
+            Ok(())
+        }
+        Command::Keys {
+            action: KeysAction::Hash,
+        } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            println!("{}", kleingate_gateway::auth::hash_key(line.trim()));
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("loading {}", config.display()))?;

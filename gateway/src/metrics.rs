@@ -43,6 +43,8 @@ pub struct Metrics {
     pub experiment_score_sum: CounterVec,
     pub experiment_latency: HistogramVec,
     pub experiment_cost_usd: CounterVec,
+    pub rejected: IntCounterVec,
+    pub http_responses: IntCounterVec,
 }
 
 impl Metrics {
@@ -225,8 +227,26 @@ impl Metrics {
             &["experiment", "variant"],
         )
         .expect("metric");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "kleingate_rejected_total",
+                "Requests refused before any work: unauthorized, forbidden, rate_limited, overloaded",
+            ),
+            &["reason"],
+        )
+        .expect("metric");
+        let http_responses = IntCounterVec::new(
+            Opts::new(
+                "kleingate_http_responses_total",
+                "Every HTTP response, by route template and status (requests in = responses out)",
+            ),
+            &["route", "status"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rejected.clone()),
+            Box::new(http_responses.clone()),
             Box::new(experiment_latency.clone()),
             Box::new(experiment_cost_usd.clone()),
             Box::new(experiment_assignments.clone()),
@@ -281,6 +301,8 @@ impl Metrics {
             experiment_score_sum,
             experiment_latency,
             experiment_cost_usd,
+            rejected,
+            http_responses,
         }
     }
 

@@ -26,7 +26,12 @@ pub async fn serve(
         let _ = tx.send(());
     };
     let app = router(state);
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    // The peer address is the rate limiter's last resort for telling clients apart.
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(signal);
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
     tokio::select! {
         r = &mut server => r,

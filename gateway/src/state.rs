@@ -151,6 +151,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     pub budgets: crate::budget::Budgets,
     pub experiments: crate::experiments::Experiments,
+    pub auth: crate::auth::Auth,
+    pub rate_limiter: Arc<crate::admission::RateLimiter>,
     draining: AtomicBool,
 }
 
@@ -160,12 +162,19 @@ pub enum BuildError {
     Backend { name: String, message: String },
     #[error("storage {path}: {message}")]
     Storage { path: String, message: String },
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("fetch: {0}")]
+    Fetch(String),
 }
 
 impl AppState {
     /// Build every backend the config names (local engines start loading in the background).
     pub fn from_config(config: Config) -> Result<Arc<AppState>, BuildError> {
         let metrics = Metrics::new();
+        let fetcher = kleingate_backend::SharedFetcher(Arc::new(
+            crate::fetch::SafeFetcher::new(config.fetch.clone()).map_err(BuildError::Fetch)?,
+        ));
         let mut built: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         for (name, b) in &config.backends {
             let backend: Arc<dyn Backend> = match b.kind {
@@ -202,6 +211,7 @@ impl AppState {
                         safety_threshold: b.safety_threshold.unwrap_or(0.5),
                         limits: config.limits.clone(),
                         cost: b.cost.clone(),
+                        fetcher: Some(fetcher.clone()),
                     },
                     Arc::new(EngineMetrics::new(name, &metrics)),
                 )),
@@ -251,7 +261,16 @@ impl AppState {
             .iter()
             .map(|s| (s.name.clone(), s.clone()))
             .collect();
+        let names: Vec<&str> = config.backends.keys().map(String::as_str).collect();
+        let auth = crate::auth::Auth::from_config(&config.auth, &names)?;
+        let rate_limiter = Arc::new(crate::admission::RateLimiter::new(
+            &config.admission,
+            &config.budget.header,
+            metrics.rejected.clone(),
+        ));
         Ok(Arc::new(AppState {
+            auth,
+            rate_limiter,
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
             budgets: crate::budget::Budgets::new(config.budget.clone()),
             experiments: crate::experiments::Experiments {

@@ -109,3 +109,73 @@ document.querySelectorAll('button.vote').forEach(b => b.addEventListener('click'
     ))
     .into_response()
 }
+
+/// Where a login may send the browser afterwards: only back into the UI (no open redirect).
+fn safe_next(next: Option<&str>) -> &str {
+    match next {
+        Some(n) if n.starts_with("/ui/") && !n.starts_with("//") && !n.contains('\\') => n,
+        _ => "/ui/login",
+    }
+}
+
+/// `GET /ui/login?next=...`: a form for the API key, since a browser cannot send a bearer token
+/// with `<img>` and page loads.
+pub async fn login_page(axum::extract::RawQuery(q): axum::extract::RawQuery) -> Response {
+    let next = q.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "next")
+            .map(|(_, v)| v.into_owned())
+    });
+    let next = escape(safe_next(next.as_deref()));
+    Html(format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kleingate: sign in</title></head>
+<body><h1>kleingate</h1>
+<form method="post" action="/ui/login">
+<label>API key <input type="password" name="key" autocomplete="off" required></label>
+<input type="hidden" name="next" value="{next}">
+<button type="submit">Sign in</button>
+</form></body></html>"#
+    ))
+    .into_response()
+}
+
+/// `POST /ui/login`: check the key and keep it in an HttpOnly, SameSite=Strict cookie (scripts
+/// cannot read it; other sites cannot make the browser send it).
+pub async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let mut key = None;
+    let mut next = None;
+    for (k, v) in url::form_urlencoded::parse(&body) {
+        match &*k {
+            "key" => key = Some(v.into_owned()),
+            "next" => next = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let target = safe_next(next.as_deref()).to_owned();
+    let key = key.unwrap_or_default();
+    if state.auth.enabled() && state.auth.check(key.trim()).is_none() {
+        state
+            .metrics
+            .rejected
+            .with_label_values(&["unauthorized"])
+            .inc();
+        return ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the API key is not valid",
+        )
+        .into_response();
+    }
+    let mut resp = axum::response::Redirect::to(&target).into_response();
+    let cookie = format!(
+        "{}={}; Path=/; HttpOnly; SameSite=Strict",
+        crate::auth::COOKIE,
+        key.trim()
+    );
+    if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
+        resp.headers_mut()
+            .insert(axum::http::header::SET_COOKIE, v);
+    }
+    resp
+}

@@ -7,6 +7,7 @@
 
 mod cache_key;
 mod error;
+pub mod image_check;
 mod model;
 mod request;
 mod response;

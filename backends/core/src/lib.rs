@@ -186,6 +186,24 @@ impl CostModel {
     }
 }
 
+/// Fetches `input_images` given as URLs, for backends that need the bytes (the local engine).
+/// The gateway's implementation refuses unsafe addresses; a refusal is an
+/// [`BackendError::InvalidRequest`] naming `input_images[index]`.
+#[async_trait]
+pub trait InputFetcher: Send + Sync + 'static {
+    async fn fetch(&self, index: usize, url: &str) -> Result<Vec<u8>, BackendError>;
+}
+
+/// A shared [`InputFetcher`], printable in configs.
+#[derive(Clone)]
+pub struct SharedFetcher(pub std::sync::Arc<dyn InputFetcher>);
+
+impl std::fmt::Debug for SharedFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedFetcher")
+    }
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// `verda`, `local`, ...: the kind named in config.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use burn::tensor::Tensor;
 use bytes::Bytes;
-use kleingate_backend::{Backend, BackendError, CostModel, GeneratedImage, Health};
+use kleingate_backend::{Backend, BackendError, CostModel, GeneratedImage, Health, SharedFetcher};
 use kleingate_protocol::{GenerateRequest, InputImage, Limits, Model, OutputFormat};
 use tokio::sync::oneshot;
 
@@ -43,6 +43,8 @@ pub struct LocalConfig {
     /// The gateway's bounds, applied to sizes the engine derives from a reference.
     pub limits: Limits,
     pub cost: CostModel,
+    /// Fetches URL `input_images`; without one, such requests are left to other backends.
+    pub fetcher: Option<SharedFetcher>,
 }
 
 /// Where the engine reports what it does (the gateway turns this into Prometheus metrics).
@@ -294,14 +296,17 @@ impl Backend for LocalBackend {
                         }
                     })?)
                 }
-                // Fetching URLs safely belongs to the gateway; until it does, another backend
-                // (Verda fetches them itself) takes these requests.
-                InputImage::Url { .. } => {
-                    return Err(BackendError::Unavailable {
-                        message: "the local backend does not fetch input image URLs".into(),
-                        retry_after: None,
-                    })
-                }
+                InputImage::Url { url, .. } => match &self.cfg.fetcher {
+                    Some(f) => references.push(f.0.fetch(i, url).await?),
+                    // Nobody to fetch safely for us: another backend (Verda fetches them
+                    // itself) takes these requests.
+                    None => {
+                        return Err(BackendError::Unavailable {
+                            message: "the local backend does not fetch input image URLs".into(),
+                            retry_after: None,
+                        })
+                    }
+                },
             }
         }
         let waiting = self.depth.fetch_add(1, Ordering::SeqCst);

@@ -35,18 +35,8 @@ pub fn prepare(
     multiple: usize,
     device: &Device,
 ) -> Result<Prepared, EngineError> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
+    let img = kleingate_protocol::image_check::decode(bytes, MAX_DECODE_PIXELS)
         .map_err(|e| bad(index, e))?;
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_DECODE_PIXELS * 4);
-    reader.limits(limits);
-    if reader.format().is_none() {
-        return Err(bad(index, "not a jpeg, png or webp image"));
-    }
-    let img = reader
-        .decode()
-        .map_err(|e| bad(index, format!("cannot decode: {e}")))?;
     let mut rgb = img.to_rgb8();
     let (w, h) = (rgb.width() as u64, rgb.height() as u64);
     if w < 64 || h < 64 {

@@ -1,0 +1,348 @@
+//! Admission control, as two tower layers with one concern each:
+//!
+//! * [`RateLimitLayer`]: a token bucket per client (the authenticated key's name, else the budget
+//!   header, else the peer address); an empty bucket answers 429 with `Retry-After` = the time
+//!   until the next token.
+//! * [`ShedLayer`]: at most `max_inflight` generate requests inside the gateway; one more is
+//!   answered 503 `overloaded` at once instead of joining an unbounded queue, so a client (or the
+//!   load balancer) can go elsewhere while the answer is still cheap.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use prometheus::IntCounterVec;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Sustained requests per second per client; 0 turns rate limiting off. A key's own
+    /// `requests_per_sec` overrides it.
+    pub requests_per_sec: f64,
+    /// Requests a client may send at once after being idle (the bucket's size).
+    pub burst: u32,
+    /// Generate requests the gateway holds at once (waiting on backends, cache or queue); the
+    /// next is refused with 503. 0 = no limit.
+    pub max_inflight: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            requests_per_sec: 0.0,
+            burst: 20,
+            max_inflight: 1024,
+        }
+    }
+}
+
+impl AdmissionConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.requests_per_sec >= 0.0 && self.requests_per_sec.is_finite()) {
+            return Err("admission.requests_per_sec must be 0 (off) or positive".into());
+        }
+        if self.burst == 0 {
+            return Err("admission.burst must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+/// Buckets are dropped once full again (a full bucket is the same as a new one), but only when
+/// the table grows past this, so memory stays bounded however many clients come and go.
+const PRUNE_AT: usize = 10_000;
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.at = now;
+    }
+}
+
+pub struct RateLimiter {
+    rate: f64,
+    /// Without auth, the header that names the client (`budget.header`).
+    client_header: String,
+    burst: u32,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    rejected: IntCounterVec,
+}
+
+impl RateLimiter {
+    pub fn new(cfg: &AdmissionConfig, client_header: &str, rejected: IntCounterVec) -> Self {
+        RateLimiter {
+            rate: cfg.requests_per_sec,
+            client_header: client_header.to_owned(),
+            burst: cfg.burst,
+            buckets: Mutex::new(HashMap::new()),
+            rejected,
+        }
+    }
+
+    /// Take a token for `client` at `rate`/`burst`; the wait until the next token otherwise.
+    pub fn take(&self, client: &str, rate: f64, burst: u32, now: Instant) -> Result<(), Duration> {
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = f64::from(burst.max(1));
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= PRUNE_AT && !map.contains_key(client) {
+            map.retain(|_, b| {
+                b.refill(now);
+                b.tokens < b.burst
+            });
+        }
+        let b = map.entry(client.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+            rate,
+            burst,
+        });
+        // A key's limits may have been changed by a restart with a new config; follow them.
+        b.rate = rate;
+        b.burst = burst;
+        b.refill(now);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn check(&self, req: &Request) -> Result<(), Response> {
+        let principal = req.extensions().get::<Arc<Principal>>();
+        let rate = principal
+            .and_then(|p| p.requests_per_sec)
+            .unwrap_or(self.rate);
+        let burst = principal.and_then(|p| p.burst).unwrap_or(self.burst);
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let client = client_identity(req, &self.client_header);
+        self.take(&client, rate, burst, Instant::now()).map_err(|wait| {
+            self.rejected.with_label_values(&["rate_limited"]).inc();
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
+                    wait.as_secs_f64()
+                ),
+            )
+            .with_retry_after(Some(wait))
+            .into_response()
+        })
+    }
+}
+
+/// Who a request is counted against: the authenticated key, else the client header, else the
+/// peer address.
+fn client_identity(req: &Request, client_header: &str) -> String {
+    if let Some(p) = req.extensions().get::<Arc<Principal>>() {
+        return format!("key:{}", p.name);
+    }
+    if let Some(c) = req
+        .headers()
+        .get(client_header)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+    {
+        return format!("client:{}", c.trim());
+    }
+    match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+        Some(ConnectInfo(a)) => format!("ip:{}", a.ip()),
+        None => "ip:unknown".into(),
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimitLayer(pub Arc<RateLimiter>);
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<RateLimiter>,
+}
+
+impl<S> Service<Request> for RateLimit<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> BoxFuture {
+        match self.limiter.check(&req) {
+            Ok(()) => Box::pin(self.inner.call(req)),
+            Err(resp) => Box::pin(std::future::ready(Ok(resp))),
+        }
+    }
+}
+
+/// Load shedding: a permit per request in the gateway, none left = 503 now.
+#[derive(Clone)]
+pub struct ShedLayer {
+    permits: Option<Arc<Semaphore>>,
+    rejected: IntCounterVec,
+}
+
+impl ShedLayer {
+    pub fn new(max_inflight: usize, rejected: IntCounterVec) -> Self {
+        ShedLayer {
+            permits: (max_inflight > 0).then(|| Arc::new(Semaphore::new(max_inflight))),
+            rejected,
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+    fn layer(&self, inner: S) -> Shed<S> {
+        Shed {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Shed<S> {
+    inner: S,
+    layer: ShedLayer,
+}
+
+impl<S> Service<Request> for Shed<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> BoxFuture {
+        let Some(permits) = &self.layer.permits else {
+            return Box::pin(self.inner.call(req));
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let resp = fut.await;
+                    drop(permit);
+                    resp
+                })
+            }
+            Err(_) => {
+                self.layer
+                    .rejected
+                    .with_label_values(&["overloaded"])
+                    .inc();
+                let resp = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "the gateway is at its limit of requests in flight (admission.max_inflight); retry shortly",
+                )
+                .with_retry_after(Some(Duration::from_secs(1)))
+                .into_response();
+                Box::pin(std::future::ready(Ok(resp)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter() -> RateLimiter {
+        let m = IntCounterVec::new(prometheus::Opts::new("x", "x"), &["reason"]).expect("metric");
+        RateLimiter::new(&AdmissionConfig::default(), "x-client", m)
+    }
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let l = limiter();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(l.take("a", 2.0, 3, t0).is_ok());
+        }
+        let wait = l.take("a", 2.0, 3, t0).expect_err("bucket empty");
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
+        // Another client has its own bucket.
+        assert!(l.take("b", 2.0, 3, t0).is_ok());
+        // Half a second later one token is back, and only one.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(l.take("a", 2.0, 3, t1).is_ok());
+        assert!(l.take("a", 2.0, 3, t1).is_err());
+        // Idle for long: the bucket fills to the burst, not beyond.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(l.take("a", 2.0, 3, t2).is_ok());
+        }
+        assert!(l.take("a", 2.0, 3, t2).is_err());
+    }
+
+    #[test]
+    fn the_table_of_buckets_stays_bounded() {
+        let l = limiter();
+        let t0 = Instant::now();
+        for i in 0..PRUNE_AT {
+            l.take(&format!("c{i}"), 1.0, 2, t0).expect("first request");
+        }
+        assert_eq!(l.tracked(), PRUNE_AT);
+        // Ten seconds on, every bucket is full again: one more client prunes them all.
+        l.take("new", 1.0, 2, t0 + Duration::from_secs(10))
+            .expect("first request");
+        assert_eq!(l.tracked(), 1);
+    }
+}

@@ -1,0 +1,374 @@
+//! Client authentication and per-key permissions.
+//!
+//! Clients send `Authorization: Bearer <key>` (as they do to Verda) or, from the vote page in a
+//! browser, the `kleingate_key` cookie set by `/ui/login`. Keys are stored as SHA-256 digests only:
+//! keys are random 256-bit tokens made by `kleingate keys new`, so a fast hash is enough (there is
+//! no low-entropy password to stretch) and checking costs ~1 µs per request. A presented key is
+//! hashed and compared against every stored digest in constant time, without stopping at a match,
+//! so response timing tells nothing about how much of a digest matched or which entry did.
+//!
+//! Keys are never logged: the only thing that leaves this module is the key's configured *name*.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use kleingate_protocol::Model;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+pub const COOKIE: &str = "kleingate_key";
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// On by default as soon as any key is configured (here or in `keys_file`); `false` switches
+    /// auth off for local use, `true` without keys refuses every request.
+    pub enabled: Option<bool>,
+    /// A TOML file with more `[[keys]]` entries, so keys can live in a Kubernetes Secret apart
+    /// from the rest of the configuration.
+    pub keys_file: Option<String>,
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Who this key belongs to: used for budgets, rate limits, experiment assignment and logs.
+    pub name: String,
+    /// Hex SHA-256 of the key (`kleingate keys hash`), never the key itself.
+    pub sha256: String,
+    /// Models this key may ask for; absent = all.
+    #[serde(default)]
+    pub models: Option<Vec<Model>>,
+    /// Backends this key's requests may be routed to; absent = all.
+    #[serde(default)]
+    pub backends: Option<Vec<String>>,
+    /// Whether this key may pick a backend with `X-Kleingate-Backend` (also subject to
+    /// `routing.allow_backend_header`).
+    #[serde(default)]
+    pub backend_header: bool,
+    /// Overrides `[rate_limit]` for this key.
+    #[serde(default)]
+    pub requests_per_sec: Option<f64>,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    keys: Vec<KeyConfig>,
+}
+
+/// An authenticated client, put in the request's extensions by [`authenticate`].
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub name: Arc<str>,
+    models: Option<BTreeSet<Model>>,
+    backends: Option<BTreeSet<String>>,
+    pub backend_header: bool,
+    pub requests_per_sec: Option<f64>,
+    pub burst: Option<u32>,
+}
+
+impl Principal {
+    pub fn allows_model(&self, m: Model) -> bool {
+        self.models.as_ref().is_none_or(|s| s.contains(&m))
+    }
+
+    pub fn allows_backend(&self, b: &str) -> bool {
+        self.backends.as_ref().is_none_or(|s| s.contains(b))
+    }
+}
+
+/// The loaded key table.
+pub struct Auth {
+    enabled: bool,
+    keys: Vec<([u8; 32], Arc<Principal>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth.keys_file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("auth key `{name}`: {message}")]
+    Key { name: String, message: String },
+}
+
+pub fn hash_key(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A new random key: 32 bytes from the OS generator, hex, with a prefix that makes leaked keys
+/// easy to recognise in logs and secret scanners.
+pub fn new_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("kg_{hex}")
+}
+
+fn parse_digest(name: &str, s: &str) -> Result<[u8; 32], AuthError> {
+    let bad = |m: &str| AuthError::Key {
+        name: name.to_owned(),
+        message: m.to_owned(),
+    };
+    let s = s.trim();
+    if s.len() != 64 {
+        return Err(bad(
+            "sha256 must be 64 hex digits (the key's digest from `kleingate keys hash`, not the key)",
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+            .map_err(|_| bad("sha256 must be 64 hex digits"))?;
+    }
+    Ok(out)
+}
+
+impl Auth {
+    pub fn from_config(cfg: &AuthConfig, backend_names: &[&str]) -> Result<Auth, AuthError> {
+        let mut entries = cfg.keys.clone();
+        if let Some(path) = &cfg.keys_file {
+            let file_err = |message: String| AuthError::File {
+                path: path.clone(),
+                message,
+            };
+            let text = std::fs::read_to_string(Path::new(path)).map_err(|e| file_err(e.to_string()))?;
+            let f: KeysFile = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+            entries.extend(f.keys);
+        }
+        let mut keys = Vec::with_capacity(entries.len());
+        let mut names = BTreeSet::new();
+        for k in entries {
+            let bad = |m: String| AuthError::Key {
+                name: k.name.clone(),
+                message: m,
+            };
+            if k.name.trim().is_empty() {
+                return Err(bad("the name is empty".into()));
+            }
+            if !names.insert(k.name.clone()) {
+                return Err(bad("two keys have this name".into()));
+            }
+            let digest = parse_digest(&k.name, &k.sha256)?;
+            if keys.iter().any(|(d, _)| *d == digest) {
+                return Err(bad("the same key digest is configured twice".into()));
+            }
+            if let Some(bs) = &k.backends {
+                if let Some(b) = bs.iter().find(|b| !backend_names.contains(&b.as_str())) {
+                    return Err(bad(format!("backends names `{b}`, which is not configured")));
+                }
+            }
+            if k.requests_per_sec.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                return Err(bad("requests_per_sec must be a positive number".into()));
+            }
+            keys.push((
+                digest,
+                Arc::new(Principal {
+                    name: Arc::from(k.name.as_str()),
+                    models: k.models.map(|v| v.into_iter().collect()),
+                    backends: k.backends.map(|v| v.into_iter().collect()),
+                    backend_header: k.backend_header,
+                    requests_per_sec: k.requests_per_sec,
+                    burst: k.burst,
+                }),
+            ));
+        }
+        Ok(Auth {
+            enabled: cfg.enabled.unwrap_or(!keys.is_empty()),
+            keys,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The principal whose key this is. Every stored digest is compared, in constant time each.
+    pub fn check(&self, key: &str) -> Option<Arc<Principal>> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = None;
+        for (d, p) in &self.keys {
+            if bool::from(d.ct_eq(&digest)) {
+                found = Some(p.clone());
+            }
+        }
+        found
+    }
+}
+
+/// The key a request presents: the bearer token, else the vote page's cookie.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().ok()?;
+        let (scheme, token) = v.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim())
+            .filter(|t| !t.is_empty());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(n, _)| *n == COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"kleingate\""),
+    );
+    r
+}
+
+/// Middleware: 401 without a valid key (when auth is on); otherwise the [`Principal`] goes into
+/// the request's extensions for the rate limiter and the handlers.
+pub async fn authenticate(
+    State(state): State<Arc<crate::AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let auth = &state.auth;
+    if !auth.enabled() {
+        return next.run(req).await;
+    }
+    let Some(key) = presented_key(req.headers()) else {
+        let path = req.uri().path();
+        if path.starts_with("/ui/") && req.method() == axum::http::Method::GET {
+            // A person in a browser: to the sign-in form, and back here afterwards.
+            let next: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
+            return axum::response::Redirect::to(&format!("/ui/login?next={next}")).into_response();
+        }
+        state.metrics.rejected.with_label_values(&["unauthorized"]).inc();
+        return unauthorized("an API key is required: send `Authorization: Bearer <key>`");
+    };
+    match auth.check(key) {
+        Some(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        None => {
+            state.metrics.rejected.with_label_values(&["unauthorized"]).inc();
+            unauthorized("the API key is not valid")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, secret: &str) -> KeyConfig {
+        KeyConfig {
+            name: name.into(),
+            sha256: hash_key(secret),
+            models: None,
+            backends: None,
+            backend_header: false,
+            requests_per_sec: None,
+            burst: None,
+        }
+    }
+
+    #[test]
+    fn finds_the_key_by_digest_and_refuses_others() {
+        let cfg = AuthConfig {
+            keys: vec![key("a", "secret-a"), key("b", "secret-b")],
+            ..Default::default()
+        };
+        let auth = Auth::from_config(&cfg, &[]).expect("valid");
+        assert!(auth.enabled());
+        assert_eq!(&*auth.check("secret-b").expect("b").name, "b");
+        assert_eq!(&*auth.check("secret-a").expect("a").name, "a");
+        assert!(auth.check("secret-c").is_none());
+        assert!(auth.check("").is_none());
+    }
+
+    #[test]
+    fn off_without_keys_unless_forced_and_switchable() {
+        assert!(!Auth::from_config(&AuthConfig::default(), &[]).expect("ok").enabled());
+        let forced = AuthConfig {
+            enabled: Some(true),
+            ..Default::default()
+        };
+        assert!(Auth::from_config(&forced, &[]).expect("ok").enabled());
+        let off = AuthConfig {
+            enabled: Some(false),
+            keys: vec![key("a", "x")],
+            ..Default::default()
+        };
+        assert!(!Auth::from_config(&off, &[]).expect("ok").enabled());
+    }
+
+    #[test]
+    fn config_mistakes_are_errors() {
+        let mut plain = key("a", "x");
+        plain.sha256 = "x".into();
+        let e = Auth::from_config(
+            &AuthConfig {
+                keys: vec![plain],
+                ..Default::default()
+            },
+            &[],
+        );
+        assert!(e.err().expect("error").to_string().contains("64 hex"));
+        let dup = AuthConfig {
+            keys: vec![key("a", "x"), key("a", "y")],
+            ..Default::default()
+        };
+        assert!(Auth::from_config(&dup, &[]).is_err());
+        let mut unknown = key("a", "x");
+        unknown.backends = Some(vec!["nope".into()]);
+        let e = Auth::from_config(
+            &AuthConfig {
+                keys: vec![unknown],
+                ..Default::default()
+            },
+            &["verda"],
+        );
+        assert!(e.err().expect("error").to_string().contains("nope"));
+    }
+
+    #[test]
+    fn bearer_or_cookie() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; kleingate_key=k2"));
+        assert_eq!(presented_key(&h), Some("k2"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k1"));
+        assert_eq!(presented_key(&h), Some("k1"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic k1"));
+        assert_eq!(presented_key(&h), None);
+    }
+
+    #[test]
+    fn new_keys_are_random_and_hash_to_64_hex() {
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        assert!(a.starts_with("kg_") && a.len() == 67);
+        assert_eq!(hash_key(&a).len(), 64);
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
