@@ -148,19 +148,20 @@ impl RateLimiter {
             return Ok(());
         }
         let client = client_identity(req, &self.client_header);
-        self.take(&client, rate, burst, Instant::now()).map_err(|wait| {
-            self.rejected.with_label_values(&["rate_limited"]).inc();
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
-                    wait.as_secs_f64()
-                ),
-            )
-            .with_retry_after(Some(wait))
-            .into_response()
-        })
+        self.take(&client, rate, burst, Instant::now())
+            .map_err(|wait| {
+                self.rejected.with_label_values(&["rate_limited"]).inc();
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
+                        wait.as_secs_f64()
+                    ),
+                )
+                .with_retry_after(Some(wait))
+                .into_response()
+            })
     }
 }
 
@@ -283,10 +284,7 @@ where
                 })
             }
             Err(_) => {
-                self.layer
-                    .rejected
-                    .with_label_values(&["overloaded"])
-                    .inc();
+                self.layer.rejected.with_label_values(&["overloaded"]).inc();
                 let resp = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "overloaded",

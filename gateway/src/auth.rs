@@ -146,7 +146,8 @@ impl Auth {
                 path: path.clone(),
                 message,
             };
-            let text = std::fs::read_to_string(Path::new(path)).map_err(|e| file_err(e.to_string()))?;
+            let text =
+                std::fs::read_to_string(Path::new(path)).map_err(|e| file_err(e.to_string()))?;
             let f: KeysFile = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
             entries.extend(f.keys);
         }
@@ -169,10 +170,14 @@ impl Auth {
             }
             if let Some(bs) = &k.backends {
                 if let Some(b) = bs.iter().find(|b| !backend_names.contains(&b.as_str())) {
-                    return Err(bad(format!("backends names `{b}`, which is not configured")));
+                    return Err(bad(format!(
+                        "backends names `{b}`, which is not configured"
+                    )));
                 }
             }
-            if k.requests_per_sec.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+            if k.requests_per_sec
+                .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+            {
                 return Err(bad("requests_per_sec must be a positive number".into()));
             }
             keys.push((
@@ -258,7 +263,11 @@ pub async fn authenticate(
             let next: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
             return axum::response::Redirect::to(&format!("/ui/login?next={next}")).into_response();
         }
-        state.metrics.rejected.with_label_values(&["unauthorized"]).inc();
+        state
+            .metrics
+            .rejected
+            .with_label_values(&["unauthorized"])
+            .inc();
         return unauthorized("an API key is required: send `Authorization: Bearer <key>`");
     };
     match auth.check(key) {
@@ -267,7 +276,11 @@ pub async fn authenticate(
             next.run(req).await
         }
         None => {
-            state.metrics.rejected.with_label_values(&["unauthorized"]).inc();
+            state
+                .metrics
+                .rejected
+                .with_label_values(&["unauthorized"])
+                .inc();
             unauthorized("the API key is not valid")
         }
     }
@@ -305,7 +318,9 @@ mod tests {
 
     #[test]
     fn off_without_keys_unless_forced_and_switchable() {
-        assert!(!Auth::from_config(&AuthConfig::default(), &[]).expect("ok").enabled());
+        assert!(!Auth::from_config(&AuthConfig::default(), &[])
+            .expect("ok")
+            .enabled());
         let forced = AuthConfig {
             enabled: Some(true),
             ..Default::default()
@@ -352,7 +367,10 @@ mod tests {
     fn bearer_or_cookie() {
         let mut h = HeaderMap::new();
         assert_eq!(presented_key(&h), None);
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; kleingate_key=k2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; kleingate_key=k2"),
+        );
         assert_eq!(presented_key(&h), Some("k2"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k1"));
         assert_eq!(presented_key(&h), Some("k1"));

@@ -216,10 +216,7 @@ impl SafeFetcher {
                     .join(loc)
                     .map_err(|e| format!("the redirect target is malformed: {e}"))?;
                 if hop == self.cfg.max_redirects {
-                    return Err(format!(
-                        "more than {} redirects",
-                        self.cfg.max_redirects
-                    ));
+                    return Err(format!("more than {} redirects", self.cfg.max_redirects));
                 }
                 continue;
             }
@@ -312,7 +309,9 @@ mod tests {
         for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
             assert_eq!(refused(ip), None, "{ip} is public");
         }
-        assert!(refused("169.254.169.254").unwrap_or("").contains("metadata"));
+        assert!(refused("169.254.169.254")
+            .unwrap_or("")
+            .contains("metadata"));
     }
 
     #[test]

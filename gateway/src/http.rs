@@ -62,7 +62,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .merge(api)
-        .route("/ui/login", get(crate::ui::login_page).post(crate::ui::login))
+        .route(
+            "/ui/login",
+            get(crate::ui::login_page).post(crate::ui::login),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -210,7 +213,17 @@ async fn handle(
         key: None,
     }
     .resolve(&state, &headers);
-    let resp = match generate(&state, &client, path_model, &headers, body, start, &mut outcome).await {
+    let resp = match generate(
+        &state,
+        &client,
+        path_model,
+        &headers,
+        body,
+        start,
+        &mut outcome,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             if outcome.backend.is_none() {
@@ -223,7 +236,11 @@ async fn handle(
         state.budgets.charge(key, outcome.cost_usd);
     }
     if resp.status() == StatusCode::FORBIDDEN {
-        state.metrics.rejected.with_label_values(&["forbidden"]).inc();
+        state
+            .metrics
+            .rejected
+            .with_label_values(&["forbidden"])
+            .inc();
     }
     let resp = record_experiment(&state, resp, &outcome, start).await;
     finish(&state, resp, outcome, start)
@@ -445,13 +462,7 @@ async fn generate(
     // so a variant never receives another variant's image.
     let pin = forced.or(preferred.as_deref());
     if let (Some((sreq, variant)), Some(run)) = (shadow, &outcome.experiment) {
-        spawn_shadow(
-            state.clone(),
-            client.key.clone(),
-            sreq,
-            variant,
-            run,
-        );
+        spawn_shadow(state.clone(), client.key.clone(), sreq, variant, run);
     }
     let deadline = start + state.request_timeout;
     let (no_cache, no_store) = cache_directives(headers);

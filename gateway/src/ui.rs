@@ -174,8 +174,7 @@ pub async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) 
         key.trim()
     );
     if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
-        resp.headers_mut()
-            .insert(axum::http::header::SET_COOKIE, v);
+        resp.headers_mut().insert(axum::http::header::SET_COOKIE, v);
     }
     resp
 }

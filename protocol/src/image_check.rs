@@ -20,9 +20,13 @@ pub struct ImageInfo {
 pub struct ImageError(pub String);
 
 fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
-    let format = image::guess_format(bytes)
-        .map_err(|_| ImageError("the content is not an image (no jpeg, png or webp signature)".into()))?;
-    if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) {
+    let format = image::guess_format(bytes).map_err(|_| {
+        ImageError("the content is not an image (no jpeg, png or webp signature)".into())
+    })?;
+    if !matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
+    ) {
         return Err(ImageError(format!(
             "{} images are not accepted; send jpeg, png or webp",
             format.extensions_str().first().unwrap_or(&"such")
@@ -87,7 +91,10 @@ mod tests {
     #[test]
     fn accepts_a_png_and_reports_its_size() {
         let info = inspect(&png(70, 65), 1 << 20).expect("png");
-        assert_eq!((info.format, info.width, info.height), (ImageFormat::Png, 70, 65));
+        assert_eq!(
+            (info.format, info.width, info.height),
+            (ImageFormat::Png, 70, 65)
+        );
         let img = decode(&png(70, 65), 1 << 20).expect("decodes");
         assert_eq!((img.width(), img.height()), (70, 65));
     }
@@ -111,7 +118,11 @@ mod tests {
         for &b in data {
             c ^= u32::from(b);
             for _ in 0..8 {
-                c = if c & 1 == 1 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 == 1 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
         }
         !c
