@@ -7,6 +7,8 @@
 
 mod cache_key;
 mod error;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod image_check;
 mod model;
 mod request;
