@@ -272,8 +272,11 @@ pub async fn authenticate(
     };
     match auth.check(key) {
         Some(p) => {
-            req.extensions_mut().insert(p);
-            next.run(req).await
+            req.extensions_mut().insert(p.clone());
+            let mut resp = next.run(req).await;
+            // For the access log, which sits outside this layer: the key's name, never the key.
+            resp.extensions_mut().insert(p);
+            resp
         }
         None => {
             state

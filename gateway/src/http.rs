@@ -81,22 +81,44 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Every response, by route template and status: what came in equals what went out, rejections
-/// by the layers included.
+/// by the layers included. Also the access log (target `kleingate::access`): request id, method,
+/// route, status, the key's *name* when authenticated, and the time taken.
 async fn count_responses(
     State(state): State<Arc<AppState>>,
     req: Request<Body>,
     next: axum::middleware::Next,
 ) -> Response {
+    let start = Instant::now();
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let resp = next.run(req).await;
     state
         .metrics
         .http_responses
         .with_label_values(&[&route, resp.status().as_str()])
         .inc();
+    let client = resp
+        .extensions()
+        .get::<Arc<Principal>>()
+        .map_or("-", |p| &*p.name);
+    tracing::info!(
+        target: "kleingate::access",
+        request_id,
+        %method,
+        route,
+        status = resp.status().as_u16(),
+        client,
+        ms = %format!("{:.1}", start.elapsed().as_secs_f64() * 1e3),
+    );
     resp
 }
 

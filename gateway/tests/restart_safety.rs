@@ -2,61 +2,11 @@
 //! while clients write results and feedback; after a restart, everything the gateway had answered
 //! 2xx for is still there and the database passes SQLite's integrity check.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::HeaderMap;
-use axum::response::IntoResponse;
-
-/// A minimal Verda-compatible upstream: every request gets a small JPEG and its seed back.
-async fn upstream() -> std::net::SocketAddr {
-    let app = axum::Router::new().route(
-        "/{model}/generate",
-        axum::routing::post(|body: axum::body::Bytes| async move {
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let seed = v["seed"].as_u64().unwrap_or(1);
-            let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0];
-            jpeg.extend((0..2048u32).map(|i| (i.wrapping_mul(seed as u32 | 1) >> 3) as u8));
-            jpeg.extend([0xFF, 0xD9]);
-            let mut h = HeaderMap::new();
-            h.insert("content-type", "image/jpeg".parse().expect("header"));
-            h.insert("x-seed", seed.to_string().parse().expect("header"));
-            h.insert("x-has-nsfw-content", "false".parse().expect("header"));
-            (h, jpeg).into_response()
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-    addr
-}
-
-/// Start the gateway binary; its first stdout line names the address it listens on.
-fn start(config: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kleingate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start kleingate");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let url = line
-        .trim()
-        .strip_prefix("kleingate listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_owned();
-    (child, url)
-}
+mod common;
 
 #[derive(Default)]
 struct Acked {
@@ -107,7 +57,7 @@ async fn writer(url: String, client: usize, stop: Arc<AtomicBool>, acked: Arc<Mu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_and_feedback_survive_kill_9_during_writes() {
-    let up = upstream().await;
+    let up = common::upstream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("experiments.db");
     let config = dir.path().join("kleingate.toml");
@@ -124,7 +74,7 @@ async fn results_and_feedback_survive_kill_9_during_writes() {
 
     let acked = Arc::new(Mutex::new(Acked::default()));
     for round in 0..3u64 {
-        let (mut child, url) = start(&config);
+        let (mut child, url) = common::start(&config, "warn", None);
         let stop = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = (0..8)
             .map(|c| tokio::spawn(writer(url.clone(), c, stop.clone(), acked.clone())))
@@ -146,7 +96,7 @@ async fn results_and_feedback_survive_kill_9_during_writes() {
     }
 
     // After the last kill: every answered write is there, and the file is sound.
-    let (mut child, url) = start(&config);
+    let (mut child, url) = common::start(&config, "warn", None);
     let summary = reqwest::get(format!("{url}/v1/experiments/ab"))
         .await
         .expect("get");
