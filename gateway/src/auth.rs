@@ -367,6 +367,36 @@ mod tests {
     }
 
     #[test]
+    fn keys_from_a_file_join_those_in_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[keys]]\nname = \"worker\"\nsha256 = \"{}\"\nmodels = [\"flux2-klein-9b\"]\n",
+                hash_key("from-file")
+            ),
+        )
+        .expect("write");
+        let cfg = AuthConfig {
+            keys_file: Some(path.display().to_string()),
+            keys: vec![key("a", "inline")],
+            ..Default::default()
+        };
+        let auth = Auth::from_config(&cfg, &[]).expect("valid");
+        let p = auth.check("from-file").expect("the file's key");
+        assert_eq!(&*p.name, "worker");
+        assert!(p.allows_model(Model::Klein9b) && !p.allows_model(Model::Klein4b));
+        assert!(auth.check("inline").is_some());
+        let missing = AuthConfig {
+            keys_file: Some(dir.path().join("nope.toml").display().to_string()),
+            ..Default::default()
+        };
+        let e = Auth::from_config(&missing, &[]).err().expect("error");
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+    }
+
+    #[test]
     fn bearer_or_cookie() {
         let mut h = HeaderMap::new();
         assert_eq!(presented_key(&h), None);
