@@ -106,6 +106,9 @@ max_sequence_length = 32
 models = ["flux2-klein-base-4b"]
 [backends.local.cost]
 gpu_hour_usd = 3.0
+[admission]
+requests_per_sec = 50
+burst = 50
 [storage]
 path = "{tmp / 'kleingate.db'}"
 [experiments.ab]
@@ -146,6 +149,12 @@ scrape_configs:
                              {"x-kleingate-experiment": "ab", "x-kleingate-client": f"c{rnd}"})
             if status == 200:
                 post(f"{gw}/v1/feedback", {"request_id": h["x-kleingate-result-id"], "score": 4})
+            for _ in range(60):  # one client over its rate limit: 429s
+                try:
+                    urllib.request.urlopen(urllib.request.Request(
+                        f"{gw}/v1/models", headers={"x-kleingate-client": "flood"}), timeout=10).read()
+                except urllib.error.HTTPError:
+                    pass
             if rnd % 3 == 0:
                 post(f"{gw}/flux2-klein-base-4b/generate", {"prompt": "x", "seed": seed, "width": 64,
                      "height": 64, "num_steps": 2, "enable_safety_checker": False})
@@ -160,7 +169,7 @@ scrape_configs:
         with urllib.request.urlopen(f"{prom}/api/v1/rules", timeout=10) as r:
             groups = json.load(r)["data"]["groups"]
         loaded = [r for g in groups for r in g["rules"]]
-        if len(loaded) < 4:
+        if len(loaded) < 5:
             problems.append(f"Prometheus loaded {len(loaded)} rules")
         for r in loaded:
             if r["health"] != "ok":

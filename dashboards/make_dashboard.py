@@ -17,6 +17,12 @@ ROWS = [
         ("Requests by backend", "reqps",
          [('sum by (backend) (rate(kleingate_requests_total[$__rate_interval]))', "{{backend}}")], 8),
     ]),
+    ("Admission", [
+        ("Refused before any work, by reason", "reqps",
+         [('sum by (reason) (rate(kleingate_rejected_total[$__rate_interval]))', "{{reason}}")], 12),
+        ("All responses by route and status", "reqps",
+         [('sum by (route, status) (rate(kleingate_http_responses_total[$__rate_interval]))', "{{route}} {{status}}")], 12),
+    ]),
     ("Latency", [
         ("Latency p50 / p95 / p99 by backend", "s",
          [(f'histogram_quantile({q}, sum by (le, backend) (rate(kleingate_request_duration_seconds_bucket[$__rate_interval])))', f"p{int(q * 100)} {{{{backend}}}}")
