@@ -150,11 +150,7 @@ scrape_configs:
             if status == 200:
                 post(f"{gw}/v1/feedback", {"request_id": h["x-kleingate-result-id"], "score": 4})
             for _ in range(60):  # one client over its rate limit: 429s
-                try:
-                    urllib.request.urlopen(urllib.request.Request(
-                        f"{gw}/v1/models", headers={"x-kleingate-client": "flood"}), timeout=10).read()
-                except urllib.error.HTTPError:
-                    pass
+                post(f"{gw}/v1/feedback", {"request_id": "none", "score": 3}, {"x-kleingate-client": "flood"})
             if rnd % 3 == 0:
                 post(f"{gw}/flux2-klein-base-4b/generate", {"prompt": "x", "seed": seed, "width": 64,
                      "height": 64, "num_steps": 2, "enable_safety_checker": False})

@@ -64,9 +64,13 @@ impl AdmissionConfig {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-/// Buckets are dropped once full again (a full bucket is the same as a new one), but only when
-/// the table grows past this, so memory stays bounded however many clients come and go.
+/// Buckets are dropped once full again (a full bucket is the same as a new one) when the table
+/// reaches this size, and again only once it has doubled since (amortised O(1) per request).
 const PRUNE_AT: usize = 10_000;
+/// Past this many live buckets, new clients share one bucket: clients that invent a new identity
+/// per request (without auth, a header value) cannot grow the table without bound.
+const MAX_BUCKETS: usize = 100_000;
+const OVERFLOW: &str = "overflow";
 
 struct Bucket {
     tokens: f64,
@@ -88,8 +92,13 @@ pub struct RateLimiter {
     /// Without auth, the header that names the client (`budget.header`).
     client_header: String,
     burst: u32,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
     rejected: IntCounterVec,
+}
+
+struct Buckets {
+    map: HashMap<String, Bucket>,
+    prune_at: usize,
 }
 
 impl RateLimiter {
@@ -98,7 +107,10 @@ impl RateLimiter {
             rate: cfg.requests_per_sec,
             client_header: client_header.to_owned(),
             burst: cfg.burst,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                map: HashMap::new(),
+                prune_at: PRUNE_AT,
+            }),
             rejected,
         }
     }
@@ -109,14 +121,22 @@ impl RateLimiter {
             return Ok(());
         }
         let burst = f64::from(burst.max(1));
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= PRUNE_AT && !map.contains_key(client) {
-            map.retain(|_, b| {
-                b.refill(now);
-                b.tokens < b.burst
-            });
+        let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let buckets = &mut *guard;
+        let mut client = client;
+        if !buckets.map.contains_key(client) {
+            if buckets.map.len() >= buckets.prune_at {
+                buckets.map.retain(|_, b| {
+                    b.refill(now);
+                    b.tokens < b.burst
+                });
+                buckets.prune_at = (2 * buckets.map.len()).max(PRUNE_AT);
+            }
+            if buckets.map.len() >= MAX_BUCKETS {
+                client = OVERFLOW;
+            }
         }
-        let b = map.entry(client.to_owned()).or_insert(Bucket {
+        let b = buckets.map.entry(client.to_owned()).or_insert(Bucket {
             tokens: burst,
             at: now,
             rate,
@@ -130,26 +150,35 @@ impl RateLimiter {
             b.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+            // A tiny configured rate could overflow a Duration: a day is "much later" enough.
+            Err(Duration::try_from_secs_f64((1.0 - b.tokens) / rate)
+                .unwrap_or(Duration::from_secs(86_400))
+                .min(Duration::from_secs(86_400)))
         }
     }
 
     pub fn tracked(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
     }
 
-    fn check(&self, req: &Request) -> Result<(), Response> {
+    /// The refusal for `req`, if its client is over its rate.
+    fn refusal(&self, req: &Request) -> Option<Response> {
         let principal = req.extensions().get::<Arc<Principal>>();
         let rate = principal
             .and_then(|p| p.requests_per_sec)
             .unwrap_or(self.rate);
         let burst = principal.and_then(|p| p.burst).unwrap_or(self.burst);
         if rate <= 0.0 {
-            return Ok(());
+            return None;
         }
         let client = client_identity(req, &self.client_header);
         self.take(&client, rate, burst, Instant::now())
-            .map_err(|wait| {
+            .err()
+            .map(|wait| {
                 self.rejected.with_label_values(&["rate_limited"]).inc();
                 ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -218,9 +247,9 @@ where
     }
 
     fn call(&mut self, req: Request) -> BoxFuture {
-        match self.limiter.check(&req) {
-            Ok(()) => Box::pin(self.inner.call(req)),
-            Err(resp) => Box::pin(std::future::ready(Ok(resp))),
+        match self.limiter.refusal(&req) {
+            None => Box::pin(self.inner.call(req)),
+            Some(resp) => Box::pin(std::future::ready(Ok(resp))),
         }
     }
 }
@@ -342,5 +371,22 @@ mod tests {
         l.take("new", 1.0, 2, t0 + Duration::from_secs(10))
             .expect("first request");
         assert_eq!(l.tracked(), 1);
+    }
+
+    #[test]
+    fn past_the_cap_new_clients_share_one_bucket() {
+        let l = limiter();
+        let t0 = Instant::now();
+        for i in 0..MAX_BUCKETS {
+            l.take(&format!("c{i}"), 1.0, 2, t0).expect("first request");
+        }
+        // None is full again (no time passed): nothing to prune, so newcomers share a bucket.
+        for who in ["new1", "new2"] {
+            l.take(who, 1.0, 2, t0).expect("the shared bucket's burst");
+        }
+        assert!(l.take("new3", 1.0, 2, t0).is_err());
+        assert_eq!(l.tracked(), MAX_BUCKETS + 1);
+        // Known clients keep their own.
+        assert!(l.take("c7", 1.0, 2, t0).is_ok());
     }
 }

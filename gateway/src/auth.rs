@@ -55,7 +55,11 @@ pub struct KeyConfig {
     /// `routing.allow_backend_header`).
     #[serde(default)]
     pub backend_header: bool,
-    /// Overrides `[rate_limit]` for this key.
+    /// May read experiment results and images and use the vote page (they show other clients'
+    /// prompts and images). Feedback on a result needs only its result id.
+    #[serde(default)]
+    pub experiments: bool,
+    /// Overrides `[admission]` for this key.
     #[serde(default)]
     pub requests_per_sec: Option<f64>,
     #[serde(default)]
@@ -76,6 +80,7 @@ pub struct Principal {
     models: Option<BTreeSet<Model>>,
     backends: Option<BTreeSet<String>>,
     pub backend_header: bool,
+    pub experiments: bool,
     pub requests_per_sec: Option<f64>,
     pub burst: Option<u32>,
 }
@@ -125,7 +130,7 @@ fn parse_digest(name: &str, s: &str) -> Result<[u8; 32], AuthError> {
         message: m.to_owned(),
     };
     let s = s.trim();
-    if s.len() != 64 {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad(
             "sha256 must be 64 hex digits (the key's digest from `kleingate keys hash`, not the key)",
         ));
@@ -187,6 +192,7 @@ impl Auth {
                     models: k.models.map(|v| v.into_iter().collect()),
                     backends: k.backends.map(|v| v.into_iter().collect()),
                     backend_header: k.backend_header,
+                    experiments: k.experiments,
                     requests_per_sec: k.requests_per_sec,
                     burst: k.burst,
                 }),
@@ -256,13 +262,18 @@ pub async fn authenticate(
     if !auth.enabled() {
         return next.run(req).await;
     }
-    let Some(key) = presented_key(req.headers()) else {
-        let path = req.uri().path();
-        if path.starts_with("/ui/") && req.method() == axum::http::Method::GET {
-            // A person in a browser: to the sign-in form, and back here afterwards.
-            let next: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
-            return axum::response::Redirect::to(&format!("/ui/login?next={next}")).into_response();
-        }
+    let principal = presented_key(req.headers()).map(|k| auth.check(k));
+    let path = req.uri().path();
+    if !matches!(principal, Some(Some(_)))
+        && path.starts_with("/ui/")
+        && req.method() == axum::http::Method::GET
+    {
+        // A person in a browser, without a key or with a stale one: to the sign-in form, and
+        // back here afterwards.
+        let next: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
+        return axum::response::Redirect::to(&format!("/ui/login?next={next}")).into_response();
+    }
+    let Some(principal) = principal else {
         state
             .metrics
             .rejected
@@ -270,7 +281,7 @@ pub async fn authenticate(
             .inc();
         return unauthorized("an API key is required: send `Authorization: Bearer <key>`");
     };
-    match auth.check(key) {
+    match principal {
         Some(p) => {
             req.extensions_mut().insert(p.clone());
             let mut resp = next.run(req).await;
@@ -289,6 +300,23 @@ pub async fn authenticate(
     }
 }
 
+/// Route layer for experiment data (results, images, the vote page): with auth on, only keys
+/// with `experiments = true`.
+pub async fn require_experiments(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Arc<Principal>>() {
+        Some(p) if !p.experiments => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "experiments_not_allowed",
+            format!(
+                "key `{}` may not read experiments (its experiments is false)",
+                p.name
+            ),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +328,7 @@ mod tests {
             models: None,
             backends: None,
             backend_header: false,
+            experiments: false,
             requests_per_sec: None,
             burst: None,
         }

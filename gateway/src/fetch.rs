@@ -103,11 +103,24 @@ fn refused_v6(a: Ipv6Addr) -> Option<&'static str> {
         return refused_v4(v4);
     }
     let s = a.segments();
-    // NAT64 (64:ff9b::/96) and the deprecated IPv4-compatible form carry an IPv4 address.
-    if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || (s[..6] == [0; 6] && s[6] != 0) {
-        let [a, b] = s[6].to_be_bytes();
-        let [c, d] = s[7].to_be_bytes();
-        return refused_v4(Ipv4Addr::new(a, b, c, d));
+    // NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48) and the deprecated IPv4-compatible
+    // form carry an IPv4 address in their last 32 bits, 6to4 (2002::/16) in bits 16-48.
+    let v4 = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        Ipv4Addr::new(a, b, c, d)
+    };
+    if (s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1))
+        || (s[..6] == [0; 6] && s[6] != 0)
+    {
+        return refused_v4(v4(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return refused_v4(v4(s[1], s[2]));
+    }
+    // Teredo (2001::/32) hides its IPv4 address (obfuscated); nothing to fetch there.
+    if s[0] == 0x2001 && s[1] == 0 {
+        return Some("a Teredo tunnel address");
     }
     Some(match s[0] {
         _ if a.is_loopback() => "a loopback address",
@@ -174,10 +187,15 @@ impl SafeFetcher {
             .collect();
         match (ok.is_empty(), first_refusal) {
             (false, _) => Ok(ok),
-            (true, Some((ip, why))) => Err(format!(
-                "{} resolves to {ip}, {why}, which this gateway does not fetch from",
-                url.host_str().unwrap_or("the host")
-            )),
+            (true, Some((ip, why))) => {
+                // The address itself stays in the log: a client must not be able to use the
+                // gateway to look up internal names.
+                tracing::debug!(host = url.host_str().unwrap_or(""), %ip, why, "input image fetch refused");
+                Err(format!(
+                    "{} is {why}, which this gateway does not fetch from",
+                    url.host_str().unwrap_or("the host")
+                ))
+            }
             (true, None) => Err("the host resolves to no address".into()),
         }
     }
@@ -301,12 +319,21 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
             "::10.0.0.1",
             "168.63.129.16",
         ] {
             assert!(refused(ip).is_some(), "{ip} must be refused");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "2002:0808:0808::1",
+        ] {
             assert_eq!(refused(ip), None, "{ip} is public");
         }
         assert!(refused("169.254.169.254")

@@ -40,22 +40,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         state.config.admission.max_inflight,
         state.metrics.rejected.clone(),
     );
-    // Generate requests are shed when the gateway is full; everything a client calls is behind
-    // the API key and the client's rate limit. Health, readiness and metrics stay open for
-    // probes and scrapers (keep /metrics off the public network; see k8s/).
+    // Everything a client calls is behind the API key. What costs work (generate, feedback
+    // writes) is also under the client's rate limit, and generate requests are shed when the
+    // gateway is full; cheap reads are not limited (the vote page loads 40 images at once).
+    // Experiment data needs a key with `experiments = true`. Health, readiness and metrics stay
+    // open for probes and scrapers (keep /metrics off the public network; see k8s/).
+    let rate = RateLimitLayer(state.rate_limiter.clone());
     let generate = Router::new()
         .route("/generate", post(generate_default))
         .route("/{model}/generate", post(generate_for_model))
-        .route_layer(shed);
-    let api = Router::new()
-        .merge(generate)
-        .route("/v1/models", get(list_models))
-        .route("/v1/backends", get(list_backends))
+        .route_layer(shed)
+        .route_layer(rate.clone());
+    let feedback = Router::new()
         .route("/v1/feedback", post(feedback))
+        .route_layer(rate);
+    let experiments = Router::new()
         .route("/v1/experiments/{name}", get(experiment_results))
         .route("/v1/experiments/{name}/images/{id}", get(experiment_image))
         .route("/ui/experiments/{name}", get(crate::ui::experiment_page))
-        .route_layer(RateLimitLayer(state.rate_limiter.clone()))
+        .route_layer(axum::middleware::from_fn(crate::auth::require_experiments));
+    let api = Router::new()
+        .merge(generate)
+        .merge(feedback)
+        .merge(experiments)
+        .route("/v1/models", get(list_models))
+        .route("/v1/backends", get(list_backends))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::authenticate,
@@ -447,8 +456,27 @@ async fn generate(
     };
     let mut req = req;
     let mut shadow = None;
-    if let Some((run, shadow_req)) = assign_experiment(state, headers, &bytes, forced, &mut req)? {
+    if let Some((run, shadow_req)) =
+        assign_experiment(state, client, headers, &bytes, forced, &mut req)?
+    {
         outcome.model = req.model.id();
+        if let Some(p) = client
+            .principal
+            .as_ref()
+            .filter(|p| !p.allows_model(req.model))
+        {
+            // The variant's model, which this key may not use.
+            return Err(forbidden(
+                "model_not_allowed",
+                format!(
+                    "key `{}` may not use model {}, which experiment variant `{}` runs",
+                    p.name,
+                    req.model.id(),
+                    run.variant
+                ),
+            )
+            .with_field("X-Kleingate-Experiment"));
+        }
         outcome.experiment = Some(run);
         shadow = shadow_req;
     }
@@ -484,7 +512,21 @@ async fn generate(
     // so a variant never receives another variant's image.
     let pin = forced.or(preferred.as_deref());
     if let (Some((sreq, variant)), Some(run)) = (shadow, &outcome.experiment) {
-        spawn_shadow(state.clone(), client.key.clone(), sreq, variant, run);
+        // A shadow runs within the key's scope too, or not at all.
+        if client
+            .principal
+            .as_ref()
+            .is_none_or(|p| p.allows_model(sreq.model))
+        {
+            spawn_shadow(
+                state.clone(),
+                client.key.clone(),
+                client.principal.clone(),
+                sreq,
+                variant,
+                run,
+            );
+        }
     }
     let deadline = start + state.request_timeout;
     let (no_cache, no_store) = cache_directives(headers);
@@ -675,6 +717,7 @@ async fn method_not_allowed() -> ApiError {
 /// model, and count the assignment. The variant's backend is applied to the candidates later.
 fn assign_experiment(
     state: &AppState,
+    client: &Client,
     headers: &HeaderMap,
     body: &[u8],
     forced: Option<&str>,
@@ -710,7 +753,11 @@ fn assign_experiment(
             format!("no experiment `{name}`; configured: {}", known.join(", ")),
         ));
     };
-    let key = header_text(headers, &cfg.key_header);
+    // With auth, the key's name: a client must not pick its variant by choosing a header value.
+    let key = match &client.principal {
+        Some(p) => Some(&*p.name),
+        None => header_text(headers, &cfg.key_header),
+    };
     let variant = cfg.assign(name, key);
     if let Some(m) = variant.model.filter(|m| *m != req.model) {
         *req = for_variant(state, body, m, name, &variant.name)?;
@@ -784,6 +831,7 @@ fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
 fn spawn_shadow(
     state: Arc<AppState>,
     budget_key: Option<String>,
+    principal: Option<Arc<Principal>>,
     req: GenerateRequest,
     variant: crate::experiments::Variant,
     run: &ExperimentRun,
@@ -794,6 +842,9 @@ fn spawn_shadow(
         let start = Instant::now();
         let served = match candidates(&state, &req, None) {
             Ok(mut c) => {
+                if let Some(p) = &principal {
+                    c.retain(|s| p.allows_backend(&s.name));
+                }
                 if let Some(b) = &variant.backend {
                     prefer(&mut c, b);
                 }

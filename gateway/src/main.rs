@@ -112,8 +112,9 @@ fn main() -> anyhow::Result<()> {
                 kleingate_gateway::auth::hash_key(&key)
             );
             match key_file {
-                Some(p) => write_private(&p, &key)
-                    .with_context(|| format!("writing {}", p.display()))?,
+                Some(p) => {
+                    write_private(&p, &key).with_context(|| format!("writing {}", p.display()))?
+                }
                 None => println!("key (give it to the client; only its digest is kept): {key}\n"),
             }
             match entry_file {
@@ -126,7 +127,9 @@ fn main() -> anyhow::Result<()> {
                         .and_then(|mut f| writeln!(f, "{entry}"))
                         .with_context(|| format!("appending to {}", p.display()))?;
                 }
-                None => print!("# in auth.keys_file; in the config file itself, as [[auth.keys]]\n{entry}"),
+                None => print!(
+                    "# in auth.keys_file; in the config file itself, as [[auth.keys]]\n{entry}"
+                ),
             }
             Ok(())
         }

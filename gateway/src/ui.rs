@@ -113,8 +113,28 @@ document.querySelectorAll('button.vote').forEach(b => b.addEventListener('click'
 /// Where a login may send the browser afterwards: only back into the UI (no open redirect).
 fn safe_next(next: Option<&str>) -> &str {
     match next {
-        Some(n) if n.starts_with("/ui/") && !n.starts_with("//") && !n.contains('\\') => n,
+        Some(n)
+            if n.starts_with("/ui/")
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b)) =>
+        {
+            n
+        }
         _ => "/ui/login",
+    }
+}
+
+/// A sign-in posted from another site (a form there planting its own key in this browser) is
+/// refused: browsers say where a request comes from in `Sec-Fetch-Site` and `Origin`.
+fn cross_site(headers: &axum::http::HeaderMap) -> bool {
+    let text = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (text("origin"), text("host")) {
+        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, h)| h) != Some(host),
+        (Some(_), None) => true,
+        _ => false,
     }
 }
 
@@ -142,7 +162,19 @@ pub async fn login_page(axum::extract::RawQuery(q): axum::extract::RawQuery) -> 
 
 /// `POST /ui/login`: check the key and keep it in an HttpOnly, SameSite=Strict cookie (scripts
 /// cannot read it; other sites cannot make the browser send it).
-pub async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if cross_site(&headers) {
+        return ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "cross_site_login",
+            "sign in from this gateway's own page",
+        )
+        .into_response();
+    }
     let mut key = None;
     let mut next = None;
     for (k, v) in url::form_urlencoded::parse(&body) {
@@ -168,10 +200,15 @@ pub async fn login(State(state): State<Arc<AppState>>, body: axum::body::Bytes) 
         .into_response();
     }
     let mut resp = axum::response::Redirect::to(&target).into_response();
+    // Behind a TLS-terminating proxy the cookie is marked Secure, so it never travels in clear.
+    let secure = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
     let cookie = format!(
-        "{}={}; Path=/; HttpOnly; SameSite=Strict",
+        "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200{}",
         crate::auth::COOKIE,
-        key.trim()
+        key.trim(),
+        if secure { "; Secure" } else { "" }
     );
     if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(axum::http::header::SET_COOKIE, v);

@@ -70,7 +70,8 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     limits.max_image_width = Some(info.width);
     limits.max_image_height = Some(info.height);
     // 16-bit RGBA is the widest pixel these formats decode to.
-    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
+    let declared = u64::from(info.width) * u64::from(info.height);
+    limits.max_alloc = Some(declared.saturating_mul(8).max(1 << 20));
     r.limits(limits);
     r.decode()
         .map_err(|e| ImageError(format!("cannot decode the image: {e}")))

@@ -19,7 +19,7 @@ const KEY_B: &str = "kg_test_key_for_team_b_9876543210";
 
 fn keys(extra_b: &str) -> String {
     format!(
-        "[[auth.keys]]\nname = \"team-a\"\nsha256 = \"{}\"\nbackend_header = true\n\n\
+        "[[auth.keys]]\nname = \"team-a\"\nsha256 = \"{}\"\nbackend_header = true\nexperiments = true\n\n\
          [[auth.keys]]\nname = \"team-b\"\nsha256 = \"{}\"\nmodels = [\"flux2-klein-9b\"]\nbackends = [\"second\"]\n{extra_b}\n",
         hash_key(KEY_A),
         hash_key(KEY_B)
@@ -52,6 +52,11 @@ async fn api_keys_gate_every_client_route_and_scope_models_and_backends() {
             "models = [\"flux2-klein-4b\", \"flux2-klein-9b\"]"
         ),
         keys("")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{cfg}[storage]\npath = \"{}\"\n[experiments.only4b]\nvariants = [{{ name = \"a\", model = \"flux2-klein-4b\" }}, {{ name = \"b\", model = \"flux2-klein-base-4b\", weight = 0 }}]\n",
+        dir.path().join("k.db").display()
     );
     let gw = Gateway::start(&cfg).await;
     let body = json!({"prompt": "a fox", "seed": 1});
@@ -128,6 +133,43 @@ async fn api_keys_gate_every_client_route_and_scope_models_and_backends() {
         (status, e["code"].as_str()),
         (403, Some("backend_header_not_allowed"))
     );
+    // An experiment cannot hand team-b a model it may not use.
+    let (status, e) = error_of(
+        post_with(
+            &gw,
+            "/flux2-klein-9b/generate",
+            body.clone(),
+            &[(h, &v), ("x-kleingate-experiment", "only4b")],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, e["code"].as_str(), e["field"].as_str()),
+        (
+            403,
+            Some("model_not_allowed"),
+            Some("X-Kleingate-Experiment")
+        )
+    );
+    // Experiment data (other clients' prompts and images) needs `experiments = true`.
+    let get_as = |key: &'static str| {
+        let url = gw.url("/v1/experiments/only4b");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .header("authorization", format!("Bearer {key}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let (status, e) = error_of(get_as(KEY_B).await).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (403, Some("experiments_not_allowed"))
+    );
+    assert_eq!(get_as(KEY_A).await.status(), 200);
     let before = (first.calls(), second.calls());
     let r = post_key(
         &gw,
@@ -162,7 +204,7 @@ async fn api_keys_gate_every_client_route_and_scope_models_and_backends() {
     );
     assert_eq!(
         sample(&m, "kleingate_rejected_total", &[("reason", "forbidden")]),
-        2.0
+        3.0
     );
     assert_eq!(
         sample(
@@ -223,6 +265,44 @@ async fn auth_can_be_switched_off_and_the_sign_in_cookie_works() {
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
     );
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    // Nor a header-splitting one; and behind TLS the cookie is Secure.
+    let r = client
+        .post(on.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(format!("key={KEY_A}&next=%2Fui%2F%0D%0Ax"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "location")),
+        (303, "/ui/login".into())
+    );
+    assert!(header(&r, "set-cookie").contains("; Secure"));
+    // A sign-in form on another site cannot plant its key in this browser.
+    for (h, v) in [
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "https://evil.example"),
+    ] {
+        let r = client
+            .post(on.url("/ui/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header(h, v)
+            .body(format!("key={KEY_A}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{h}");
+    }
+    // A stale cookie on a page sends the browser back to the form, not to a JSON error.
+    let r = client
+        .get(on.url("/ui/experiments/x"))
+        .header("cookie", "kleingate_key=revoked")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
     let pair = cookie.split(';').next().unwrap().to_owned();
     let r = client
         .get(on.url("/v1/models"))
@@ -261,15 +341,23 @@ async fn rate_limits_are_per_client_and_say_when_to_retry() {
     assert!((95..=100).contains(&retry), "{retry}");
     let (status, e) = error_of(r).await;
     assert_eq!((status, e["code"].as_str()), (429, Some("rate_limited")));
-    // Other endpoints share the client's bucket.
+    // Feedback writes share the client's bucket; cheap reads are not limited.
     let (h, v) = bearer(KEY_A);
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/feedback"))
+        .header(h, &v)
+        .json(&json!({"request_id": "x", "score": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
     let r = reqwest::Client::new()
         .get(gw.url("/v1/models"))
         .header(h, v)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 429);
+    assert_eq!(r.status(), 200);
     // team-b is not held back by team-a, and has its own burst of 3.
     for i in 0..3 {
         let r = post_key(
@@ -477,7 +565,7 @@ async fn input_image_urls_are_fetched_safely_for_the_local_engine() {
     assert_eq!(r.status(), 200);
 
     for (path, why) in [
-        ("/to-metadata", "169.254.169.254"),
+        ("/to-metadata", "169.254.169.254 is a link-local address"),
         ("/to-private", "private"),
         ("/loop", "more than 2 redirects"),
         ("/html", "not an image"),
@@ -506,4 +594,35 @@ async fn input_image_urls_are_fetched_safely_for_the_local_engine() {
         (400, Some("input_images[0]")),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn shadow_runs_stay_within_the_keys_backends() {
+    let first = FakeVerda::start().await;
+    let second = FakeVerda::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!(
+        "{}{}{}[storage]\npath = \"{}\"\n[experiments.ab]\nshadow = true\nvariants = [{{ name = \"a\", backend = \"second\" }}, {{ name = \"b\", backend = \"first\", weight = 0 }}]\n",
+        backend("first", &first, "models = [\"flux2-klein-9b\"]"),
+        backend("second", &second, "models = [\"flux2-klein-9b\"]"),
+        keys(""),
+        dir.path().join("k.db").display()
+    ))
+    .await;
+    let (h, v) = bearer(KEY_B);
+    let r = post_with(
+        &gw,
+        "/flux2-klein-9b/generate",
+        json!({"prompt": "x", "seed": 4}),
+        &[(h, &v), ("x-kleingate-experiment", "ab")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kleingate-variant"), "a");
+    // The shadow (variant b prefers `first`) runs on what team-b may use: `second` only.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.calls() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((first.calls(), second.calls()), (0, 2));
 }

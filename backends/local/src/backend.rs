@@ -285,6 +285,14 @@ impl Backend for LocalBackend {
                 })
             }
         }
+        // A full queue refuses at once, before any input image is downloaded for nothing.
+        let waiting = self.depth.load(Ordering::SeqCst);
+        if waiting >= self.cfg.max_queue {
+            return Err(BackendError::Unavailable {
+                message: format!("queue full ({waiting} requests waiting)"),
+                retry_after: None,
+            });
+        }
         let mut references = Vec::with_capacity(req.input_images.len());
         for (i, img) in req.input_images.iter().enumerate() {
             match img {
