@@ -2,15 +2,18 @@
 """Drive the experiment vote page in headless Chromium and check the stored feedback.
 
 Starts, all on 127.0.0.1: two fake Verda upstreams (one per variant), the gateway with a
-`shadow = true` experiment and a fresh SQLite file, and chromedriver (Debian's `chromium` and
-`chromium-driver` packages), spoken to over the plain WebDriver HTTP protocol. Makes a pair,
-opens /ui/experiments/ab, clicks "Left is better", waits for "Vote recorded", and checks that
+`shadow = true` experiment, a fresh SQLite file and API keys on, and chromedriver (Debian's
+`chromium` and `chromium-driver` packages), spoken to over the plain WebDriver HTTP protocol. Makes a
+pair, opens /ui/experiments/ab, is sent to the sign-in form, enters the key (the page and its vote
+requests then authenticate with the cookie), clicks "Left is better", waits for "Vote recorded", and
+checks that
 the winner's variant got a thumbs up (5) and the other a thumbs down (1) in
 GET /v1/experiments/ab. Bounded: under a minute.
 
     cargo build -p kleingate-gateway -p kleingate-tests --bins && python3 tests/ui/vote.py
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -25,6 +28,8 @@ import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
+KEY = "kg_vote_test_" + os.urandom(16).hex()
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 def free_port():
@@ -67,6 +72,10 @@ def main():
                                            "--image-bytes", "3000"], stdout=subprocess.DEVNULL))
         (tmp / "k.toml").write_text(f"""
 listen = "127.0.0.1:{gwp}"
+[[auth.keys]]
+name = "rater"
+sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"
+experiments = true
 [storage]
 path = "{tmp / 'k.db'}"
 [experiments.ab]
@@ -85,11 +94,13 @@ api_key_env = "KLEINGATE_NO_SUCH_VAR"
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         gw = f"http://127.0.0.1:{gwp}"
         wait(lambda: http("GET", f"{gw}/healthz")[0] == 200, "the gateway")
+        status, _, _ = http("POST", f"{gw}/generate", {"prompt": "a red fox", "seed": 4})
+        assert status == 401, f"auth is on: {status}"
         status, headers, _ = http("POST", f"{gw}/generate", {"prompt": "a red fox", "seed": 4},
-                                  {"x-kleingate-experiment": "ab"})
+                                  {"x-kleingate-experiment": "ab", **AUTH})
         assert status == 200, status
         rid = headers["x-kleingate-result-id"]
-        wait(lambda: http("GET", f"{gw}/v1/experiments/ab/images/{rid}.shadow")[0] == 200,
+        wait(lambda: http("GET", f"{gw}/v1/experiments/ab/images/{rid}.shadow", None, AUTH)[0] == 200,
              "the shadow result")
 
         driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -112,6 +123,11 @@ api_key_env = "KLEINGATE_NO_SUCH_VAR"
                 st, _, b = http("POST", f"{s}/element", {"using": "css selector", "value": css})
                 return list(json.loads(b)["value"].values())[0] if st == 200 else None
 
+            # No key yet: the sign-in form, which sends the browser back to the page.
+            field = wait(lambda: find("input[name=key]"), "the sign-in form")
+            http("POST", f"{s}/element/{field}/value", {"text": KEY})
+            http("POST", f"{s}/element/{find('button[type=submit]')}/click", {})
+
             button = wait(lambda: find("section.pair button.vote"), "the vote button")
             _, _, b = http("GET", f"{s}/element/{button}/attribute/data-win")
             winner = json.loads(b)["value"]
@@ -126,7 +142,7 @@ api_key_env = "KLEINGATE_NO_SUCH_VAR"
         finally:
             http("DELETE", s)
 
-        _, _, body = http("GET", f"{gw}/v1/experiments/ab")
+        _, _, body = http("GET", f"{gw}/v1/experiments/ab", None, AUTH)
         results = {r["variant"]: r for r in json.loads(body)["results"]}
         win_variant = "b" if winner.endswith(".shadow") else "a"
         lose_variant = "a" if win_variant == "b" else "b"
