@@ -302,17 +302,28 @@ pub async fn authenticate(
 
 /// Route layer for experiment data (results, images, the vote page): with auth on, only keys
 /// with `experiments = true`.
-pub async fn require_experiments(req: Request, next: Next) -> Response {
+pub async fn require_experiments(
+    State(state): State<Arc<crate::AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     match req.extensions().get::<Arc<Principal>>() {
-        Some(p) if !p.experiments => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "experiments_not_allowed",
-            format!(
-                "key `{}` may not read experiments (its experiments is false)",
-                p.name
-            ),
-        )
-        .into_response(),
+        Some(p) if !p.experiments => {
+            state
+                .metrics
+                .rejected
+                .with_label_values(&["forbidden"])
+                .inc();
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "experiments_not_allowed",
+                format!(
+                    "key `{}` may not read experiments (its experiments is false)",
+                    p.name
+                ),
+            )
+            .into_response()
+        }
         _ => next.run(req).await,
     }
 }

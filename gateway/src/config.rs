@@ -22,6 +22,10 @@ pub struct Config {
     pub request_timeout_secs: f64,
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Time a client gets to send its whole request body; a client that trickles it (holding an
+    /// `admission.max_inflight` place) gets 408.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: f64,
     /// How long shutdown waits for in-flight requests before giving up on them.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: f64,
@@ -80,6 +84,9 @@ fn default_request_timeout() -> f64 {
 }
 fn default_max_body() -> usize {
     64 * 1024 * 1024
+}
+fn default_body_timeout() -> f64 {
+    30.0
 }
 fn default_grace() -> f64 {
     130.0
@@ -308,11 +315,12 @@ impl Config {
     }
 
     /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
-    const TOP_LEVEL: [&'static str; 16] = [
+    const TOP_LEVEL: [&'static str; 17] = [
         "listen",
         "default_model",
         "request_timeout_secs",
         "max_body_bytes",
+        "body_timeout_secs",
         "shutdown_grace_secs",
         "limits",
         "cache",
@@ -356,6 +364,9 @@ impl Config {
         }
         if self.request_timeout_secs <= 0.0 || !self.request_timeout_secs.is_finite() {
             return bad("request_timeout_secs must be positive".into());
+        }
+        if !(self.body_timeout_secs > 0.0 && self.body_timeout_secs.is_finite()) {
+            return bad("body_timeout_secs must be positive".into());
         }
         if self.circuit.failure_threshold == 0 {
             return bad("circuit.failure_threshold must be at least 1".into());

@@ -58,7 +58,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/experiments/{name}", get(experiment_results))
         .route("/v1/experiments/{name}/images/{id}", get(experiment_image))
         .route("/ui/experiments/{name}", get(crate::ui::experiment_page))
-        .route_layer(axum::middleware::from_fn(crate::auth::require_experiments));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_experiments,
+        ));
     let api = Router::new()
         .merge(generate)
         .merge(feedback)
@@ -408,13 +411,26 @@ async fn generate(
     outcome: &mut Outcome,
 ) -> Result<Response, ApiError> {
     let max = state.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the request body is over the limit of {max} bytes"),
-        )
-    })?;
+    let limit = Duration::from_secs_f64(state.config.body_timeout_secs);
+    let bytes = tokio::time::timeout(limit, axum::body::to_bytes(body, max))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s (body_timeout_secs)",
+                    state.config.body_timeout_secs
+                ),
+            )
+        })?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is over the limit of {max} bytes"),
+            )
+        })?;
     let req = GenerateRequest::from_json(
         &bytes,
         path_model,

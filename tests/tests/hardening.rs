@@ -204,7 +204,7 @@ async fn api_keys_gate_every_client_route_and_scope_models_and_backends() {
     );
     assert_eq!(
         sample(&m, "kleingate_rejected_total", &[("reason", "forbidden")]),
-        3.0
+        4.0
     );
     assert_eq!(
         sample(
@@ -625,4 +625,82 @@ async fn shadow_runs_stay_within_the_keys_backends() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!((first.calls(), second.calls()), (0, 2));
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_body_gets_408_and_frees_its_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "body_timeout_secs = 0.5\n{}[admission]\nmax_inflight = 1\n",
+        backend("v", &fake, "models = [\"flux2-klein-4b\"]"),
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\"")
+        .await
+        .unwrap();
+    // While it holds the one place, others are shed...
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, e) = error_of(post(&gw, "/generate", json!({"prompt": "x"})).await).await;
+    assert_eq!((status, e["code"].as_str()), (503, Some("overloaded")));
+    // ...until its time is up: 408, and the place is free again.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.windows(12).any(|w| w == b"body_timeout") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to the trickling client");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(
+        post(&gw, "/generate", json!({"prompt": "x"}))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn with_auth_budgets_follow_the_key_not_the_client_header() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "{}{}[budget]\non_exceed = \"reject\"\n[budget.keys]\nteam-a = 0.015\n",
+        backend(
+            "second",
+            &fake,
+            "models = [\"flux2-klein-4b\"]\n[backends.second.cost]\nper_image_usd = 0.01"
+        ),
+        keys("")
+    ))
+    .await;
+    let (h, v) = bearer(KEY_A);
+    for (i, client) in ["x", "y"].iter().enumerate() {
+        let r = post_with(
+            &gw,
+            "/generate",
+            json!({"prompt": "x", "seed": i}),
+            &[(h, &v), ("x-kleingate-client", client)],
+        )
+        .await;
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    // 0.02 USD spent by team-a, whatever the header said: over its 0.015.
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "x", "seed": 9}),
+        &[(h, &v), ("x-kleingate-client", "someone-else")],
+    )
+    .await;
+    let (status, e) = error_of(r).await;
+    assert_eq!((status, e["code"].as_str()), (429, Some("budget_exceeded")));
+    assert!(e["message"].as_str().unwrap().contains("team-a"), "{e}");
 }
