@@ -99,6 +99,7 @@ pub struct RateLimiter {
 struct Buckets {
     map: HashMap<String, Bucket>,
     prune_at: usize,
+    last_prune: Option<Instant>,
 }
 
 impl RateLimiter {
@@ -110,6 +111,7 @@ impl RateLimiter {
             buckets: Mutex::new(Buckets {
                 map: HashMap::new(),
                 prune_at: PRUNE_AT,
+                last_prune: None,
             }),
             rejected,
         }
@@ -125,12 +127,19 @@ impl RateLimiter {
         let buckets = &mut *guard;
         let mut client = client;
         if !buckets.map.contains_key(client) {
-            if buckets.map.len() >= buckets.prune_at {
+            // At the cap, prune at most once a second: enough for buckets to fill up again and
+            // make room, never a scan per request.
+            let at_cap = buckets.map.len() >= MAX_BUCKETS;
+            let rested = buckets
+                .last_prune
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+            if buckets.map.len() >= buckets.prune_at && (!at_cap || rested) {
                 buckets.map.retain(|_, b| {
                     b.refill(now);
                     b.tokens < b.burst
                 });
-                buckets.prune_at = (2 * buckets.map.len()).max(PRUNE_AT);
+                buckets.prune_at = (2 * buckets.map.len()).clamp(PRUNE_AT, MAX_BUCKETS);
+                buckets.last_prune = Some(now);
             }
             if buckets.map.len() >= MAX_BUCKETS {
                 client = OVERFLOW;
@@ -388,5 +397,11 @@ mod tests {
         assert_eq!(l.tracked(), MAX_BUCKETS + 1);
         // Known clients keep their own.
         assert!(l.take("c7", 1.0, 2, t0).is_ok());
+        // Once the old buckets have filled up again, newcomers get their own bucket again.
+        let later = t0 + Duration::from_secs(10);
+        l.take("new4", 1.0, 2, later).expect("own bucket");
+        l.take("new4", 1.0, 2, later).expect("own bucket");
+        assert!(l.take("new4", 1.0, 2, later).is_err());
+        assert!(l.tracked() < 10);
     }
 }

@@ -365,8 +365,8 @@ impl Config {
         if self.request_timeout_secs <= 0.0 || !self.request_timeout_secs.is_finite() {
             return bad("request_timeout_secs must be positive".into());
         }
-        if !(self.body_timeout_secs > 0.0 && self.body_timeout_secs.is_finite()) {
-            return bad("body_timeout_secs must be positive".into());
+        if !(self.body_timeout_secs > 0.0 && self.body_timeout_secs <= 86_400.0) {
+            return bad("body_timeout_secs must be positive and at most a day".into());
         }
         if self.circuit.failure_threshold == 0 {
             return bad("circuit.failure_threshold must be at least 1".into());

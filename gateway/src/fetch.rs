@@ -110,10 +110,13 @@ fn refused_v6(a: Ipv6Addr) -> Option<&'static str> {
         let [c, d] = lo.to_be_bytes();
         Ipv4Addr::new(a, b, c, d)
     };
-    if (s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1))
-        || (s[..6] == [0; 6] && s[6] != 0)
-    {
+    if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || (s[..6] == [0; 6] && s[6] != 0) {
         return refused_v4(v4(s[6], s[7]));
+    }
+    // Local-use NAT64 prefixes may be shorter than /96 and put the IPv4 address elsewhere: all of
+    // 64:ff9b:1::/48 is refused.
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        return Some("a local NAT64 address");
     }
     if s[0] == 0x2002 {
         return refused_v4(v4(s[1], s[2]));

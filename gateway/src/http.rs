@@ -476,23 +476,6 @@ async fn generate(
         assign_experiment(state, client, headers, &bytes, forced, &mut req)?
     {
         outcome.model = req.model.id();
-        if let Some(p) = client
-            .principal
-            .as_ref()
-            .filter(|p| !p.allows_model(req.model))
-        {
-            // The variant's model, which this key may not use.
-            return Err(forbidden(
-                "model_not_allowed",
-                format!(
-                    "key `{}` may not use model {}, which experiment variant `{}` runs",
-                    p.name,
-                    req.model.id(),
-                    run.variant
-                ),
-            )
-            .with_field("X-Kleingate-Experiment"));
-        }
         outcome.experiment = Some(run);
         shadow = shadow_req;
     }
@@ -777,6 +760,26 @@ fn assign_experiment(
     let variant = cfg.assign(name, key);
     if let Some(m) = variant.model.filter(|m| *m != req.model) {
         *req = for_variant(state, body, m, name, &variant.name)?;
+    }
+    // A variant must not widen a key's scope: its model and backend are the key's to use, or
+    // the request is refused (before it counts as an assignment).
+    if let Some(p) = &client.principal {
+        let refuse = |code, what: String| {
+            Err(forbidden(
+                code,
+                format!(
+                    "key `{}` may not use {what}, which experiment variant `{}` runs",
+                    p.name, variant.name
+                ),
+            )
+            .with_field("X-Kleingate-Experiment"))
+        };
+        if !p.allows_model(req.model) {
+            return refuse("model_not_allowed", format!("model {}", req.model.id()));
+        }
+        if let Some(b) = variant.backend.as_ref().filter(|b| !p.allows_backend(b)) {
+            return refuse("backend_not_allowed", format!("backend `{b}`"));
+        }
     }
     let shadow = match cfg.shadow_of(&variant.name) {
         Some(other) => {

@@ -131,11 +131,14 @@ fn cross_site(headers: &axum::http::HeaderMap) -> bool {
     if let Some(site) = text("sec-fetch-site") {
         return !matches!(site, "same-origin" | "none");
     }
-    match (text("origin"), text("host")) {
-        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, h)| h) != Some(host),
-        (Some(_), None) => true,
-        _ => false,
-    }
+    // Without Sec-Fetch-Site (plain http to a non-local host): the Origin must name this host,
+    // as the client saw it (a proxy may have rewritten Host and kept it in X-Forwarded-Host).
+    let Some(origin) = text("origin") else {
+        return false;
+    };
+    let origin_host = origin.split_once("://").map(|(_, h)| h);
+    let ours = [text("x-forwarded-host"), text("host")];
+    !ours.iter().flatten().any(|h| Some(*h) == origin_host)
 }
 
 /// `GET /ui/login?next=...`: a form for the API key, since a browser cannot send a bearer token

@@ -303,6 +303,16 @@ async fn auth_can_be_switched_off_and_the_sign_in_cookie_works() {
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
+    // A same-origin post from a browser that sends Origin but not Sec-Fetch-Site is fine.
+    let r = client
+        .post(on.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("origin", format!("http://{}", on.addr))
+        .body(format!("key={KEY_A}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
     let pair = cookie.split(';').next().unwrap().to_owned();
     let r = client
         .get(on.url("/v1/models"))
@@ -602,7 +612,9 @@ async fn shadow_runs_stay_within_the_keys_backends() {
     let second = FakeVerda::start().await;
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&format!(
-        "{}{}{}[storage]\npath = \"{}\"\n[experiments.ab]\nshadow = true\nvariants = [{{ name = \"a\", backend = \"second\" }}, {{ name = \"b\", backend = \"first\", weight = 0 }}]\n",
+        "{}{}{}[storage]\npath = \"{}\"\n[experiments.ab]\nshadow = true\nvariants = [{{ name = \"a\", backend = \"second\" }}, {{ name = \"b\", backend = \"first\", weight = 0 }}]\n\
+         [experiments.onfirst]\nvariants = [{{ name = \"x\", backend = \"first\" }}, {{ name = \"y\", backend = \"first\" }}]\n\
+         [experiments.half]\nvariants = [{{ name = \"p\" }}, {{ name = \"q\" }}]\n",
         backend("first", &first, "models = [\"flux2-klein-9b\"]"),
         backend("second", &second, "models = [\"flux2-klein-9b\"]"),
         keys(""),
@@ -625,6 +637,39 @@ async fn shadow_runs_stay_within_the_keys_backends() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!((first.calls(), second.calls()), (0, 2));
+
+    // A variant on a backend the key may not use is refused, not quietly served elsewhere.
+    let r = post_with(
+        &gw,
+        "/flux2-klein-9b/generate",
+        json!({"prompt": "x", "seed": 5}),
+        &[(h, &v), ("x-kleingate-experiment", "onfirst")],
+    )
+    .await;
+    let (status, e) = error_of(r).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (403, Some("backend_not_allowed"))
+    );
+    // Under auth the variant follows the key's name: varying the client header changes nothing.
+    let mut variants = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let client = format!("client-{i}");
+        let r = post_with(
+            &gw,
+            "/flux2-klein-9b/generate",
+            json!({"prompt": "x", "seed": 10 + i}),
+            &[
+                (h, &v),
+                ("x-kleingate-experiment", "half"),
+                ("x-kleingate-client", &client),
+            ],
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        variants.insert(header(&r, "x-kleingate-variant"));
+    }
+    assert_eq!(variants.len(), 1, "{variants:?}");
 }
 
 #[tokio::test]
