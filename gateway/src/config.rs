@@ -26,6 +26,10 @@ pub struct Config {
     /// `admission.max_inflight` place) gets 408.
     #[serde(default = "default_body_timeout")]
     pub body_timeout_secs: f64,
+    /// Time a client gets to send a request's headers (and an idle keep-alive connection to
+    /// start its next request); then the connection is closed.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: f64,
     /// How long shutdown waits for in-flight requests before giving up on them.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: f64,
@@ -86,6 +90,9 @@ fn default_max_body() -> usize {
     64 * 1024 * 1024
 }
 fn default_body_timeout() -> f64 {
+    30.0
+}
+fn default_header_timeout() -> f64 {
     30.0
 }
 fn default_grace() -> f64 {
@@ -315,12 +322,13 @@ impl Config {
     }
 
     /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
-    const TOP_LEVEL: [&'static str; 17] = [
+    const TOP_LEVEL: [&'static str; 18] = [
         "listen",
         "default_model",
         "request_timeout_secs",
         "max_body_bytes",
         "body_timeout_secs",
+        "header_timeout_secs",
         "shutdown_grace_secs",
         "limits",
         "cache",
@@ -367,6 +375,9 @@ impl Config {
         }
         if !(self.body_timeout_secs > 0.0 && self.body_timeout_secs <= 86_400.0) {
             return bad("body_timeout_secs must be positive and at most a day".into());
+        }
+        if !(self.header_timeout_secs > 0.0 && self.header_timeout_secs <= 86_400.0) {
+            return bad("header_timeout_secs must be positive and at most a day".into());
         }
         if self.circuit.failure_threshold == 0 {
             return bad("circuit.failure_threshold must be at least 1".into());

@@ -1,12 +1,21 @@
 //! Running the server, with graceful shutdown: on the shutdown signal `/readyz` turns 503 (so
 //! load balancers stop sending), the listener stops accepting, and in-flight requests get up to
 //! `shutdown_grace_secs` to finish.
+//!
+//! The accept loop is ours rather than `axum::serve`'s so that each connection gets a timer: a
+//! client must send its request headers within `header_timeout_secs` or the connection is closed
+//! (slow-header clients would otherwise hold connections for ever). The peer address goes into
+//! each request as `ConnectInfo`, the rate limiter's last resort for telling clients apart.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::http::router;
 use crate::state::AppState;
@@ -17,25 +26,47 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = Duration::from_secs_f64(state.config.shutdown_grace_secs);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let drain_state = state.clone();
-    let signal = async move {
-        shutdown.await;
-        drain_state.start_draining();
-        tracing::info!("shutting down: draining in-flight requests");
-        let _ = tx.send(());
-    };
-    let app = router(state);
-    // The peer address is the rate limiter's last resort for telling clients apart.
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal);
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let header_timeout = Duration::from_secs_f64(state.config.header_timeout_secs);
+    let app = router(state.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection closed with an error");
+            }
+        });
+    }
+    state.start_draining();
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
     tokio::select! {
-        r = &mut server => r,
-        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
+        () = graceful.shutdown() => Ok(()),
+        () = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "grace period over; abandoning the remaining requests");
             Ok(())
         }

@@ -749,3 +749,38 @@ async fn with_auth_budgets_follow_the_key_not_the_client_header() {
     assert_eq!((status, e["code"].as_str()), (429, Some("budget_exceeded")));
     assert!(e["message"].as_str().unwrap().contains("team-a"), "{e}");
 }
+
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "header_timeout_secs = 0.5\n{}",
+        backend("v", &fake, "models = [\"flux2-klein-4b\"]"),
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /generate HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was not closed");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // Well-behaved clients are served as before.
+    assert_eq!(
+        post(&gw, "/generate", json!({"prompt": "x"}))
+            .await
+            .status(),
+        200
+    );
+}
