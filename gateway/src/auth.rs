@@ -26,16 +26,45 @@ use crate::error::ApiError;
 
 pub const COOKIE: &str = "kleingate_key";
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// On by default as soon as any key is configured (here or in `keys_file`); `false` switches
     /// auth off for local use, `true` without keys refuses every request.
     pub enabled: Option<bool>,
     /// A TOML file with more `[[keys]]` entries, so keys can live in a Kubernetes Secret apart
-    /// from the rest of the configuration.
+    /// from the rest of the configuration. Re-read when it changes (checked every
+    /// `reload_secs`), so keys are added and revoked without a restart; a file that does not
+    /// load leaves the previous keys in force. Its presence turns auth on.
     pub keys_file: Option<String>,
+    /// How often `keys_file` is checked for changes.
+    #[serde(default = "default_reload_secs")]
+    pub reload_secs: f64,
     pub keys: Vec<KeyConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: None,
+            keys_file: None,
+            reload_secs: default_reload_secs(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+fn default_reload_secs() -> f64 {
+    10.0
+}
+
+impl AuthConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.reload_secs > 0.0 && self.reload_secs <= 86_400.0) {
+            return Err("auth.reload_secs must be positive and at most a day".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -95,10 +124,16 @@ impl Principal {
     }
 }
 
-/// The loaded key table.
+type KeyTable = Vec<([u8; 32], Arc<Principal>)>;
+
+/// The loaded key table, replaced whole when `keys_file` changes.
 pub struct Auth {
     enabled: bool,
-    keys: Vec<([u8; 32], Arc<Principal>)>,
+    cfg: AuthConfig,
+    backend_names: Vec<String>,
+    keys: std::sync::RwLock<Arc<KeyTable>>,
+    /// `keys_file`'s modification time and length when last loaded.
+    loaded: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +180,45 @@ fn parse_digest(name: &str, s: &str) -> Result<[u8; 32], AuthError> {
 
 impl Auth {
     pub fn from_config(cfg: &AuthConfig, backend_names: &[&str]) -> Result<Auth, AuthError> {
+        let stamp = cfg.keys_file.as_deref().and_then(file_stamp);
+        let keys = Self::load(cfg, backend_names)?;
+        Ok(Auth {
+            enabled: cfg
+                .enabled
+                .unwrap_or(!keys.is_empty() || cfg.keys_file.is_some()),
+            cfg: cfg.clone(),
+            backend_names: backend_names.iter().map(|s| (*s).to_owned()).collect(),
+            keys: std::sync::RwLock::new(Arc::new(keys)),
+            loaded: std::sync::Mutex::new(stamp),
+        })
+    }
+
+    /// Re-read `keys_file` if it changed since it was last loaded: `Ok(Some(n))` with the number
+    /// of keys now in force, `Ok(None)` when unchanged. On an error the previous keys stay.
+    pub fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
+        let Some(path) = self.cfg.keys_file.as_deref() else {
+            return Ok(None);
+        };
+        let stamp = file_stamp(path);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if stamp == *loaded {
+            return Ok(None);
+        }
+        // Remember this version even if it fails, so a broken file is reported once, not every
+        // few seconds; the next change is tried again.
+        *loaded = stamp;
+        let names: Vec<&str> = self.backend_names.iter().map(String::as_str).collect();
+        let keys = Self::load(&self.cfg, &names)?;
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        Ok(Some(n))
+    }
+
+    pub fn reload_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.cfg.reload_secs)
+    }
+
+    fn load(cfg: &AuthConfig, backend_names: &[&str]) -> Result<KeyTable, AuthError> {
         let mut entries = cfg.keys.clone();
         if let Some(path) = &cfg.keys_file {
             let file_err = |message: String| AuthError::File {
@@ -198,10 +272,7 @@ impl Auth {
                 }),
             ));
         }
-        Ok(Auth {
-            enabled: cfg.enabled.unwrap_or(!keys.is_empty()),
-            keys,
-        })
+        Ok(keys)
     }
 
     pub fn enabled(&self) -> bool {
@@ -211,13 +282,39 @@ impl Auth {
     /// The principal whose key this is. Every stored digest is compared, in constant time each.
     pub fn check(&self, key: &str) -> Option<Arc<Principal>> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut found = None;
-        for (d, p) in &self.keys {
+        for (d, p) in keys.iter() {
             if bool::from(d.ct_eq(&digest)) {
                 found = Some(p.clone());
             }
         }
         found
+    }
+}
+
+fn file_stamp(path: &str) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Keep `keys_file` current: a changed file is loaded, a broken one logged and ignored.
+pub async fn watch_keys_file(state: Arc<crate::AppState>) {
+    if state.auth.cfg.keys_file.is_none() {
+        return;
+    }
+    let every = state.auth.reload_interval();
+    loop {
+        tokio::time::sleep(every).await;
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || st.auth.reload_if_changed()).await {
+            Ok(Ok(Some(n))) => tracing::info!(keys = n, "auth.keys_file reloaded"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "auth.keys_file not reloaded; the previous keys stay in force")
+            }
+            Err(_) => {}
+        }
     }
 }
 

@@ -354,6 +354,9 @@ impl Config {
         if let Err(e) = self.admission.validate() {
             return bad(e);
         }
+        if let Err(e) = self.auth.validate() {
+            return bad(e);
+        }
         if let Err(e) = self.fetch.validate() {
             return bad(e);
         }

@@ -28,6 +28,7 @@ pub async fn serve(
     let grace = Duration::from_secs_f64(state.config.shutdown_grace_secs);
     let header_timeout = Duration::from_secs_f64(state.config.header_timeout_secs);
     let app = router(state.clone());
+    let watcher = tokio::spawn(crate::auth::watch_keys_file(state.clone()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -62,6 +63,7 @@ pub async fn serve(
         });
     }
     state.start_draining();
+    watcher.abort();
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
     tokio::select! {

@@ -784,3 +784,55 @@ async fn a_client_trickling_its_headers_is_cut_off() {
         200
     );
 }
+
+#[tokio::test]
+async fn keys_are_added_and_revoked_without_a_restart() {
+    let fake = FakeVerda::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    let entry = |name: &str, key: &str| {
+        format!(
+            "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\n",
+            hash_key(key)
+        )
+    };
+    std::fs::write(&file, entry("team-a", KEY_A)).unwrap();
+    let gw = Gateway::start(&format!(
+        "{}[auth]\nkeys_file = \"{}\"\nreload_secs = 0.1\n",
+        backend("v", &fake, "models = [\"flux2-klein-4b\"]"),
+        file.display()
+    ))
+    .await;
+    let status = |key: &'static str| {
+        let url = gw.url("/v1/models");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .header("authorization", format!("Bearer {key}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let wait_for = |key: &'static str, want: u16| {
+        let status = &status;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while status(key).await != want {
+                assert!(Instant::now() < deadline, "{key} never answered {want}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!((status(KEY_A).await, status(KEY_B).await), (200, 401));
+    // Revoke team-a, add team-b: no restart.
+    std::fs::write(&file, entry("team-b", KEY_B)).unwrap();
+    wait_for(KEY_B, 200).await;
+    assert_eq!(status(KEY_A).await, 401);
+    // A broken file leaves the keys in force.
+    std::fs::write(&file, "[[keys]]\nname = \"x\"\nsha256 = \"not-a-digest\"\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!((status(KEY_A).await, status(KEY_B).await), (401, 200));
+}
