@@ -3,7 +3,8 @@
 # Needs cargo-fuzz (installed here if missing) and a nightly compiler for the sanitizer flags:
 # the nightly toolchain when rustup has one, else the installed one with RUSTC_BOOTSTRAP=1.
 # A crash stops the run (exit 1) and leaves the input in fuzz/artifacts/TARGET/; turn it into a
-# regression test in protocol/ (see protocol/tests/fuzz_regressions.rs) before fixing it.
+# regression input in fuzz/regressions/TARGET/ (replayed by protocol/tests/fuzz_regressions.rs and
+# backends/verda/tests/fuzz_regressions.rs in every cargo test) before fixing it.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-60}"
@@ -14,7 +15,7 @@ else
   export RUSTC_BOOTSTRAP=1
   fuzz=(cargo fuzz)
 fi
-for target in request image; do
+for target in request image answer; do
   corpus="$(mktemp -d)"
   cp seeds/"$target"/* "$corpus"/
   echo "== fuzzing $target for ${secs}s"

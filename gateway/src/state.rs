@@ -120,7 +120,12 @@ impl BackendSlot {
     }
 
     pub fn set_busy_for(&self, d: Duration) {
-        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
+        // Saturating: however long a backend asks for, this must not overflow.
+        let now = Instant::now();
+        let until = now
+            .checked_add(d)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400));
+        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
     }
 
     pub fn last_error(&self) -> Option<String> {

@@ -836,3 +836,21 @@ async fn keys_are_added_and_revoked_without_a_restart() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!((status(KEY_A).await, status(KEY_B).await), (401, 200));
 }
+
+#[tokio::test]
+async fn an_upstreams_absurd_retry_after_is_bounded_not_a_crash() {
+    let fake = FakeVerda::start().await;
+    fake.set_mode(Mode::Unavailable {
+        retry_after: Some(u64::MAX),
+    });
+    let gw = Gateway::start(&backend("v", &fake, "models = [\"flux2-klein-4b\"]")).await;
+    let r = post(&gw, "/generate", json!({"prompt": "x", "seed": 1})).await;
+    assert_eq!(r.status(), 503);
+    let retry: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((1..=3600).contains(&retry), "{retry}");
+    // And the gateway is still serving.
+    assert_eq!(
+        reqwest::get(gw.url("/healthz")).await.unwrap().status(),
+        200
+    );
+}

@@ -206,6 +206,12 @@ impl Backend for VerdaBackend {
     }
 }
 
+/// The longest `Retry-After` taken from an upstream: a wrong or hostile value must not park a
+/// backend (or tell our clients to wait) for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Upstream error messages are passed on to clients and logs, cut to this many characters.
+const MAX_MESSAGE_CHARS: usize = 300;
+
 /// Turn an upstream error answer into a [`BackendError`], keeping the upstream's own message.
 pub fn map_error_status(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> BackendError {
     let (message, field) = error_message(body);
@@ -218,7 +224,7 @@ pub fn map_error_status(status: StatusCode, headers: &HeaderMap, body: &[u8]) ->
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
     match status.as_u16() {
         400 | 413 | 422 => BackendError::InvalidRequest { message, field },
         401..=403 => BackendError::Unauthorized {
@@ -237,22 +243,27 @@ pub fn map_error_status(status: StatusCode, headers: &HeaderMap, body: &[u8]) ->
 fn error_message(body: &[u8]) -> (String, Option<String>) {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         let err = v.get("error").unwrap_or(&v);
-        let field = err.get("field").and_then(Value::as_str).map(str::to_owned);
+        let field = err.get("field").and_then(Value::as_str).map(clip);
         for key in ["message", "detail", "error", "msg"] {
             if let Some(s) = err.get(key).and_then(Value::as_str) {
-                return (s.to_owned(), field);
+                return (clip(s), field);
             }
         }
         if let Some(s) = err.as_str() {
-            return (s.to_owned(), field);
+            return (clip(s), field);
         }
     }
-    let text = String::from_utf8_lossy(body);
-    let mut t: String = text.trim().chars().take(300).collect();
+    (clip(&String::from_utf8_lossy(body)), None)
+}
+
+/// At most [`MAX_MESSAGE_CHARS`] characters of `text`, trimmed, with an ellipsis when cut.
+fn clip(text: &str) -> String {
+    let text = text.trim();
+    let mut t: String = text.chars().take(MAX_MESSAGE_CHARS).collect();
     if text.len() > t.len() {
         t.push('…');
     }
-    (t, None)
+    t
 }
 
 fn parse_success(
@@ -380,6 +391,81 @@ fn upstream_cost(headers: &HeaderMap) -> Option<f64> {
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<f64>().ok())
         .filter(|c| c.is_finite() && *c >= 0.0)
+}
+
+/// The property the `answer` fuzz target checks (also replayed on stable by
+/// `tests/fuzz_regressions.rs`): an upstream answer of any shape never panics the parser, a
+/// success holds a real image, and what an error carries to clients is bounded. Panics on a
+/// violation. Input: one byte choosing the status, header lines up to an empty line, the body.
+#[doc(hidden)]
+pub mod fuzz_checks {
+    use super::*;
+    use reqwest::header::HeaderName;
+
+    pub fn answer(data: &[u8]) {
+        const STATUSES: [u16; 12] = [200, 200, 200, 400, 401, 403, 413, 429, 500, 502, 503, 504];
+        let Some((&first, rest)) = data.split_first() else {
+            return;
+        };
+        let status = StatusCode::from_u16(STATUSES[usize::from(first) % STATUSES.len()])
+            .expect("a valid status");
+        let (head, body) = match rest.windows(2).position(|w| w == b"\n\n") {
+            Some(i) => (&rest[..i], &rest[i + 2..]),
+            None => (&[][..], rest),
+        };
+        let mut headers = HeaderMap::new();
+        for line in head.split(|b| *b == b'\n') {
+            if let Some(i) = line.iter().position(|b| *b == b':') {
+                let value = line[i + 1..].trim_ascii();
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(&line[..i]),
+                    HeaderValue::from_bytes(value),
+                ) {
+                    headers.append(n, v);
+                }
+            }
+        }
+        let req = GenerateRequest::from_json(
+            br#"{"prompt":"x"}"#,
+            None,
+            Model::Klein4b,
+            &kleingate_protocol::Limits::default(),
+        )
+        .expect("a valid request");
+        if status == StatusCode::OK {
+            if let Ok(img) = parse_success(&req, &headers, Bytes::copy_from_slice(body)) {
+                assert_eq!(OutputFormat::sniff(&img.bytes), Some(img.format));
+                assert!(img.cost_usd.is_none_or(|c| c.is_finite() && c >= 0.0));
+            }
+            return;
+        }
+        let bounded = |m: &str| {
+            assert!(
+                m.chars().count() <= MAX_MESSAGE_CHARS + 1,
+                "{} chars",
+                m.len()
+            )
+        };
+        match map_error_status(status, &headers, body) {
+            BackendError::InvalidRequest { message, field } => {
+                bounded(&message);
+                if let Some(f) = field {
+                    bounded(&f);
+                }
+            }
+            BackendError::Unavailable {
+                message,
+                retry_after,
+            } => {
+                bounded(&message);
+                assert!(retry_after.is_none_or(|d| d <= MAX_RETRY_AFTER));
+            }
+            BackendError::Unauthorized { message, .. } | BackendError::Upstream { message, .. } => {
+                bounded(&message)
+            }
+            other => panic!("an error status became {other:?}"),
+        }
+    }
 }
 
 #[cfg(test)]
