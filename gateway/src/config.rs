@@ -266,6 +266,9 @@ fn default_max_response() -> usize {
     32 * 1024 * 1024
 }
 
+/// The longest span of time any setting may hold.
+const MAX_SPAN_SECS: f64 = 86_400.0;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading the configuration failed: {0}")]
@@ -350,6 +353,53 @@ impl Config {
         }
         if let Err(e) = self.budget.validate() {
             return bad(e);
+        }
+        // Every span of time: a number of seconds a Duration and `Instant + Duration` can hold
+        // (a huge value would panic per request, not just look odd).
+        let mut spans: Vec<(String, f64, bool)> = vec![
+            (
+                "request_timeout_secs".into(),
+                self.request_timeout_secs,
+                false,
+            ),
+            ("body_timeout_secs".into(), self.body_timeout_secs, false),
+            (
+                "header_timeout_secs".into(),
+                self.header_timeout_secs,
+                false,
+            ),
+            ("shutdown_grace_secs".into(), self.shutdown_grace_secs, true),
+            (
+                "circuit.cooldown_secs".into(),
+                self.circuit.cooldown_secs,
+                true,
+            ),
+            ("fetch.timeout_secs".into(), self.fetch.timeout_secs, false),
+            ("auth.reload_secs".into(), self.auth.reload_secs, false),
+        ];
+        for (name, b) in &self.backends {
+            spans.push((
+                format!("backends.{name}.timeout_secs"),
+                b.timeout_secs,
+                false,
+            ));
+            spans.push((
+                format!("backends.{name}.connect_timeout_secs"),
+                b.connect_timeout_secs,
+                false,
+            ));
+            if let Some(o) = b.latency_objective_secs {
+                spans.push((format!("backends.{name}.latency_objective_secs"), o, false));
+            }
+        }
+        for (name, v, zero_ok) in spans {
+            let low_ok = v > 0.0 || (zero_ok && v == 0.0);
+            if !(low_ok && v <= MAX_SPAN_SECS) {
+                let low = if zero_ok { "0 or more" } else { "positive" };
+                return bad(format!(
+                    "{name} must be {low} and at most a day ({MAX_SPAN_SECS} s); got {v}"
+                ));
+            }
         }
         if let Err(e) = self.admission.validate() {
             return bad(e);
@@ -557,6 +607,16 @@ mod tests {
         let f = file(&format!("{BASIC}\n[cache]\nmax_byte = 5\n"));
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("max_byte"), "{e}");
+        for top in [
+            "request_timeout_secs = 1e20",
+            "shutdown_grace_secs = -1",
+            "header_timeout_secs = 0",
+        ] {
+            let name = top.split(' ').next().unwrap_or_default();
+            let f = file(&format!("{top}\n{BASIC}"));
+            let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+            assert!(e.to_string().contains(name), "{top}: {e}");
+        }
         let f = file(&format!("[routing]\norder = [\"nope\"]\n{BASIC}"));
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
@@ -573,6 +633,8 @@ mod tests {
             ("safety_threshold = 0.0", "safety_threshold"),
             ("max_batch = 0", "max_batch"),
             ("latency_objective_secs = -1.0", "latency_objective_secs"),
+            ("timeout_secs = 1e300", "timeout_secs"),
+            ("connect_timeout_secs = nan", "connect_timeout_secs"),
         ] {
             let f = file(&format!(
                 "[backends.l]\nkind = \"local\"\nweights = \"/w\"\n{extra}\n"
