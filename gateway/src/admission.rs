@@ -38,6 +38,8 @@ pub struct AdmissionConfig {
     /// Generate requests the gateway holds at once (waiting on backends, cache or queue); the
     /// next is refused with 503. 0 = no limit.
     pub max_inflight: usize,
+    /// Open client connections at once; past it the gateway stops accepting until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for AdmissionConfig {
@@ -46,6 +48,7 @@ impl Default for AdmissionConfig {
             requests_per_sec: 0.0,
             burst: 20,
             max_inflight: 1024,
+            max_connections: 16_384,
         }
     }
 }
@@ -57,6 +60,9 @@ impl AdmissionConfig {
         }
         if self.burst == 0 {
             return Err("admission.burst must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("admission.max_connections must be at least 1".into());
         }
         Ok(())
     }

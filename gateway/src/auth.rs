@@ -60,8 +60,8 @@ fn default_reload_secs() -> f64 {
 
 impl AuthConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.reload_secs > 0.0 && self.reload_secs <= 86_400.0) {
-            return Err("auth.reload_secs must be positive and at most a day".into());
+        if !(self.reload_secs >= 0.1 && self.reload_secs <= 86_400.0) {
+            return Err("auth.reload_secs must be between 0.1 and 86400 seconds".into());
         }
         Ok(())
     }
@@ -132,8 +132,15 @@ pub struct Auth {
     cfg: AuthConfig,
     backend_names: Vec<String>,
     keys: std::sync::RwLock<Arc<KeyTable>>,
-    /// `keys_file`'s modification time and length when last loaded.
-    loaded: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
+    file: std::sync::Mutex<FileState>,
+}
+
+/// What `keys_file` held, by content digest (`None`: missing): what is in force, and a new
+/// version seen once and waiting for a second look (a file caught half-written is not loaded).
+#[derive(Default)]
+struct FileState {
+    loaded: Option<[u8; 32]>,
+    pending: Option<Option<[u8; 32]>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,8 +187,11 @@ fn parse_digest(name: &str, s: &str) -> Result<[u8; 32], AuthError> {
 
 impl Auth {
     pub fn from_config(cfg: &AuthConfig, backend_names: &[&str]) -> Result<Auth, AuthError> {
-        let stamp = cfg.keys_file.as_deref().and_then(file_stamp);
-        let keys = Self::load(cfg, backend_names)?;
+        let text = match &cfg.keys_file {
+            Some(path) => Some(read_keys_file(path)?),
+            None => None,
+        };
+        let keys = Self::load(cfg, backend_names, text.as_deref())?;
         Ok(Auth {
             enabled: cfg
                 .enabled
@@ -189,26 +199,40 @@ impl Auth {
             cfg: cfg.clone(),
             backend_names: backend_names.iter().map(|s| (*s).to_owned()).collect(),
             keys: std::sync::RwLock::new(Arc::new(keys)),
-            loaded: std::sync::Mutex::new(stamp),
+            file: std::sync::Mutex::new(FileState {
+                loaded: text.map(|t| Sha256::digest(t.as_bytes()).into()),
+                pending: None,
+            }),
         })
     }
 
-    /// Re-read `keys_file` if it changed since it was last loaded: `Ok(Some(n))` with the number
-    /// of keys now in force, `Ok(None)` when unchanged. On an error the previous keys stay.
+    /// Re-read `keys_file` and load it if its content changed and has stayed the same for two
+    /// checks in a row: `Ok(Some(n))` with the number of keys now in force, `Ok(None)` when there
+    /// is nothing new. On an error (missing, malformed) the previous keys stay.
     pub fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
         let Some(path) = self.cfg.keys_file.as_deref() else {
             return Ok(None);
         };
-        let stamp = file_stamp(path);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if stamp == *loaded {
+        let text = read_keys_file(path);
+        let digest: Option<[u8; 32]> = text
+            .as_ref()
+            .ok()
+            .map(|t| Sha256::digest(t.as_bytes()).into());
+        let mut st = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if digest == st.loaded {
+            st.pending = None;
             return Ok(None);
         }
-        // Remember this version even if it fails, so a broken file is reported once, not every
-        // few seconds; the next change is tried again.
-        *loaded = stamp;
+        if st.pending != Some(digest) {
+            st.pending = Some(digest);
+            return Ok(None);
+        }
+        // Remember this version even if it fails, so a broken file is reported once, not at
+        // every check; the next change is tried again.
+        st.loaded = digest;
+        st.pending = None;
         let names: Vec<&str> = self.backend_names.iter().map(String::as_str).collect();
-        let keys = Self::load(&self.cfg, &names)?;
+        let keys = Self::load(&self.cfg, &names, Some(&text?))?;
         let n = keys.len();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
         Ok(Some(n))
@@ -218,16 +242,18 @@ impl Auth {
         std::time::Duration::from_secs_f64(self.cfg.reload_secs)
     }
 
-    fn load(cfg: &AuthConfig, backend_names: &[&str]) -> Result<KeyTable, AuthError> {
+    /// The key table from the config's keys and `file_text`, the keys file's content.
+    fn load(
+        cfg: &AuthConfig,
+        backend_names: &[&str],
+        file_text: Option<&str>,
+    ) -> Result<KeyTable, AuthError> {
         let mut entries = cfg.keys.clone();
-        if let Some(path) = &cfg.keys_file {
-            let file_err = |message: String| AuthError::File {
+        if let (Some(path), Some(text)) = (&cfg.keys_file, file_text) {
+            let f: KeysFile = toml::from_str(text).map_err(|e| AuthError::File {
                 path: path.clone(),
-                message,
-            };
-            let text =
-                std::fs::read_to_string(Path::new(path)).map_err(|e| file_err(e.to_string()))?;
-            let f: KeysFile = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+                message: e.to_string(),
+            })?;
             entries.extend(f.keys);
         }
         let mut keys = Vec::with_capacity(entries.len());
@@ -293,9 +319,11 @@ impl Auth {
     }
 }
 
-fn file_stamp(path: &str) -> Option<(std::time::SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+fn read_keys_file(path: &str) -> Result<String, AuthError> {
+    std::fs::read_to_string(Path::new(path)).map_err(|e| AuthError::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// Keep `keys_file` current: a changed file is loaded, a broken one logged and ignored.

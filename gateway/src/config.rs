@@ -26,8 +26,9 @@ pub struct Config {
     /// `admission.max_inflight` place) gets 408.
     #[serde(default = "default_body_timeout")]
     pub body_timeout_secs: f64,
-    /// Time a client gets to send a request's headers (and an idle keep-alive connection to
-    /// start its next request); then the connection is closed.
+    /// Time a client gets to send a request's headers, and an idle keep-alive connection to
+    /// start its next request; then the connection is closed. Keep it above the idle timeout of
+    /// the proxy in front.
     #[serde(default = "default_header_timeout")]
     pub header_timeout_secs: f64,
     /// How long shutdown waits for in-flight requests before giving up on them.
@@ -93,7 +94,8 @@ fn default_body_timeout() -> f64 {
     30.0
 }
 fn default_header_timeout() -> f64 {
-    30.0
+    // Also the keep-alive idle timeout (see server.rs): above the 60 s of common proxies.
+    75.0
 }
 fn default_grace() -> f64 {
     130.0
@@ -377,6 +379,9 @@ impl Config {
             ("fetch.timeout_secs".into(), self.fetch.timeout_secs, false),
             ("auth.reload_secs".into(), self.auth.reload_secs, false),
         ];
+        if self.cache.ttl_secs > 365 * 86_400 {
+            return bad("cache.ttl_secs must be at most a year".into());
+        }
         for (name, b) in &self.backends {
             spans.push((
                 format!("backends.{name}.timeout_secs"),

@@ -4,7 +4,12 @@
 //!
 //! The accept loop is ours rather than `axum::serve`'s so that each connection gets a timer: a
 //! client must send its request headers within `header_timeout_secs` or the connection is closed
-//! (slow-header clients would otherwise hold connections for ever). The peer address goes into
+//! (slow-header clients would otherwise hold connections for ever). hyper restarts that timer
+//! whenever a keep-alive connection goes idle, so it is also the idle timeout: keep it longer than
+//! the idle timeout of the proxy in front (60 s for nginx and AWS load balancers), or the proxy
+//! may send a request on a connection the gateway is closing. At most
+//! `admission.max_connections` connections are open at once; past that the gateway stops
+//! accepting (the kernel's backlog holds the rest) until one closes. The peer address goes into
 //! each request as `ConnectInfo`, the rate limiter's last resort for telling clients apart.
 
 use std::future::Future;
@@ -28,19 +33,28 @@ pub async fn serve(
     let grace = Duration::from_secs_f64(state.config.shutdown_grace_secs);
     let header_timeout = Duration::from_secs_f64(state.config.header_timeout_secs);
     let app = router(state.clone());
-    let watcher = tokio::spawn(crate::auth::watch_keys_file(state.clone()));
+    let _watcher = AbortOnDrop(tokio::spawn(crate::auth::watch_keys_file(state.clone())));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        state.config.admission.max_connections,
+    ));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        let accept = async {
+            let permit = connections.clone().acquire_owned().await;
+            (permit, listener.accept().await)
+        };
+        let (permit, stream, peer) = tokio::select! {
+            (permit, accepted) = accept => match (permit, accepted) {
+                (Ok(p), Ok((stream, peer))) => (p, stream, peer),
+                (_, Err(e)) if is_connection_error(&e) => continue,
+                (_, Err(e)) => {
+                    // Out of file descriptors and the like: wait rather than spin on it.
+                    tracing::error!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
+                (Err(_), Ok(_)) => continue,
             },
             () = &mut shutdown => break,
         };
@@ -60,10 +74,10 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection closed with an error");
             }
+            drop(permit);
         });
     }
     state.start_draining();
-    watcher.abort();
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
     tokio::select! {
@@ -72,6 +86,24 @@ pub async fn serve(
             tracing::warn!(?grace, "grace period over; abandoning the remaining requests");
             Ok(())
         }
+    }
+}
+
+/// The peer's doing (it went away during the handshake): nothing to report or wait for.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+/// Stops a background task when the server future ends or is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -854,3 +854,30 @@ async fn an_upstreams_absurd_retry_after_is_bounded_not_a_crash() {
         200
     );
 }
+
+#[tokio::test]
+async fn open_connections_are_capped() {
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "{}[admission]\nmax_connections = 1\n",
+        backend("v", &fake, "models = [\"flux2-klein-4b\"]"),
+    ))
+    .await;
+    // One client holds the only connection...
+    let hog = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...so another is not served (the kernel queues its connection, the gateway does not take it)...
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert!(quick.get(gw.url("/healthz")).send().await.is_err());
+    // ...until it goes.
+    drop(hog);
+    let r = reqwest::Client::new()
+        .get(gw.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
