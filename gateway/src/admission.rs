@@ -1,9 +1,10 @@
-//! Admission control, as two tower layers with one concern each:
+//! Admission control, as two tower layers with one concern each (both a [`GateLayer`] around a
+//! [`Gate`] that lets a request in or answers it at once):
 //!
-//! * [`RateLimitLayer`]: a token bucket per client (the authenticated key's name, else the budget
+//! * [`RateLimiter`]: a token bucket per client (the authenticated key's name, else the budget
 //!   header, else the peer address); an empty bucket answers 429 with `Retry-After` = the time
 //!   until the next token.
-//! * [`ShedLayer`]: at most `max_inflight` generate requests inside the gateway; one more is
+//! * [`Shedder`]: at most `max_inflight` generate requests inside the gateway; one more is
 //!   answered 503 `overloaded` at once instead of joining an unbounded queue, so a client (or the
 //!   load balancer) can go elsewhere while the answer is still cheap.
 
@@ -179,33 +180,38 @@ impl RateLimiter {
             .map
             .len()
     }
+}
 
-    /// The refusal for `req`, if its client is over its rate.
-    fn refusal(&self, req: &Request) -> Option<Response> {
+impl Gate for RateLimiter {
+    type Pass = ();
+
+    /// In, unless the client is over its rate: then 429 with the wait for the next token.
+    fn admit(&self, req: &Request) -> Admission<()> {
         let principal = req.extensions().get::<Arc<Principal>>();
         let rate = principal
             .and_then(|p| p.requests_per_sec)
             .unwrap_or(self.rate);
         let burst = principal.and_then(|p| p.burst).unwrap_or(self.burst);
         if rate <= 0.0 {
-            return None;
+            return Admission::In(());
         }
         let client = client_identity(req, &self.client_header);
-        self.take(&client, rate, burst, Instant::now())
-            .err()
-            .map(|wait| {
-                self.rejected.with_label_values(&["rate_limited"]).inc();
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!(
-                        "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
-                        wait.as_secs_f64()
-                    ),
-                )
-                .with_retry_after(Some(wait))
-                .into_response()
-            })
+        let Err(wait) = self.take(&client, rate, burst, Instant::now()) else {
+            return Admission::In(());
+        };
+        self.rejected.with_label_values(&["rate_limited"]).inc();
+        Admission::Refused(
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
+                    wait.as_secs_f64()
+                ),
+            )
+            .with_retry_after(Some(wait))
+            .into_response(),
+        )
     }
 }
 
@@ -229,27 +235,56 @@ fn client_identity(req: &Request, client_header: &str) -> String {
     }
 }
 
-#[derive(Clone)]
-pub struct RateLimitLayer(pub Arc<RateLimiter>);
+/// What a [`Gate`] decides for one request.
+pub enum Admission<P> {
+    /// Let it through; `P` is held until its response is ready (a permit, say).
+    In(P),
+    /// Answer at once with this.
+    Refused(Response),
+}
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
+/// One admission decision per request, made before the rest of the stack sees it.
+pub trait Gate: Send + Sync + 'static {
+    type Pass: Send + 'static;
+    fn admit(&self, req: &Request) -> Admission<Self::Pass>;
+}
+
+/// The tower layer around a [`Gate`].
+pub struct GateLayer<G>(pub Arc<G>);
+
+impl<G> Clone for GateLayer<G> {
+    fn clone(&self) -> Self {
+        GateLayer(self.0.clone())
+    }
+}
+
+impl<G, S> Layer<S> for GateLayer<G> {
+    type Service = Gated<G, S>;
+    fn layer(&self, inner: S) -> Gated<G, S> {
+        Gated {
             inner,
-            limiter: self.0.clone(),
+            gate: self.0.clone(),
         }
     }
 }
 
-#[derive(Clone)]
-pub struct RateLimit<S> {
+pub struct Gated<G, S> {
     inner: S,
-    limiter: Arc<RateLimiter>,
+    gate: Arc<G>,
 }
 
-impl<S> Service<Request> for RateLimit<S>
+impl<G, S: Clone> Clone for Gated<G, S> {
+    fn clone(&self) -> Self {
+        Gated {
+            inner: self.inner.clone(),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl<G, S> Service<Request> for Gated<G, S>
 where
+    G: Gate,
     S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
@@ -262,81 +297,55 @@ where
     }
 
     fn call(&mut self, req: Request) -> BoxFuture {
-        match self.limiter.refusal(&req) {
-            None => Box::pin(self.inner.call(req)),
-            Some(resp) => Box::pin(std::future::ready(Ok(resp))),
+        match self.gate.admit(&req) {
+            Admission::In(pass) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let resp = fut.await;
+                    drop(pass);
+                    resp
+                })
+            }
+            Admission::Refused(resp) => Box::pin(std::future::ready(Ok(resp))),
         }
     }
 }
 
 /// Load shedding: a permit per request in the gateway, none left = 503 now.
-#[derive(Clone)]
-pub struct ShedLayer {
+pub struct Shedder {
     permits: Option<Arc<Semaphore>>,
     rejected: IntCounterVec,
 }
 
-impl ShedLayer {
+impl Shedder {
     pub fn new(max_inflight: usize, rejected: IntCounterVec) -> Self {
-        ShedLayer {
+        Shedder {
             permits: (max_inflight > 0).then(|| Arc::new(Semaphore::new(max_inflight))),
             rejected,
         }
     }
 }
 
-impl<S> Layer<S> for ShedLayer {
-    type Service = Shed<S>;
-    fn layer(&self, inner: S) -> Shed<S> {
-        Shed {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
+impl Gate for Shedder {
+    type Pass = Option<tokio::sync::OwnedSemaphorePermit>;
 
-#[derive(Clone)]
-pub struct Shed<S> {
-    inner: S,
-    layer: ShedLayer,
-}
-
-impl<S> Service<Request> for Shed<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> BoxFuture {
-        let Some(permits) = &self.layer.permits else {
-            return Box::pin(self.inner.call(req));
+    fn admit(&self, _: &Request) -> Admission<Self::Pass> {
+        let Some(permits) = &self.permits else {
+            return Admission::In(None);
         };
         match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let resp = fut.await;
-                    drop(permit);
-                    resp
-                })
-            }
+            Ok(permit) => Admission::In(Some(permit)),
             Err(_) => {
-                self.layer.rejected.with_label_values(&["overloaded"]).inc();
-                let resp = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "the gateway is at its limit of requests in flight (admission.max_inflight); retry shortly",
+                self.rejected.with_label_values(&["overloaded"]).inc();
+                Admission::Refused(
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "the gateway is at its limit of requests in flight (admission.max_inflight); retry shortly",
+                    )
+                    .with_retry_after(Some(Duration::from_secs(1)))
+                    .into_response(),
                 )
-                .with_retry_after(Some(Duration::from_secs(1)))
-                .into_response();
-                Box::pin(std::future::ready(Ok(resp)))
             }
         }
     }

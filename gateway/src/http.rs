@@ -17,7 +17,7 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
-use crate::admission::{RateLimitLayer, ShedLayer};
+use crate::admission::{GateLayer, Shedder};
 use crate::auth::Principal;
 use crate::budget::{OnExceed, Verdict};
 use crate::cache::{CachedImage, Lookup};
@@ -36,16 +36,16 @@ pub const VARIANT_HEADER: &str = "x-kleingate-variant";
 pub const RESULT_ID_HEADER: &str = "x-kleingate-result-id";
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let shed = ShedLayer::new(
+    let shed = GateLayer(Arc::new(Shedder::new(
         state.config.admission.max_inflight,
         state.metrics.rejected.clone(),
-    );
+    )));
     // Everything a client calls is behind the API key. What costs work (generate, feedback
     // writes) is also under the client's rate limit, and generate requests are shed when the
     // gateway is full; cheap reads are not limited (the vote page loads 40 images at once).
     // Experiment data needs a key with `experiments = true`. Health, readiness and metrics stay
     // open for probes and scrapers (keep /metrics off the public network; see k8s/).
-    let rate = RateLimitLayer(state.rate_limiter.clone());
+    let rate = GateLayer(state.rate_limiter.clone());
     let generate = Router::new()
         .route("/generate", post(generate_default))
         .route("/{model}/generate", post(generate_for_model))
