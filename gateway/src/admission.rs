@@ -221,13 +221,8 @@ fn client_identity(req: &Request, client_header: &str) -> String {
     if let Some(p) = req.extensions().get::<Arc<Principal>>() {
         return format!("key:{}", p.name);
     }
-    if let Some(c) = req
-        .headers()
-        .get(client_header)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.trim().is_empty())
-    {
-        return format!("client:{}", c.trim());
+    if let Some(c) = crate::http::header_text(req.headers(), client_header) {
+        return format!("client:{c}");
     }
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
         Some(ConnectInfo(a)) => format!("ip:{}", a.ip()),

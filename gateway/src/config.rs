@@ -428,15 +428,6 @@ impl Config {
                 ));
             }
         }
-        if self.request_timeout_secs <= 0.0 || !self.request_timeout_secs.is_finite() {
-            return bad("request_timeout_secs must be positive".into());
-        }
-        if !(self.body_timeout_secs > 0.0 && self.body_timeout_secs <= 86_400.0) {
-            return bad("body_timeout_secs must be positive and at most a day".into());
-        }
-        if !(self.header_timeout_secs > 0.0 && self.header_timeout_secs <= 86_400.0) {
-            return bad("header_timeout_secs must be positive and at most a day".into());
-        }
         if self.circuit.failure_threshold == 0 {
             return bad("circuit.failure_threshold must be at least 1".into());
         }
@@ -447,16 +438,6 @@ impl Config {
             if b.max_concurrency == 0 {
                 return bad(format!(
                     "backends.{name}.max_concurrency must be at least 1"
-                ));
-            }
-            if b.timeout_secs <= 0.0 || b.connect_timeout_secs <= 0.0 {
-                return bad(format!("backends.{name}: timeouts must be positive"));
-            }
-            if b.latency_objective_secs
-                .is_some_and(|s| !(s > 0.0 && s.is_finite()))
-            {
-                return bad(format!(
-                    "backends.{name}: latency_objective_secs must be a positive number of seconds"
                 ));
             }
             if let Err(e) = b.cost.validate() {

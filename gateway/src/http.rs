@@ -320,7 +320,7 @@ impl Client {
 }
 
 /// A header's trimmed, non-empty text.
-fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+pub(crate) fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())

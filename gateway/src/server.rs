@@ -6,7 +6,7 @@
 //! client must send its request headers within `header_timeout_secs` or the connection is closed
 //! (slow-header clients would otherwise hold connections for ever). hyper restarts that timer
 //! whenever a keep-alive connection goes idle, so it is also the idle timeout: keep it longer than
-//! the idle timeout of the proxy in front (60 s for nginx and AWS load balancers), or the proxy
+//! the idle timeout of the proxy in front (documented defaults: 60 s for nginx's upstream keep-alive and AWS load balancers), or the proxy
 //! may send a request on a connection the gateway is closing. At most
 //! `admission.max_connections` connections are open at once; past that the gateway stops
 //! accepting (the kernel's backlog holds the rest) until one closes. The peer address goes into

@@ -216,6 +216,22 @@ async fn api_keys_gate_every_client_route_and_scope_models_and_backends() {
     );
 }
 
+/// POST the sign-in form `body` to `/ui/login` with `headers`, without following the redirect.
+async fn sign_in(gw: &Gateway, body: String, headers: &[(&str, String)]) -> reqwest::Response {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut rb = client
+        .post(gw.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, v);
+    }
+    rb.send().await.unwrap()
+}
+
 #[tokio::test]
 async fn auth_can_be_switched_off_and_the_sign_in_cookie_works() {
     let fake = FakeVerda::start().await;
@@ -242,21 +258,14 @@ async fn auth_can_be_switched_off_and_the_sign_in_cookie_works() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let bad = client
-        .post(on.url("/ui/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("key=nope&next=%2Fui%2Fexperiments%2Fx")
-        .send()
-        .await
-        .unwrap();
+    let bad = sign_in(&on, "key=nope&next=%2Fui%2Fexperiments%2Fx".into(), &[]).await;
     assert_eq!(bad.status(), 401);
-    let good = client
-        .post(on.url("/ui/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("key={KEY_A}&next=https%3A%2F%2Fevil.example%2F"))
-        .send()
-        .await
-        .unwrap();
+    let good = sign_in(
+        &on,
+        format!("key={KEY_A}&next=https%3A%2F%2Fevil.example%2F"),
+        &[],
+    )
+    .await;
     assert_eq!(good.status(), 303);
     // Never an open redirect, and the cookie is out of scripts' and other sites' reach.
     assert_eq!(header(&good, "location"), "/ui/login");
@@ -267,14 +276,12 @@ async fn auth_can_be_switched_off_and_the_sign_in_cookie_works() {
     );
     assert!(!cookie.contains("Secure"), "{cookie}");
     // Nor a header-splitting one; and behind TLS the cookie is Secure.
-    let r = client
-        .post(on.url("/ui/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-forwarded-proto", "https")
-        .body(format!("key={KEY_A}&next=%2Fui%2F%0D%0Ax"))
-        .send()
-        .await
-        .unwrap();
+    let r = sign_in(
+        &on,
+        format!("key={KEY_A}&next=%2Fui%2F%0D%0Ax"),
+        &[("x-forwarded-proto", "https".into())],
+    )
+    .await;
     assert_eq!(
         (r.status().as_u16(), header(&r, "location")),
         (303, "/ui/login".into())
@@ -285,14 +292,7 @@ async fn auth_can_be_switched_off_and_the_sign_in_cookie_works() {
         ("sec-fetch-site", "cross-site"),
         ("origin", "https://evil.example"),
     ] {
-        let r = client
-            .post(on.url("/ui/login"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header(h, v)
-            .body(format!("key={KEY_A}"))
-            .send()
-            .await
-            .unwrap();
+        let r = sign_in(&on, format!("key={KEY_A}"), &[(h, v.into())]).await;
         assert_eq!(r.status(), 403, "{h}");
     }
     // A stale cookie on a page sends the browser back to the form, not to a JSON error.
@@ -304,14 +304,12 @@ async fn auth_can_be_switched_off_and_the_sign_in_cookie_works() {
         .unwrap();
     assert_eq!(r.status(), 303);
     // A same-origin post from a browser that sends Origin but not Sec-Fetch-Site is fine.
-    let r = client
-        .post(on.url("/ui/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("origin", format!("http://{}", on.addr))
-        .body(format!("key={KEY_A}"))
-        .send()
-        .await
-        .unwrap();
+    let r = sign_in(
+        &on,
+        format!("key={KEY_A}"),
+        &[("origin", format!("http://{}", on.addr))],
+    )
+    .await;
     assert_eq!(r.status(), 303);
     let pair = cookie.split(';').next().unwrap().to_owned();
     let r = client
@@ -472,18 +470,13 @@ async fn over_capacity_requests_are_shed_at_once_not_queued() {
     );
 }
 
-const PIPELINE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../backends/local/tests/data/klein-tiny/pipeline"
-);
-const REFERENCE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../backends/local/tests/data/klein-tiny/cases/edit_1ref.ref0.png"
-);
+fn reference() -> Vec<u8> {
+    std::fs::read(format!("{CASES}/edit_1ref.ref0.png")).unwrap()
+}
 
 /// An image host on 127.0.0.1 with the ways a URL can go wrong.
 async fn image_host() -> std::net::SocketAddr {
-    let png = std::fs::read(REFERENCE).unwrap();
+    let png = reference();
     let app = axum::Router::new()
         .route("/ref.png", get(move || async move { png.clone() }))
         .route("/to-ref", get(|| async { Redirect::temporary("/ref.png") }))
@@ -519,20 +512,11 @@ async fn image_host() -> std::net::SocketAddr {
 }
 
 fn local_cfg(fetch: &str) -> String {
-    format!(
-        "[backends.local]\nkind = \"local\"\nweights = \"{PIPELINE}\"\ndevice = \"cpu\"\nmax_sequence_length = 64\nmodels = [\"flux2-klein-4b\"]\n\n[fetch]\n{fetch}\n"
-    )
+    format!("{}[fetch]\n{fetch}\n", local(""))
 }
 
 async fn wait_loaded(gw: &Gateway) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if reqwest::get(gw.url("/readyz")).await.unwrap().status() == 200 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the local engine did not load");
+    assert_eq!(wait_ready(gw, "local").await["health"]["state"], "ready");
 }
 
 fn edit(url: &str) -> Value {
@@ -566,8 +550,7 @@ async fn input_image_urls_are_fetched_safely_for_the_local_engine() {
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     let by_url = r.bytes().await.unwrap();
     // The same image as sending the reference inline.
-    let inline =
-        base64::engine::general_purpose::STANDARD.encode(std::fs::read(REFERENCE).unwrap());
+    let inline = base64::engine::general_purpose::STANDARD.encode(reference());
     let r = post(&gw, "/generate", edit(&inline)).await;
     assert_eq!(r.bytes().await.unwrap(), by_url);
     // A redirect to an allowed place is followed.

@@ -9,39 +9,6 @@ use serde_json::{json, Value};
 mod common;
 use common::*;
 
-const PIPELINE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../backends/local/tests/data/klein-tiny/pipeline"
-);
-const CASES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../backends/local/tests/data/klein-tiny/cases"
-);
-
-fn local(extra: &str) -> String {
-    format!(
-        "[backends.local]\nkind = \"local\"\nweights = \"{PIPELINE}\"\ndevice = \"cpu\"\nmax_sequence_length = 64\nmodels = [\"flux2-klein-4b\", \"flux2-klein-base-4b\"]\n{extra}\n"
-    )
-}
-
-async fn wait_ready(gw: &Gateway, backend: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = get_json(gw, "/v1/backends").await;
-        let b = v["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["name"] == backend)
-            .unwrap()
-            .clone();
-        if b["health"]["state"] != "loading" || Instant::now() > deadline {
-            return b;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn local_engine_serves_text_to_image_and_editing_over_http() {
     let gw = Gateway::start(&local("")).await;

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use kleingate_tests::{FakeVerda, Gateway};
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 
 pub async fn post(gw: &Gateway, path: &str, body: Value) -> reqwest::Response {
@@ -75,4 +77,41 @@ pub async fn get_json(gw: &Gateway, path: &str) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// The tiny reference pipeline (random weights, real layout) the local engine tests run on.
+pub const PIPELINE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../backends/local/tests/data/klein-tiny/pipeline"
+);
+/// Its recorded reference cases (inputs and expected outputs).
+pub const CASES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../backends/local/tests/data/klein-tiny/cases"
+);
+
+/// A `[backends.local]` table for the tiny pipeline on CPU, plus `extra` lines.
+pub fn local(extra: &str) -> String {
+    format!(
+        "[backends.local]\nkind = \"local\"\nweights = \"{PIPELINE}\"\ndevice = \"cpu\"\nmax_sequence_length = 64\nmodels = [\"flux2-klein-4b\", \"flux2-klein-base-4b\"]\n{extra}\n"
+    )
+}
+
+/// Wait (up to 2 min) until `backend` is no longer loading; its `/v1/backends` entry.
+pub async fn wait_ready(gw: &Gateway, backend: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = get_json(gw, "/v1/backends").await;
+        let b = v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == backend)
+            .unwrap()
+            .clone();
+        if b["health"]["state"] != "loading" || Instant::now() > deadline {
+            return b;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
