@@ -321,6 +321,18 @@ impl Shedder {
     }
 }
 
+impl Shedder {
+    /// A place for background work, if one is free now and another stays free for clients:
+    /// `Some(None)` when there is no limit.
+    pub fn try_place(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        match &self.permits {
+            None => Some(None),
+            Some(p) if p.available_permits() < 2 => None,
+            Some(p) => p.clone().try_acquire_owned().ok().map(Some),
+        }
+    }
+}
+
 impl Gate for Shedder {
     type Pass = Option<tokio::sync::OwnedSemaphorePermit>;
 

@@ -89,6 +89,10 @@ pub struct KeyConfig {
     /// prompts and images). Feedback on a result needs only its result id.
     #[serde(default)]
     pub experiments: bool,
+    /// May see operations detail: `last_error` and health messages in `/v1/backends` (they can
+    /// name upstream addresses and file paths).
+    #[serde(default)]
+    pub operations: bool,
     /// Overrides `[admission]` for this key.
     #[serde(default)]
     pub requests_per_sec: Option<f64>,
@@ -111,6 +115,7 @@ pub struct Principal {
     backends: Option<BTreeSet<String>>,
     pub backend_header: bool,
     pub experiments: bool,
+    pub operations: bool,
     pub requests_per_sec: Option<f64>,
     pub burst: Option<u32>,
 }
@@ -122,6 +127,19 @@ impl Principal {
 
     pub fn allows_backend(&self, b: &str) -> bool {
         self.backends.as_ref().is_none_or(|s| s.contains(b))
+    }
+
+    /// The backends this key is limited to (sorted), `None` when it may use all.
+    pub fn backend_scope(&self) -> Option<Vec<&str>> {
+        self.backends
+            .as_ref()
+            .map(|s| s.iter().map(String::as_str).collect())
+    }
+
+    /// Could this key join a variant: its model and backend, where it sets them, are allowed.
+    pub fn allows_variant(&self, v: &crate::experiments::Variant) -> bool {
+        v.model.is_none_or(|m| self.allows_model(m))
+            && v.backend.as_ref().is_none_or(|b| self.allows_backend(b))
     }
 }
 
@@ -294,6 +312,7 @@ impl Auth {
                     backends: k.backends.map(|v| v.into_iter().collect()),
                     backend_header: k.backend_header,
                     experiments: k.experiments,
+                    operations: k.operations,
                     requests_per_sec: k.requests_per_sec,
                     burst: k.burst,
                 }),
@@ -347,15 +366,24 @@ pub async fn watch_keys_file(state: Arc<crate::AppState>) {
     }
 }
 
+/// Where a request's key came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeySource {
+    Bearer,
+    /// The vote page's sign-in cookie, which a browser attaches to any request to this host.
+    Cookie,
+}
+
 /// The key a request presents: the bearer token, else the vote page's cookie.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+fn presented_key(headers: &HeaderMap) -> Option<(&str, KeySource)> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let v = v.to_str().ok()?;
         let (scheme, token) = v.split_once(' ')?;
         return scheme
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim())
-            .filter(|t| !t.is_empty());
+            .filter(|t| !t.is_empty())
+            .map(|t| (t, KeySource::Bearer));
     }
     headers
         .get_all(header::COOKIE)
@@ -366,6 +394,29 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .find(|(n, _)| *n == COOKIE)
         .map(|(_, v)| v.trim())
         .filter(|v| !v.is_empty())
+        .map(|v| (v, KeySource::Cookie))
+}
+
+/// May the sign-in cookie authenticate this API request? Only from this gateway's own pages:
+/// a browser attaches the cookie to requests that any page, including another site's or a
+/// sibling subdomain's, makes to this host. Browsers say where a request comes from in
+/// `Sec-Fetch-Site` (or, older ones, in `Origin` on every POST); a request that changes something
+/// must prove it is same-origin, a read with neither header (an image load in an old browser) is
+/// let through.
+fn cookie_allowed(req: &Request) -> bool {
+    let text = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let read = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if let Some(site) = text("sec-fetch-site") {
+        // `none`: typed into the address bar or opened from a bookmark; a navigation, never a POST.
+        return site == "same-origin" || (read && site == "none");
+    }
+    if text("origin").is_some() {
+        return !crate::ui::cross_site(req.headers());
+    }
+    read
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -388,8 +439,20 @@ pub async fn authenticate(
     if !auth.enabled() {
         return next.run(req).await;
     }
-    let principal = presented_key(req.headers()).map(|k| auth.check(k));
+    let presented = presented_key(req.headers());
     let path = req.uri().path();
+    if presented.is_some_and(|(_, src)| src == KeySource::Cookie)
+        && !path.starts_with("/ui/")
+        && !cookie_allowed(&req)
+    {
+        state
+            .metrics
+            .rejected
+            .with_label_values(&["unauthorized"])
+            .inc();
+        return unauthorized("the sign-in cookie is accepted only from this gateway's own pages; send `Authorization: Bearer <key>`");
+    }
+    let principal = presented.map(|(k, _)| auth.check(k));
     if !matches!(principal, Some(Some(_)))
         && path.starts_with("/ui/")
         && req.method() == axum::http::Method::GET
@@ -466,6 +529,7 @@ mod tests {
             backends: None,
             backend_header: false,
             experiments: false,
+            operations: false,
             requests_per_sec: None,
             burst: None,
         }
@@ -570,9 +634,9 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; kleingate_key=k2"),
         );
-        assert_eq!(presented_key(&h), Some("k2"));
+        assert_eq!(presented_key(&h), Some(("k2", KeySource::Cookie)));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k1"));
-        assert_eq!(presented_key(&h), Some("k1"));
+        assert_eq!(presented_key(&h), Some(("k1", KeySource::Bearer)));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic k1"));
         assert_eq!(presented_key(&h), None);
     }

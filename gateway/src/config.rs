@@ -34,6 +34,11 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests before giving up on them.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: f64,
+    /// On SIGTERM, how long the gateway keeps serving with `/readyz` answering 503 (and every
+    /// answer saying `Connection: close`) before it stops accepting and drains: the time load
+    /// balancers and Kubernetes need to stop sending it new requests.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay_secs: f64,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -68,12 +73,18 @@ pub struct Config {
 pub struct StorageConfig {
     /// SQLite file; created when missing. Only opened when experiments are configured.
     pub path: String,
+    /// Stored experiment images (for the side-by-side page) older than this are deleted.
+    pub image_retention_days: f64,
+    /// Experiment results and their feedback older than this are deleted.
+    pub result_retention_days: f64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             path: "kleingate.db".into(),
+            image_retention_days: 30.0,
+            result_retention_days: 365.0,
         }
     }
 }
@@ -99,6 +110,11 @@ fn default_header_timeout() -> f64 {
 }
 fn default_grace() -> f64 {
     130.0
+}
+fn default_shutdown_delay() -> f64 {
+    // Long enough for Kubernetes to take the pod out of its Services' endpoints (readiness
+    // probe period x failure threshold in k8s/, plus propagation).
+    5.0
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -152,6 +168,12 @@ pub struct RoutingConfig {
     /// For `policy = "cost"`: recent successful latencies kept per backend and model, from which
     /// the p95 is taken.
     pub latency_window: usize,
+    /// The longest back-off taken from an upstream's `Retry-After` (a wrong or hostile value must
+    /// not park a backend for long).
+    pub max_retry_after_secs: f64,
+    /// While a backend backs off, one request is still let through this often, to see whether
+    /// it recovered (its success ends the back-off).
+    pub busy_probe_secs: f64,
 }
 
 impl Default for RoutingConfig {
@@ -162,6 +184,8 @@ impl Default for RoutingConfig {
             allow_backend_header: true,
             safety: SafetyPolicy::Require,
             latency_window: 100,
+            max_retry_after_secs: 120.0,
+            busy_probe_secs: 10.0,
         }
     }
 }
@@ -244,6 +268,17 @@ pub struct BackendConfig {
     /// local: NSFW probability from which an image is flagged (default 0.5).
     #[serde(default)]
     pub safety_threshold: Option<f32>,
+    /// local: largest `width * height` of one input image (16 MP by default; the model scales
+    /// references down to 1 MP, so larger ones only cost decoding).
+    #[serde(default)]
+    pub max_reference_pixels: Option<u64>,
+    /// local: what one request's input images may take decoded, in MiB (256 by default): the
+    /// sum of `width * height * bytes per pixel`, read from their headers before decoding.
+    #[serde(default)]
+    pub max_reference_decode_mib: Option<u64>,
+    /// local: longest one request's input images may take to decode (10 s by default).
+    #[serde(default)]
+    pub reference_timeout_secs: Option<f64>,
 }
 
 fn default_key_env() -> String {
@@ -327,7 +362,7 @@ impl Config {
     }
 
     /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
-    const TOP_LEVEL: [&'static str; 18] = [
+    const TOP_LEVEL: [&'static str; 19] = [
         "listen",
         "default_model",
         "request_timeout_secs",
@@ -335,6 +370,7 @@ impl Config {
         "body_timeout_secs",
         "header_timeout_secs",
         "shutdown_grace_secs",
+        "shutdown_delay_secs",
         "limits",
         "cache",
         "routing",
@@ -371,6 +407,17 @@ impl Config {
                 false,
             ),
             ("shutdown_grace_secs".into(), self.shutdown_grace_secs, true),
+            ("shutdown_delay_secs".into(), self.shutdown_delay_secs, true),
+            (
+                "routing.max_retry_after_secs".into(),
+                self.routing.max_retry_after_secs,
+                true,
+            ),
+            (
+                "routing.busy_probe_secs".into(),
+                self.routing.busy_probe_secs,
+                false,
+            ),
             (
                 "circuit.cooldown_secs".into(),
                 self.circuit.cooldown_secs,
@@ -379,6 +426,16 @@ impl Config {
             ("fetch.timeout_secs".into(), self.fetch.timeout_secs, false),
             ("auth.reload_secs".into(), self.auth.reload_secs, false),
         ];
+        for (name, days) in [
+            ("storage.image_retention_days", self.storage.image_retention_days),
+            ("storage.result_retention_days", self.storage.result_retention_days),
+        ] {
+            if !(days > 0.0 && days <= 36_500.0) {
+                return bad(format!(
+                    "{name} must be positive and at most 100 years; got {days}"
+                ));
+            }
+        }
         if self.cache.ttl_secs > 365 * 86_400 {
             return bad("cache.ttl_secs must be at most a year".into());
         }
@@ -395,6 +452,9 @@ impl Config {
             ));
             if let Some(o) = b.latency_objective_secs {
                 spans.push((format!("backends.{name}.latency_objective_secs"), o, false));
+            }
+            if let Some(t) = b.reference_timeout_secs {
+                spans.push((format!("backends.{name}.reference_timeout_secs"), t, false));
             }
         }
         for (name, v, zero_ok) in spans {
@@ -462,6 +522,16 @@ impl Config {
                         "backends.{name}: safety_threshold must be in (0, 1]; got {t}"
                     ));
                 }
+            }
+            if b.max_reference_pixels == Some(0) || b.max_reference_decode_mib == Some(0) {
+                return bad(format!("backends.{name}: max_reference_pixels and max_reference_decode_mib must be at least 1"));
+            }
+            if b.kind != BackendKind::Local
+                && (b.max_reference_pixels.is_some()
+                    || b.max_reference_decode_mib.is_some()
+                    || b.reference_timeout_secs.is_some())
+            {
+                return bad(format!("backends.{name}: max_reference_pixels, max_reference_decode_mib and reference_timeout_secs are for kind \"local\" (Verda decodes input images itself)"));
             }
             if b.kind != BackendKind::Local
                 && (b.safety_weights.is_some() || b.safety_threshold.is_some())

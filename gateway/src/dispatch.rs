@@ -33,11 +33,22 @@ impl Skip {
     }
 }
 
+/// Whether a request may wait for a backend's concurrency slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Patience {
+    /// A client's request: when every candidate is saturated, wait for the last one.
+    Wait,
+    /// Background work (shadow runs): only a slot that is free now, and not a backend's last
+    /// free one; never waits; a backend with a queue of its own serves it after clients.
+    IdleOnly,
+}
+
 pub async fn dispatch(
     state: &AppState,
     req: &GenerateRequest,
     candidates: &[Arc<BackendSlot>],
     deadline: Instant,
+    patience: Patience,
 ) -> Result<CachedImage, DispatchError> {
     let model = req.model.id();
     let mut backend_time = Duration::ZERO;
@@ -62,14 +73,23 @@ pub async fn dispatch(
             }
         };
         if let Some(wait) = slot.busy_for() {
-            soonest_retry = min_opt(soonest_retry, wait);
-            left.push((slot.name.clone(), Skip::Busy.reason()));
+            // Told to back off: skip it, except for one probe every `busy_probe_secs`, so a
+            // backend that recovered before its Retry-After ran out is used again.
+            if !slot.take_busy_probe() {
+                soonest_retry = min_opt(soonest_retry, wait);
+                left.push((slot.name.clone(), Skip::Busy.reason()));
+                continue;
+            }
+        }
+        // Background work leaves the last free slot to clients.
+        if patience == Patience::IdleOnly && slot.permits.available_permits() < 2 {
+            left.push((slot.name.clone(), Skip::Saturated.reason()));
             continue;
         }
         let _permit: OwnedSemaphorePermit = match slot.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             // Saturated: move on while there is somewhere to go, else wait our turn.
-            Err(_) if !is_last => {
+            Err(_) if !is_last || patience == Patience::IdleOnly => {
                 left.push((slot.name.clone(), Skip::Saturated.reason()));
                 continue;
             }
@@ -93,11 +113,13 @@ pub async fn dispatch(
             .min(deadline.saturating_duration_since(Instant::now()));
         let started = Instant::now();
         // The outer timeout guarantees the deadline even for a backend that ignores its own.
-        let result = match tokio::time::timeout(
-            attempt_timeout,
-            slot.backend.generate(req, attempt_timeout),
-        )
-        .await
+        let attempt = async {
+            match patience {
+                Patience::Wait => slot.backend.generate(req, attempt_timeout).await,
+                Patience::IdleOnly => slot.backend.generate_background(req, attempt_timeout).await,
+            }
+        };
+        let result = match tokio::time::timeout(attempt_timeout, attempt).await
         {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout(attempt_timeout)),
@@ -117,6 +139,7 @@ pub async fn dispatch(
         match result {
             Ok(image) => {
                 ticket.success();
+                slot.clear_busy();
                 slot.record_latency(req.model, took);
                 let cost_usd = image
                     .cost_usd
@@ -139,9 +162,11 @@ pub async fn dispatch(
                 // We validated the request already, so this means we and the backend disagree on
                 // the rules: worth a warning, but the client still gets the backend's words.
                 tracing::warn!(backend = %slot.name, error = %e, "backend refused a request the gateway accepted");
+                // Only a refusal of the request itself reaches here (`should_fall_back`): its
+                // words are about what the client sent.
                 let (message, field) = match e {
                     BackendError::InvalidRequest { message, field } => (message, field),
-                    other => (other.to_string(), None),
+                    _ => ("the backend refused the request".to_owned(), None),
                 };
                 let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
                     .with_backend(Some(slot.name.clone()));
@@ -159,8 +184,9 @@ pub async fn dispatch(
                     ..
                 } = &e
                 {
-                    slot.set_busy_for(*d);
-                    soonest_retry = min_opt(soonest_retry, *d);
+                    // However long an upstream asks for, at most `routing.max_retry_after_secs`.
+                    let d = slot.set_busy_for(*d);
+                    soonest_retry = min_opt(soonest_retry, d);
                 }
                 tracing::warn!(backend = %slot.name, error = %e, "backend attempt failed");
                 slot.set_last_error(e.to_string());
@@ -214,10 +240,13 @@ fn exhausted(
             (StatusCode::INTERNAL_SERVER_ERROR, "generation_failed")
         }
     };
+    // The detail (an upstream's address, a resolver's or a loader's words, a path) stays in the
+    // log and in `/v1/backends` for keys with `operations`; the client gets a fixed phrase.
+    let what = client_phrase(&e);
     let message = if tried > 1 {
-        format!("no backend could serve the request; the last one, `{backend}`, failed: {e}")
+        format!("no backend could serve the request; the last one tried, `{backend}`, {what}")
     } else {
-        format!("backend `{backend}` failed: {e}")
+        format!("backend `{backend}` {what}")
     };
     ApiError::new(status, code, message)
         .with_backend(Some(backend))
@@ -226,4 +255,19 @@ fn exhausted(
         } else {
             None
         })
+}
+
+/// What a client is told about a backend's failure: one fixed phrase per kind of error.
+fn client_phrase(e: &BackendError) -> &'static str {
+    match e {
+        BackendError::Timeout(_) => "did not answer in time",
+        BackendError::Unavailable { .. } => "is unavailable (busy or not ready)",
+        BackendError::Connect(_) => "could not be reached",
+        BackendError::Unauthorized { .. } => "is unavailable (it refused the gateway's credentials)",
+        BackendError::Upstream { .. } => "answered with an error",
+        BackendError::BadResponse(_) => "gave an answer that is not a usable image",
+        BackendError::Failed(_) | BackendError::InvalidRequest { .. } => {
+            "failed to generate the image"
+        }
+    }
 }

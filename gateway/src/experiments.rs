@@ -213,6 +213,7 @@ impl Store {
                 created_at INTEGER NOT NULL DEFAULT (unixepoch())
             );",
         )?;
+        migrate(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -294,8 +295,14 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Store a score for a recorded request; returns (experiment, variant) it belongs to.
-    pub fn feedback(&self, request_id: &str, score: f64) -> Result<(String, String), StoreError> {
+    /// Store `voter`'s score for a recorded request, replacing that voter's earlier score for it
+    /// (one vote per result and voter); returns (experiment, variant) it belongs to.
+    pub fn feedback(
+        &self,
+        request_id: &str,
+        voter: &str,
+        score: f64,
+    ) -> Result<(String, String), StoreError> {
         let conn = self.conn();
         let found: Option<(String, String)> = conn
             .query_row(
@@ -308,10 +315,48 @@ impl Store {
             return Err(StoreError::UnknownRequest(request_id.to_owned()));
         };
         conn.execute(
-            "INSERT INTO feedback (request_id, score) VALUES (?1, ?2)",
-            params![request_id, score],
+            "INSERT INTO feedback (request_id, voter, score) VALUES (?1, ?2, ?3)
+             ON CONFLICT (request_id, voter)
+             DO UPDATE SET score = excluded.score, created_at = unixepoch()",
+            params![request_id, voter, score],
         )?;
         Ok(ev)
+    }
+
+    /// Delete images stored longer ago than `images`, and results (with their images and
+    /// feedback) older than `results`. Returns (images, results) deleted.
+    pub fn prune(
+        &self,
+        images: std::time::Duration,
+        results: std::time::Duration,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let before = |d: std::time::Duration| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |n| n.as_secs());
+            now.saturating_sub(d.as_secs()) as i64
+        };
+        let (img_cut, res_cut) = (before(images), before(results));
+        let old_results = "SELECT request_id FROM results WHERE created_at < ?1";
+        let mut pruned_images = tx.execute(
+            "DELETE FROM images WHERE request_id IN
+               (SELECT request_id FROM results WHERE created_at < ?1)",
+            [img_cut],
+        )? as u64;
+        pruned_images += tx.execute(
+            &format!("DELETE FROM images WHERE request_id IN ({old_results})"),
+            [res_cut],
+        )? as u64;
+        tx.execute(
+            &format!("DELETE FROM feedback WHERE request_id IN ({old_results})"),
+            [res_cut],
+        )?;
+        let pruned_results =
+            tx.execute("DELETE FROM results WHERE created_at < ?1", [res_cut])? as u64;
+        tx.commit()?;
+        Ok((pruned_images, pruned_results))
     }
 
     pub fn results(&self, experiment: &str) -> Result<Vec<VariantResult>, StoreError> {
@@ -343,10 +388,65 @@ impl Store {
     }
 }
 
+/// Schema changes after the first version, by SQLite's `user_version`.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < 1 {
+        // One vote per result and voter: votes get a voter, older ones each their own (they
+        // were cast before voters were told apart, so none replaces another).
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE feedback ADD COLUMN voter TEXT;
+             UPDATE feedback SET voter = 'before-voters:' || id WHERE voter IS NULL;
+             CREATE UNIQUE INDEX feedback_one_per_voter ON feedback (request_id, voter);
+             CREATE INDEX IF NOT EXISTS results_by_time ON results (created_at);
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
 /// The configured experiments and their store.
 pub struct Experiments {
     pub configs: BTreeMap<String, ExperimentConfig>,
     pub store: Option<Store>,
+}
+
+/// Apply `storage.image_retention_days` and `result_retention_days` now and then for as long as
+/// the server runs: at start, then every tenth of the image retention (at least a second, at
+/// most an hour), so what requests leave behind does not grow without bound.
+pub async fn prune_periodically(state: std::sync::Arc<crate::AppState>) {
+    if state.experiments.store.is_none() {
+        return;
+    }
+    let day = 86_400.0;
+    let images = std::time::Duration::from_secs_f64(state.config.storage.image_retention_days * day);
+    let results =
+        std::time::Duration::from_secs_f64(state.config.storage.result_retention_days * day);
+    let every = (images / 10).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(3600),
+    );
+    loop {
+        let st = state.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            st.experiments.store.as_ref().map(|s| s.prune(images, results))
+        })
+        .await;
+        match done {
+            Ok(Some(Ok((i, r)))) => {
+                let m = &state.metrics.storage_pruned;
+                m.with_label_values(&["image"]).inc_by(i);
+                m.with_label_values(&["result"]).inc_by(r);
+                if i + r > 0 {
+                    tracing::info!(images = i, results = r, "pruned old experiment records");
+                }
+            }
+            _ => tracing::error!("pruning old experiment records failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 #[cfg(test)]
@@ -421,12 +521,12 @@ mod tests {
             s.record(&rec("r2", "a", 300.0, false)).unwrap();
             s.record(&rec("r3", "a", 1.0, true)).unwrap();
             s.record(&rec("r4", "b", 50.0, false)).unwrap();
-            assert_eq!(s.feedback("r1", 5.0).unwrap(), ("exp".into(), "a".into()));
-            s.feedback("r2", 2.0).unwrap();
+            assert_eq!(s.feedback("r1", "alice", 5.0).unwrap(), ("exp".into(), "a".into()));
+            s.feedback("r2", "alice", 2.0).unwrap();
             // A score for a cache hit is kept but does not count for the variant.
-            s.feedback("r3", 1.0).unwrap();
+            s.feedback("r3", "alice", 1.0).unwrap();
             assert!(matches!(
-                s.feedback("nope", 1.0),
+                s.feedback("nope", "alice", 1.0),
                 Err(StoreError::UnknownRequest(_))
             ));
         }

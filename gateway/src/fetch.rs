@@ -3,9 +3,11 @@
 //!
 //! * http and https only; the host is resolved once, every address checked, and the connection
 //!   pinned to the checked addresses (a DNS answer that changes between check and connect cannot
-//!   move it). Loopback, private, link-local (cloud metadata lives at 169.254.169.254), shared,
-//!   multicast, reserved and documentation ranges are refused, IPv6 forms of them too (mapped,
-//!   NAT64, unique-local), unless `fetch.allow_networks` lists the network.
+//!   move it). Only globally reachable unicast addresses are fetched from, as the IANA
+//!   special-purpose address registries define them (see [`refused_range`]): loopback, private,
+//!   link-local (cloud metadata lives at 169.254.169.254), shared, reserved, documentation,
+//!   IPv4-mapped, translated, 6to4, Teredo, discard-only and every other special block are
+//!   refused, unless `fetch.allow_networks` lists the network.
 //! * Redirects are followed by hand, each hop checked the same way, at most `max_redirects`.
 //! * One deadline for all hops and the body; the body is read up to `max_bytes` and no further.
 //! * The bytes must be a jpeg, png or webp whose header declares at most `max_pixels` pixels;
@@ -13,7 +15,7 @@
 //!
 //! Every refusal is a 400 naming `input_images[i]` and the reason.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,69 +73,88 @@ impl FetchConfig {
 }
 
 /// Why an address may not be fetched from, if it may not.
+/// Blocks of the IANA special-purpose registries whose "Globally Reachable" column says True.
+/// Every other registered block is refused; no False block lies inside one of these, so "in one
+/// of these, or in no registered block" is the registry's answer for the most specific block.
+/// A True block IANA adds later stays refused until it is listed here (the safe direction).
+const GLOBALLY_REACHABLE: [&str; 14] = [
+    "192.0.0.9/32",
+    "192.0.0.10/32",
+    "192.31.196.0/24",
+    "192.52.193.0/24",
+    "192.175.48.0/24",
+    "64:ff9b::/96",
+    "2001:1::1/128",
+    "2001:1::2/128",
+    "2001:1::3/128",
+    "2001:3::/32",
+    "2001:4:112::/48",
+    "2001:20::/28",
+    "2001:30::/28",
+    "2620:4f:8000::/48",
+];
+
+fn globally_reachable_block(ip: IpAddr) -> bool {
+    GLOBALLY_REACHABLE.iter().any(|n| {
+        n.parse::<IpNet>()
+            .map(|n| n.contains(&ip))
+            .unwrap_or(false)
+    })
+}
+
+/// Why `ip` is not fetched from, `None` when it is a globally reachable unicast address. An
+/// allow rule: the address must be outside every block of the IANA IPv4 and IPv6
+/// special-purpose address registries that is not globally reachable (the `iprfc` crate's
+/// pinned copy of both registries), plus what the registries leave out:
+/// * multicast (not in the special-purpose registries);
+/// * IPv6 outside global unicast (2000::/3) and NAT64 (64:ff9b::/96): the deprecated
+///   IPv4-compatible `::a.b.c.d`, site-local fec0::/10, and space IANA has not allocated;
+/// * NAT64 64:ff9b::/96 is globally reachable, but it reaches the IPv4 address in its last 32
+///   bits, which must be globally reachable too;
+/// * Azure's platform endpoint 168.63.129.16, a public address that answers metadata-like
+///   requests from inside any Azure VM.
 pub fn refused_range(ip: IpAddr) -> Option<&'static str> {
+    if let IpAddr::V6(a) = ip {
+        let s = a.segments();
+        if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4] {
+            let [b0, b1] = s[6].to_be_bytes();
+            let [b2, b3] = s[7].to_be_bytes();
+            return refused_range(IpAddr::V4(Ipv4Addr::new(b0, b1, b2, b3)))
+                .map(|_| "a NAT64 address of an address that is not globally reachable");
+        }
+        if s[0] & 0xe000 != 0x2000 {
+            return Some(describe(ip, "not a global unicast IPv6 address"));
+        }
+    }
+    if ip.is_multicast() {
+        return Some("a multicast address");
+    }
+    if ip == IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)) {
+        return Some("a cloud metadata address");
+    }
+    if iprfc::RFC6890.contains(&ip) && !globally_reachable_block(ip) {
+        return Some(describe(
+            ip,
+            "a special-purpose address that is not globally reachable (IANA registry)",
+        ));
+    }
+    None
+}
+
+/// A refused address's kind, in words a client understands; `otherwise` for the rest.
+fn describe(ip: IpAddr, otherwise: &'static str) -> &'static str {
     match ip {
-        IpAddr::V4(a) => refused_v4(a),
-        IpAddr::V6(a) => refused_v6(a),
+        _ if ip.is_loopback() => "a loopback address",
+        _ if ip.is_unspecified() => "an unspecified address",
+        _ if ip.is_multicast() => "a multicast address",
+        IpAddr::V4(a) if a.is_private() => "a private address",
+        IpAddr::V4(a) if a.is_link_local() => {
+            "a link-local address (where cloud metadata services live)"
+        }
+        IpAddr::V6(a) if a.segments()[0] & 0xfe00 == 0xfc00 => "a unique-local (private) address",
+        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => "a link-local address",
+        _ => otherwise,
     }
-}
-
-fn refused_v4(a: Ipv4Addr) -> Option<&'static str> {
-    let o = a.octets();
-    Some(match o {
-        _ if a.is_loopback() => "a loopback address",
-        _ if a.is_private() => "a private address",
-        _ if a.is_link_local() => "a link-local address (where cloud metadata services live)",
-        [0, ..] => "an unspecified address",
-        _ if a.is_broadcast() || a.is_multicast() => "a broadcast or multicast address",
-        [100, b, ..] if (64..128).contains(&b) => "a shared (carrier-grade NAT) address",
-        [192, 0, 0, _] => "an IETF protocol address",
-        [198, 18 | 19, ..] => "a benchmarking address",
-        [192, 0, 2, _] | [198, 51, 100, _] | [203, 0, 113, _] => "a documentation address",
-        [240..=255, ..] => "a reserved address",
-        // Azure's platform endpoint answers metadata-like requests from any VM.
-        [168, 63, 129, 16] => "a cloud metadata address",
-        _ => return None,
-    })
-}
-
-fn refused_v6(a: Ipv6Addr) -> Option<&'static str> {
-    if let Some(v4) = a.to_ipv4_mapped() {
-        return refused_v4(v4);
-    }
-    let s = a.segments();
-    // NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48) and the deprecated IPv4-compatible
-    // form carry an IPv4 address in their last 32 bits, 6to4 (2002::/16) in bits 16-48.
-    let v4 = |hi: u16, lo: u16| {
-        let [a, b] = hi.to_be_bytes();
-        let [c, d] = lo.to_be_bytes();
-        Ipv4Addr::new(a, b, c, d)
-    };
-    if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || (s[..6] == [0; 6] && s[6] != 0) {
-        return refused_v4(v4(s[6], s[7]));
-    }
-    // Local-use NAT64 prefixes may be shorter than /96 and put the IPv4 address elsewhere: all of
-    // 64:ff9b:1::/48 is refused.
-    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
-        return Some("a local NAT64 address");
-    }
-    if s[0] == 0x2002 {
-        return refused_v4(v4(s[1], s[2]));
-    }
-    // Teredo (2001::/32) hides its IPv4 address (obfuscated); nothing to fetch there.
-    if s[0] == 0x2001 && s[1] == 0 {
-        return Some("a Teredo tunnel address");
-    }
-    Some(match s[0] {
-        _ if a.is_loopback() => "a loopback address",
-        _ if a.is_unspecified() => "an unspecified address",
-        x if x & 0xfe00 == 0xfc00 => "a unique-local (private) address",
-        x if x & 0xffc0 == 0xfe80 => "a link-local address",
-        x if x & 0xffc0 == 0xfec0 => "a site-local address",
-        x if x & 0xff00 == 0xff00 => "a multicast address",
-        0x2001 if s[1] == 0x0db8 => "a documentation address",
-        _ => return None,
-    })
 }
 
 pub struct SafeFetcher {
@@ -172,7 +193,11 @@ impl SafeFetcher {
             Some(url::Host::Ipv6(a)) => vec![SocketAddr::new(a.into(), port)],
             Some(url::Host::Domain(d)) => tokio::net::lookup_host((d, port))
                 .await
-                .map_err(|e| format!("the host `{d}` does not resolve: {e}"))?
+                .map_err(|e| {
+                    // The resolver's words (and what they say about internal DNS) stay here.
+                    tracing::debug!(host = d, error = %e, "input image host does not resolve");
+                    format!("the host `{d}` does not resolve")
+                })?
                 .collect(),
             None => return Err("the URL has no host".into()),
         };
@@ -226,7 +251,7 @@ impl SafeFetcher {
                 .get(url.clone())
                 .send()
                 .await
-                .map_err(|e| format!("the request failed: {}", without_url(&e)))?;
+                .map_err(|e| format!("the request failed: {}", plain(&e)))?;
             let status = resp.status();
             if status.is_redirection() {
                 let loc = resp
@@ -253,7 +278,7 @@ impl SafeFetcher {
             while let Some(chunk) = resp
                 .chunk()
                 .await
-                .map_err(|e| format!("reading the body failed: {}", without_url(&e)))?
+                .map_err(|e| format!("reading the body failed: {}", plain(&e)))?
             {
                 if body.len() + chunk.len() > max {
                     return Err(format!("the image is over the limit of {max} bytes"));
@@ -268,16 +293,19 @@ impl SafeFetcher {
     }
 }
 
-/// reqwest's errors repeat the URL; the client knows it, and it may carry a token.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    if let Some(u) = e.url() {
-        text = text.replace(&format!(" for url ({u})"), "");
-    }
+/// What a client is told about a failed fetch: a fixed phrase. reqwest's own text can carry the
+/// URL (with a token in it), the resolved address and the operating system's error, which say
+/// more about the gateway's network than a client needs; it goes to the log.
+fn plain(e: &reqwest::Error) -> &'static str {
+    tracing::debug!(error = %e, "input image fetch failed");
     if e.is_timeout() {
-        "timed out".into()
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the body was cut off"
     } else {
-        text
+        "the server did not answer properly"
     }
 }
 
@@ -299,6 +327,7 @@ impl InputFetcher for SafeFetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
 
     fn refused(s: &str) -> Option<&'static str> {
         refused_range(s.parse().expect("ip"))
@@ -328,6 +357,14 @@ mod tests {
             "2001:0:4136:e378:8000:63bf:3fff:fdd2",
             "::10.0.0.1",
             "168.63.129.16",
+            // Not globally reachable by the registry, whatever address they carry.
+            "::ffff:8.8.8.8",
+            "::ffff:0:808:808",
+            "2002:0808:0808::1",
+            "100::1",
+            "fec0::1",
+            "ff0e::1",
+            "64:ff9b::7f00:1",
         ] {
             assert!(refused(ip).is_some(), "{ip} must be refused");
         }
@@ -335,14 +372,67 @@ mod tests {
             "8.8.8.8",
             "1.1.1.1",
             "2606:4700::1111",
-            "::ffff:8.8.8.8",
-            "2002:0808:0808::1",
+            "64:ff9b::808:808",
+            "192.0.0.9",
+            "2001:4:112::1",
         ] {
             assert_eq!(refused(ip), None, "{ip} is public");
         }
         assert!(refused("169.254.169.254")
             .unwrap_or("")
             .contains("metadata"));
+    }
+
+    /// Every block of both IANA special-purpose registries (transcribed in
+    /// tests/data/iana-special-purpose.csv): its first, middle and last address are fetched from
+    /// exactly when the registry calls the most specific block containing them globally
+    /// reachable (N/A counts as not).
+    #[test]
+    fn the_whole_iana_special_purpose_registries() {
+        let text = include_str!("../tests/data/iana-special-purpose.csv");
+        let rows: Vec<(IpNet, bool)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("block,"))
+            .map(|l| {
+                let cols: Vec<&str> = l.split(',').collect();
+                let net: IpNet = cols[0].parse().expect("CIDR");
+                (net, cols[cols.len() - 1] == "true")
+            })
+            .collect();
+        assert_eq!(rows.len(), 51, "both registries, every row");
+        let verdict = |ip: IpAddr| {
+            rows.iter()
+                .filter(|(n, _)| n.contains(&ip))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, g)| *g)
+        };
+        let mut checked = 0;
+        for (net, _) in &rows {
+            let (lo, hi) = (net.network(), net.broadcast());
+            let mid = match (lo, hi) {
+                (IpAddr::V4(a), IpAddr::V4(b)) => {
+                    IpAddr::V4(Ipv4Addr::from(u32::from(a) / 2 + u32::from(b) / 2))
+                }
+                (IpAddr::V6(a), IpAddr::V6(b)) => {
+                    IpAddr::V6(Ipv6Addr::from(u128::from(a) / 2 + u128::from(b) / 2))
+                }
+                _ => unreachable!("one family per block"),
+            };
+            for ip in [lo, mid, hi] {
+                let Some(global) = verdict(ip) else { continue };
+                // NAT64 reaches the IPv4 address inside: judged by that one (tested above).
+                if net.to_string() == "64:ff9b::/96" {
+                    continue;
+                }
+                assert_eq!(
+                    refused_range(ip).is_none(),
+                    global,
+                    "{ip} in {net}: registry says globally reachable = {global}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 140, "{checked}");
     }
 
     #[test]

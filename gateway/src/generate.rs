@@ -123,7 +123,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let references = a
         .input_images
         .iter()
-        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .enumerate()
+        .map(|(i, p)| {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(kleingate_local::reference::load(
+                &bytes,
+                i,
+                kleingate_local::reference::MAX_DECODE_PIXELS,
+            )?)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (width, height) = pipe.output_size(a.width, a.height, &references)?;
     let req = Request {

@@ -17,11 +17,11 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
-use crate::admission::{GateLayer, Shedder};
+use crate::admission::GateLayer;
 use crate::auth::Principal;
 use crate::budget::{OnExceed, Verdict};
 use crate::cache::{CachedImage, Lookup};
-use crate::dispatch::dispatch;
+use crate::dispatch::{dispatch, Patience};
 use crate::error::ApiError;
 use crate::metrics::InflightGuard;
 use crate::routing::candidates;
@@ -36,10 +36,7 @@ pub const VARIANT_HEADER: &str = "x-kleingate-variant";
 pub const RESULT_ID_HEADER: &str = "x-kleingate-result-id";
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let shed = GateLayer(Arc::new(Shedder::new(
-        state.config.admission.max_inflight,
-        state.metrics.rejected.clone(),
-    )));
+    let shed = GateLayer(state.shedder.clone());
     // Everything a client calls is behind the API key. What costs work (generate, feedback
     // writes) is also under the client's rate limit, and generate requests are shed when the
     // gateway is full; cheap reads are not limited (the vote page loads 40 images at once).
@@ -109,7 +106,12 @@ async fn count_responses(
     let route = route.as_ref().map_or("unmatched", |p| p.as_str());
     let method = req.method().clone();
     let request_id = req.headers().get(&REQUEST_ID).cloned();
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if state.is_draining() {
+        // Shutting down: keep-alive clients reconnect, and land on another replica.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     state
         .metrics
         .http_responses
@@ -164,24 +166,49 @@ struct Outcome {
     cache: &'static str,
     /// What this request made a backend spend: 0 for cache hits, coalesced waits and errors.
     cost_usd: f64,
+    /// The seed of the image served (for the experiment record).
+    served_seed: Option<u64>,
+    /// The client was over its daily budget when the request was routed.
+    over_budget: bool,
     experiment: Option<ExperimentRun>,
     /// The image served, kept only while an experiment that stores images needs it.
     image: Option<(kleingate_protocol::OutputFormat, bytes::Bytes)>,
+    /// The shadow run to start once this answer is out, if the experiment runs shadows and this
+    /// request generated its image itself.
+    shadow: Option<(GenerateRequest, crate::experiments::Variant)>,
+}
+
+impl Outcome {
+    fn new(model: &'static str) -> Self {
+        Outcome {
+            model,
+            backend: None,
+            cache: "none",
+            cost_usd: 0.0,
+            served_seed: None,
+            over_budget: false,
+            experiment: None,
+            image: None,
+            shadow: None,
+        }
+    }
 }
 
 /// The experiment variant a request was assigned to, for the record written after the answer.
-struct ExperimentRun {
-    experiment: String,
-    variant: String,
+pub(crate) struct ExperimentRun {
+    pub(crate) experiment: String,
+    pub(crate) variant: String,
     /// The variant's backend, if it names one: any other serving backend was a fallback.
-    preferred: Option<String>,
-    prompt: String,
-    seed: Option<u64>,
+    pub(crate) preferred: Option<String>,
+    pub(crate) prompt: String,
+    pub(crate) seed: Option<u64>,
     /// The experiment runs shadows: keep this answer's image for the side-by-side page.
-    keep_image: bool,
+    pub(crate) keep_image: bool,
     /// The server-made id of this answer's record (`X-Kleingate-Result-Id`), what feedback names.
     /// Never the client's `X-Request-Id`, which a client chooses and could reuse.
-    result_id: String,
+    pub(crate) result_id: String,
+    /// The variant a shadow run compares this one with, if the experiment runs shadows.
+    pub(crate) shadow: Option<crate::experiments::Variant>,
 }
 
 async fn generate_for_model(
@@ -199,14 +226,7 @@ async fn generate_for_model(
             finish(
                 &state,
                 ApiError::from(err).into_response(),
-                Outcome {
-                    model: "unknown",
-                    backend: None,
-                    cache: "none",
-                    cost_usd: 0.0,
-                    experiment: None,
-                    image: None,
-                },
+                Outcome::new("unknown"),
                 Instant::now(),
             )
         }
@@ -231,14 +251,7 @@ async fn handle(
 ) -> Response {
     let start = Instant::now();
     let _inflight = InflightGuard::new(&state.metrics.inflight);
-    let mut outcome = Outcome {
-        model: path_model.map_or("unknown", Model::id),
-        backend: None,
-        cache: "none",
-        cost_usd: 0.0,
-        experiment: None,
-        image: None,
-    };
+    let mut outcome = Outcome::new(path_model.map_or("unknown", Model::id));
     let client = Client {
         principal,
         key: None,
@@ -274,6 +287,11 @@ async fn handle(
             .inc();
     }
     let resp = record_experiment(&state, resp, &outcome, start).await;
+    if resp.status() == StatusCode::OK {
+        if let (Some((sreq, variant)), Some(run)) = (outcome.shadow.take(), &outcome.experiment) {
+            crate::shadow::start(&state, &client, outcome.over_budget, sreq, variant, run);
+        }
+    }
     finish(&state, resp, outcome, start)
 }
 
@@ -304,9 +322,9 @@ fn finish(state: &AppState, mut resp: Response, outcome: Outcome, start: Instant
 
 /// Who sent a request: the authenticated key, if auth is on, and the name budgets are kept by:
 /// the key's name, else (auth off) the client header the request carries.
-struct Client {
-    principal: Option<Arc<Principal>>,
-    key: Option<String>,
+pub(crate) struct Client {
+    pub(crate) principal: Option<Arc<Principal>>,
+    pub(crate) key: Option<String>,
 }
 
 impl Client {
@@ -329,18 +347,18 @@ pub(crate) fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h 
 }
 
 /// Over its daily budget, a client is refused (429 until the next UTC day) or served by the
-/// cheapest candidate only.
+/// cheapest candidate only. `Ok(true)`: served past the budget.
 fn apply_budget(
     state: &AppState,
     client: &Client,
     req: &GenerateRequest,
     candidates: &mut Vec<Arc<BackendSlot>>,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let Some(key) = client.key.as_deref() else {
-        return Ok(());
+        return Ok(false);
     };
     let Verdict::Exceeded { spent, limit } = state.budgets.check(key) else {
-        return Ok(());
+        return Ok(false);
     };
     match state.budgets.on_exceed() {
         OnExceed::Reject => {
@@ -374,7 +392,7 @@ fn apply_budget(
                 })
                 .cloned();
             candidates.retain(|s| cheapest.as_ref().is_some_and(|c| Arc::ptr_eq(c, s)));
-            Ok(())
+            Ok(true)
         }
     }
 }
@@ -407,6 +425,7 @@ async fn generate(
     start: Instant,
     outcome: &mut Outcome,
 ) -> Result<Response, ApiError> {
+    require_json(headers)?;
     let max = state.config.max_body_bytes;
     let limit = Duration::from_secs_f64(state.config.body_timeout_secs);
     let bytes = tokio::time::timeout(limit, axum::body::to_bytes(body, max))
@@ -467,24 +486,70 @@ async fn generate(
                 .with_field("X-Kleingate-Backend")
         })?),
     };
-    let mut req = req;
-    let mut shadow = None;
-    if let Some((run, shadow_req)) =
-        assign_experiment(state, client, headers, &bytes, forced, &mut req)?
-    {
-        outcome.model = req.model.id();
-        outcome.experiment = Some(run);
-        shadow = shadow_req;
-    }
-    let mut candidates = candidates(state, &req, forced)?;
-    if let Some(p) = &client.principal {
-        if let Some(b) = forced.filter(|b| !p.allows_backend(b)) {
+    // A backend the key may not use is refused before anything says whether it exists.
+    if let (Some(p), Some(b)) = (&client.principal, forced) {
+        if !p.allows_backend(b) {
             return Err(forbidden(
                 "backend_not_allowed",
                 format!("key `{}` may not use backend `{b}`", p.name),
             )
             .with_field("X-Kleingate-Backend"));
         }
+    }
+    // The client's own request, before a variant changes its model: a shadow of a variant that
+    // sets no model runs this one, so the pair compares the variants and nothing else.
+    let client_req = req.clone();
+    let mut req = req;
+    if let Some(run) = assign_experiment(state, client, headers, &bytes, forced, &mut req)? {
+        outcome.model = req.model.id();
+        outcome.experiment = Some(run);
+    }
+    let preferred = outcome
+        .experiment
+        .as_ref()
+        .and_then(|r| r.preferred.clone());
+    // A variant's answers are cached apart from other backends' (as a forced backend's are),
+    // so a variant never receives another variant's image; and a key limited to some backends
+    // has a cache of its own, so it never receives an image made by a backend it may not use
+    // (nor waits on, or replaces, another scope's entry).
+    let pin = forced.or(preferred.as_deref());
+    let partition = cache_partition(pin, client.principal.as_deref());
+    let (no_cache, no_store) = cache_directives(headers);
+    let store = state.config.cache.enabled && !no_store;
+    let bypass = !state.config.cache.enabled || no_cache;
+
+    // A hit is served before routing and budgets: it costs nothing, needs no backend, and is
+    // always within the key's scope (its partition, and checked again here).
+    let cache_key = req
+        .seed
+        .filter(|_| !bypass)
+        .map(|seed| req.cache_key(seed, partition.as_deref()));
+    if let Some(key) = &cache_key {
+        if let Some(hit) = state.cache.get(key).await {
+            if client
+                .principal
+                .as_ref()
+                .is_none_or(|p| p.allows_backend(&hit.backend))
+            {
+                state.metrics.cache_hits.inc();
+                outcome.cache = "hit";
+                outcome.backend = Some(hit.backend.clone());
+                let resp = image_response(&req, &hit);
+                outcome.served_seed = hit.image.seed;
+                if outcome.experiment.as_ref().is_some_and(|r| r.keep_image) {
+                    outcome.image = Some((hit.image.format, hit.image.bytes.clone()));
+                }
+                state
+                    .metrics
+                    .overhead
+                    .observe(start.elapsed().as_secs_f64());
+                return Ok(resp);
+            }
+        }
+    }
+
+    let mut candidates = candidates(state, &req, forced, client.principal.as_deref())?;
+    if let Some(p) = &client.principal {
         candidates.retain(|s| p.allows_backend(&s.name));
         if candidates.is_empty() {
             return Err(forbidden(
@@ -496,60 +561,18 @@ async fn generate(
             ));
         }
     }
-    let preferred = outcome
-        .experiment
-        .as_ref()
-        .and_then(|r| r.preferred.clone());
     if let Some(b) = &preferred {
         prefer(&mut candidates, b);
     }
-    apply_budget(state, client, &req, &mut candidates)?;
-    // A variant's answers are cached apart from other backends' (as a forced backend's are),
-    // so a variant never receives another variant's image.
-    let pin = forced.or(preferred.as_deref());
-    if let (Some((sreq, variant)), Some(run)) = (shadow, &outcome.experiment) {
-        // A shadow runs within the key's scope too, or not at all.
-        if client
-            .principal
-            .as_ref()
-            .is_none_or(|p| p.allows_model(sreq.model))
-        {
-            spawn_shadow(
-                state.clone(),
-                client.key.clone(),
-                client.principal.clone(),
-                sreq,
-                variant,
-                run,
-            );
-        }
-    }
+    outcome.over_budget = apply_budget(state, client, &req, &mut candidates)?;
     let deadline = start + state.request_timeout;
-    let (no_cache, no_store) = cache_directives(headers);
-    let store = state.config.cache.enabled && !no_store;
-    let bypass = !state.config.cache.enabled || no_cache;
 
-    let (served, label) = match req.seed {
-        Some(seed) if !bypass => {
-            let key = req.cache_key(seed, pin);
-            if let Some(hit) = state.cache.get(&key).await {
-                state.metrics.cache_hits.inc();
-                outcome.cache = "hit";
-                outcome.backend = Some(hit.backend.clone());
-                let resp = image_response(&req, &hit);
-                if outcome.experiment.as_ref().is_some_and(|r| r.keep_image) {
-                    outcome.image = Some((hit.image.format, hit.image.bytes.clone()));
-                }
-                state
-                    .metrics
-                    .overhead
-                    .observe(start.elapsed().as_secs_f64());
-                return Ok(resp);
-            }
+    let (served, label) = match cache_key {
+        Some(key) => {
             state.metrics.cache_misses.inc();
             let lookup = state
                 .cache
-                .get_or_generate(key, dispatch(state, &req, &candidates, deadline))
+                .get_or_generate(key, dispatch(state, &req, &candidates, deadline, Patience::Wait))
                 .await
                 .map_err(|e| (*e).clone())?;
             match lookup {
@@ -560,15 +583,15 @@ async fn generate(
                 }
             }
         }
-        _ => {
-            let v = dispatch(state, &req, &candidates, deadline).await?;
+        None => {
+            let v = dispatch(state, &req, &candidates, deadline, Patience::Wait).await?;
             // Unseeded requests are stored under the seed the backend reports, so a client that
             // repeats the request with that seed gets the same image back from the cache.
             if store {
                 if let Some(seed) = v.image.seed {
                     state
                         .cache
-                        .insert(req.cache_key(seed, pin), v.clone())
+                        .insert(req.cache_key(seed, partition.as_deref()), v.clone())
                         .await;
                 }
             }
@@ -577,11 +600,17 @@ async fn generate(
     };
     outcome.cache = label;
     outcome.backend = Some(served.backend.clone());
+    outcome.served_seed = served.image.seed;
     if outcome.experiment.as_ref().is_some_and(|r| r.keep_image) {
         outcome.image = Some((served.image.format, served.image.bytes.clone()));
     }
     if label != "coalesced" {
         outcome.cost_usd = served.cost_usd;
+        // Only an answer this request generated itself gets a shadow: a hit or a coalesced
+        // wait did not measure the variant, and its leader already ran one.
+        if let Some(run) = &outcome.experiment {
+            outcome.shadow = shadow_request(state, &bytes, &client_req, run, served.image.seed);
+        }
     }
     let resp = image_response(&req, &served);
     if label != "coalesced" {
@@ -590,6 +619,37 @@ async fn generate(
         state.metrics.overhead.observe(own.as_secs_f64());
     }
     Ok(resp)
+}
+
+/// JSON routes take JSON only: `Content-Type: application/json` (parameters such as a charset
+/// allowed), else 415. A form or `text/plain` post, which a page on another site can send
+/// without asking the browser's permission, never reaches a handler.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match essence {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the request body as JSON with `Content-Type: application/json`",
+        )),
+    }
+}
+
+/// What separates cache entries of otherwise equal requests: the backend a request is pinned to
+/// (forced, or an experiment variant's), and the backends a key is limited to. `None` when
+/// neither applies: unrestricted clients share one cache.
+fn cache_partition(pin: Option<&str>, principal: Option<&Principal>) -> Option<String> {
+    let scope = principal.and_then(Principal::backend_scope);
+    match (pin, scope) {
+        (None, None) => None,
+        // JSON: names are quoted, so no two different scopes give the same text.
+        (pin, scope) => Some(json!([pin, scope]).to_string()),
+    }
 }
 
 fn image_response(req: &GenerateRequest, c: &CachedImage) -> Response {
@@ -625,11 +685,20 @@ fn image_response(req: &GenerateRequest, c: &CachedImage) -> Response {
     resp
 }
 
-async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+/// The models and, with auth on, only the backends the key may use.
+async fn list_models(
+    State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Arc<Principal>>>,
+) -> Json<serde_json::Value> {
+    let visible = |name: &str| principal.as_ref().is_none_or(|p| p.allows_backend(name));
     let models: Vec<_> = Model::ALL
         .iter()
         .map(|m| {
-            let backends: Vec<&str> = state.serving(*m).map(|s| &*s.name).collect();
+            let backends: Vec<&str> = state
+                .serving(*m)
+                .map(|s| &*s.name)
+                .filter(|n| visible(n))
+                .collect();
             json!({
                 "id": m.id(),
                 "distilled": m.is_distilled(),
@@ -644,16 +713,30 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Val
     Json(json!({ "models": models }))
 }
 
-async fn list_backends(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+/// The backends' state. With auth on: only the backends the key may use, and the operations
+/// detail (`last_error`, health messages: they can name upstream addresses and file paths) only
+/// for keys with `operations = true`. With auth off every caller is trusted and sees it all.
+async fn list_backends(
+    State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Arc<Principal>>>,
+) -> Json<serde_json::Value> {
+    let detail = principal.as_ref().is_none_or(|p| p.operations);
     let list: Vec<_> = state
         .backends
         .iter()
+        .filter(|s| principal.as_ref().is_none_or(|p| p.allows_backend(&s.name)))
         .map(|s| {
+            let mut health = serde_json::to_value(s.backend.health()).unwrap_or_default();
+            if !detail {
+                if let Some(h) = health.as_object_mut() {
+                    h.remove("message");
+                }
+            }
             json!({
                 "name": &*s.name,
                 "kind": s.backend.kind(),
                 "models": s.backend.models(),
-                "health": s.backend.health(),
+                "health": health,
                 "circuit": s.breaker.state(),
                 "consecutive_failures": s.breaker.consecutive_failures(),
                 "circuit_retry_in_secs": s.breaker.retry_in().map(|d| d.as_secs_f64()),
@@ -661,7 +744,7 @@ async fn list_backends(State(state): State<Arc<AppState>>) -> Json<serde_json::V
                 "in_flight": s.inflight(),
                 "max_concurrency": s.max_concurrency,
                 "weight": s.weight,
-                "last_error": s.last_error(),
+                "last_error": if detail { s.last_error() } else { None },
             })
         })
         .collect();
@@ -718,7 +801,7 @@ fn assign_experiment(
     body: &[u8],
     forced: Option<&str>,
     req: &mut GenerateRequest,
-) -> Result<Option<(ExperimentRun, ShadowRun)>, ApiError> {
+) -> Result<Option<ExperimentRun>, ApiError> {
     let Some(v) = headers.get(EXPERIMENT_HEADER) else {
         return Ok(None);
     };
@@ -738,15 +821,27 @@ fn assign_experiment(
         ));
     }
     let Some(cfg) = state.experiments.configs.get(name) else {
+        // Only the experiments this key could join: the others' names are not its business.
         let known: Vec<&str> = state
             .experiments
             .configs
-            .keys()
-            .map(String::as_str)
+            .iter()
+            .filter(|(_, c)| {
+                client
+                    .principal
+                    .as_ref()
+                    .is_none_or(|p| c.variants.iter().all(|v| p.allows_variant(v)))
+            })
+            .map(|(n, _)| n.as_str())
             .collect();
+        let listed = if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.join(", ")
+        };
         return Err(bad(
             "unknown_experiment",
-            format!("no experiment `{name}`; configured: {}", known.join(", ")),
+            format!("no experiment `{name}`; available: {listed}"),
         ));
     };
     // With auth, the key's name: a client must not pick its variant by choosing a header value.
@@ -778,41 +873,53 @@ fn assign_experiment(
             return refuse("backend_not_allowed", format!("backend `{b}`"));
         }
     }
-    let shadow = match cfg.shadow_of(&variant.name) {
-        Some(other) => {
-            // Both sides of a pair use the same seed, so they differ only by the variant.
-            if req.seed.is_none() {
-                req.seed = Some(rand::random_range(0..u64::from(u32::MAX)));
-            }
-            let mut sreq = match other.model.filter(|m| *m != req.model) {
-                Some(m) => for_variant(state, body, m, name, &other.name)?,
-                None => req.clone(),
-            };
-            sreq.seed = req.seed;
-            Some((sreq, other.clone()))
-        }
-        None => None,
-    };
+    let shadow = cfg.shadow_of(&variant.name).cloned();
+    if shadow.is_some() && req.seed.is_none() {
+        // Both sides of a pair use the same seed, so they differ only by the variant.
+        req.seed = Some(rand::random_range(0..u64::from(u32::MAX)));
+    }
     state
         .metrics
         .experiment_assignments
         .with_label_values(&[name, &variant.name])
         .inc();
-    Ok(Some((
-        ExperimentRun {
-            experiment: name.to_owned(),
-            variant: variant.name.clone(),
-            preferred: variant.backend.clone(),
-            prompt: req.prompt.clone(),
-            seed: req.seed,
-            keep_image: cfg.shadow,
-            result_id: crate::experiments::new_result_id(),
-        },
+    Ok(Some(ExperimentRun {
+        experiment: name.to_owned(),
+        variant: variant.name.clone(),
+        preferred: variant.backend.clone(),
+        prompt: req.prompt.clone(),
+        seed: req.seed,
+        keep_image: cfg.shadow,
+        result_id: crate::experiments::new_result_id(),
         shadow,
-    )))
+    }))
 }
 
-type ShadowRun = Option<(GenerateRequest, crate::experiments::Variant)>;
+/// The request a shadow runs: the client's own request (its model, not the served variant's,
+/// unless the shadow variant sets one), with the seed of the image served. `None` when the
+/// shadow variant's model cannot take the request (logged; the client's answer is not refused
+/// for it).
+fn shadow_request(
+    state: &AppState,
+    body: &[u8],
+    client_req: &GenerateRequest,
+    run: &ExperimentRun,
+    served_seed: Option<u64>,
+) -> Option<(GenerateRequest, crate::experiments::Variant)> {
+    let variant = run.shadow.clone()?;
+    let mut sreq = match variant.model.filter(|m| *m != client_req.model) {
+        Some(m) => match for_variant(state, body, m, &run.experiment, &variant.name) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(experiment = %run.experiment, variant = %variant.name, error = %e.message, "no shadow run: the request does not fit the shadow variant's model");
+                return None;
+            }
+        },
+        None => client_req.clone(),
+    };
+    sreq.seed = served_seed.or(run.seed);
+    Some((sreq, variant))
+}
 
 /// The client's request with a variant's model, validated again for that model.
 fn for_variant(
@@ -836,71 +943,10 @@ fn for_variant(
 }
 
 /// Move backend `name` to the front of the candidates, if it is one.
-fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
+pub(crate) fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
     if let Some(i) = candidates.iter().position(|s| &*s.name == name) {
         candidates[..=i].rotate_right(1);
     }
-}
-
-/// Run the shadow variant in the background and store its result beside the client's request.
-/// The client's answer never waits for it; a shadow that cannot be served is recorded as such.
-fn spawn_shadow(
-    state: Arc<AppState>,
-    budget_key: Option<String>,
-    principal: Option<Arc<Principal>>,
-    req: GenerateRequest,
-    variant: crate::experiments::Variant,
-    run: &ExperimentRun,
-) {
-    let pair = run.result_id.clone();
-    let experiment = run.experiment.clone();
-    tokio::spawn(async move {
-        let start = Instant::now();
-        let served = match candidates(&state, &req, None) {
-            Ok(mut c) => {
-                if let Some(p) = &principal {
-                    c.retain(|s| p.allows_backend(&s.name));
-                }
-                if let Some(b) = &variant.backend {
-                    prefer(&mut c, b);
-                }
-                dispatch(&state, &req, &c, start + state.request_timeout).await
-            }
-            Err(e) => Err(e),
-        };
-        let (status, backend, cost, image) = match &served {
-            Ok(s) => (
-                200,
-                s.backend.to_string(),
-                s.cost_usd,
-                Some((
-                    s.image.format.content_type().to_owned(),
-                    s.image.bytes.to_vec(),
-                )),
-            ),
-            Err(e) => (e.status.as_u16(), "none".to_owned(), 0.0, None),
-        };
-        let record = crate::experiments::Record {
-            request_id: format!("{pair}.shadow"),
-            experiment: experiment.clone(),
-            excluded: variant.backend.as_ref().is_some_and(|p| *p != backend),
-            variant: variant.name,
-            backend,
-            model: req.model.id().to_owned(),
-            prompt: req.prompt,
-            seed: req.seed,
-            status,
-            latency_ms: start.elapsed().as_secs_f64() * 1e3,
-            cost_usd: cost,
-            pair_of: Some(pair),
-            image,
-        };
-        // The shadow is spending done for this client: it counts against its budget.
-        if let Some(k) = &budget_key {
-            state.budgets.charge(k, cost);
-        }
-        store_record(&state, record).await;
-    });
 }
 
 /// Store the answer of an experiment request and tell the client its variant.
@@ -924,12 +970,7 @@ async fn record_experiment(
     };
     let backend = outcome.backend.as_deref().unwrap_or("none").to_owned();
     let fallback = run.preferred.as_ref().is_some_and(|p| *p != backend);
-    let seed = resp
-        .headers()
-        .get("x-seed")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
-        .or(run.seed);
+    let seed = outcome.served_seed.or(run.seed);
     let record = crate::experiments::Record {
         request_id: run.result_id.clone(),
         experiment: run.experiment.clone(),
@@ -964,7 +1005,7 @@ async fn record_experiment(
 }
 
 /// Write a record off the async threads (SQLite fsyncs); a failure is logged, never the client's.
-async fn store_record(state: &Arc<AppState>, record: crate::experiments::Record) {
+pub(crate) async fn store_record(state: &Arc<AppState>, record: crate::experiments::Record) {
     let st = state.clone();
     let experiment = record.experiment.clone();
     let stored = tokio::task::spawn_blocking(move || {
@@ -989,8 +1030,25 @@ struct Feedback {
 }
 
 /// `POST /v1/feedback {"request_id": "...", "score": 1-5}` or `{"request_id", "thumbs": "up"|"down"}`
-/// (up = 5, down = 1).
-async fn feedback(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+/// (up = 5, down = 1). One vote per result and voter: a later vote replaces the earlier one. The
+/// voter is the key's name, else (auth off) the client header `budget.header`, else one shared
+/// anonymous voter.
+async fn feedback(
+    State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Arc<Principal>>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(e) = require_json(&headers) {
+        return e.into_response();
+    }
+    let voter = Client {
+        principal: principal.map(|e| e.0),
+        key: None,
+    }
+    .resolve(&state, &headers)
+    .key
+    .unwrap_or_else(|| "anonymous".to_owned());
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m);
     let f: Feedback = match serde_json::from_slice(&body) {
         Ok(f) => f,
@@ -1021,7 +1079,7 @@ async fn feedback(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -
         st.experiments
             .store
             .as_ref()
-            .map(|s| s.feedback(&id, score))
+            .map(|s| s.feedback(&id, &voter, score))
     })
     .await;
     match stored {

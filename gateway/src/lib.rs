@@ -19,6 +19,7 @@ pub mod http;
 pub mod metrics;
 pub mod routing;
 pub mod server;
+mod shadow;
 pub mod state;
 pub mod ui;
 

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub experiment_cost_usd: CounterVec,
     pub rejected: IntCounterVec,
     pub http_responses: IntCounterVec,
+    pub shadow_runs: IntCounterVec,
+    pub storage_pruned: IntCounterVec,
 }
 
 impl Metrics {
@@ -243,8 +245,26 @@ impl Metrics {
             &["route", "status"],
         )
         .expect("metric");
+        let shadow_runs = IntCounterVec::new(
+            Opts::new(
+                "kleingate_shadow_runs_total",
+                "Shadow runs by outcome: ran, failed, or skipped (no_capacity, budget, scope, draining)",
+            ),
+            &["experiment", "outcome"],
+        )
+        .expect("metric");
+        let storage_pruned = IntCounterVec::new(
+            Opts::new(
+                "kleingate_storage_pruned_total",
+                "Stored experiment rows deleted by the retention settings, by kind (image, result)",
+            ),
+            &["kind"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(shadow_runs.clone()),
+            Box::new(storage_pruned.clone()),
             Box::new(rejected.clone()),
             Box::new(http_responses.clone()),
             Box::new(experiment_latency.clone()),
@@ -303,6 +323,8 @@ impl Metrics {
             experiment_cost_usd,
             rejected,
             http_responses,
+            shadow_runs,
+            storage_pruned,
         }
     }
 

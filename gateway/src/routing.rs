@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use kleingate_protocol::GenerateRequest;
 use rand::Rng;
 
+use crate::auth::Principal;
 use crate::config::{Policy, SafetyPolicy};
 use crate::error::ApiError;
 use crate::state::{AppState, BackendSlot};
@@ -17,13 +18,20 @@ pub fn candidates(
     state: &AppState,
     req: &GenerateRequest,
     forced: Option<&str>,
+    principal: Option<&Principal>,
 ) -> Result<Vec<Arc<BackendSlot>>, ApiError> {
     let model = req.model;
     let need_checker =
         req.enable_safety_checker && state.config.routing.safety == SafetyPolicy::Require;
     if let Some(name) = forced {
         let slot = state.by_name.get(name).ok_or_else(|| {
-            let known: Vec<&str> = state.backends.iter().map(|s| &*s.name).collect();
+            // Only the names this key may use: the others are not its business.
+            let known: Vec<&str> = state
+                .backends
+                .iter()
+                .map(|s| &*s.name)
+                .filter(|n| principal.is_none_or(|p| p.allows_backend(n)))
+                .collect();
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "unknown_backend",

@@ -1,5 +1,8 @@
-//! Running the server, with graceful shutdown: on the shutdown signal `/readyz` turns 503 (so
-//! load balancers stop sending), the listener stops accepting, and in-flight requests get up to
+//! Running the server, with graceful shutdown. On the shutdown signal `/readyz` turns 503 and
+//! the gateway keeps serving for `shutdown_delay_secs`, every answer with `Connection: close`, so
+//! that load balancers (a Kubernetes Service's endpoints) stop sending to it and keep-alive
+//! clients move to another replica while nothing is refused. Then the listener stops accepting,
+//! idle keep-alive connections are closed, and in-flight requests and shadow runs get up to
 //! `shutdown_grace_secs` to finish.
 //!
 //! The accept loop is ours rather than `axum::serve`'s so that each connection gets a timer: a
@@ -34,12 +37,24 @@ pub async fn serve(
     let header_timeout = Duration::from_secs_f64(state.config.header_timeout_secs);
     let app = router(state.clone());
     let _watcher = AbortOnDrop(tokio::spawn(crate::auth::watch_keys_file(state.clone())));
+    let _pruner = AbortOnDrop(tokio::spawn(crate::experiments::prune_periodically(
+        state.clone(),
+    )));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(
         state.config.admission.max_connections,
     ));
+    let delay = Duration::from_secs_f64(state.config.shutdown_delay_secs);
     let mut shutdown = std::pin::pin!(shutdown);
+    // Set when the shutdown signal came: accepting stops then.
+    let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
+        let stop = async {
+            match stop_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let accept = async {
             let permit = connections.clone().acquire_owned().await;
             (permit, listener.accept().await)
@@ -56,7 +71,13 @@ pub async fn serve(
                 }
                 (Err(_), Ok(_)) => continue,
             },
-            () = &mut shutdown => break,
+            () = &mut shutdown, if stop_at.is_none() => {
+                state.start_draining();
+                tracing::info!(?delay, "shutting down: /readyz answers 503; still serving until the delay is over");
+                stop_at = Some(tokio::time::Instant::now() + delay);
+                continue;
+            }
+            () = stop => break,
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
@@ -79,9 +100,15 @@ pub async fn serve(
     }
     state.start_draining();
     drop(listener);
-    tracing::info!("shutting down: draining in-flight requests");
+    tracing::info!("shutting down: no longer accepting; draining in-flight requests");
+    let drain = async {
+        // Idle keep-alive connections are closed; busy ones after their answer.
+        graceful.shutdown().await;
+        state.background.close();
+        state.background.wait().await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => Ok(()),
+        () = drain => Ok(()),
         () = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "grace period over; abandoning the remaining requests");
             Ok(())

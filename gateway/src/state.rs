@@ -29,8 +29,11 @@ pub struct BackendSlot {
     /// For `policy = "cost"`: the p95 latency this backend must keep to be preferred.
     pub latency_objective: Option<Duration>,
     latencies: Mutex<LatencyWindows>,
-    /// Set from an upstream's `Retry-After`: do not send it work before then.
-    busy_until: Mutex<Option<Instant>>,
+    /// Set from an upstream's `Retry-After`: do not send it work before then, except one probe
+    /// every `busy_probe` (the time of the last one is kept beside it).
+    busy_until: Mutex<Busy>,
+    max_retry_after: Duration,
+    busy_probe: Duration,
     last_error: Mutex<Option<String>>,
 }
 
@@ -43,6 +46,13 @@ struct LatencyWindows {
 }
 
 const LATENCY_MAX_AGE: Duration = Duration::from_secs(300);
+
+#[derive(Default)]
+struct Busy {
+    until: Option<Instant>,
+    /// When the current back-off began, or its last probe was let through.
+    last_probe: Option<Instant>,
+}
 
 impl BackendSlot {
     pub fn new(
@@ -70,7 +80,9 @@ impl BackendSlot {
             max_concurrency,
             timeout,
             weight,
-            busy_until: Mutex::new(None),
+            busy_until: Mutex::new(Busy::default()),
+            max_retry_after: Duration::from_secs_f64(cfg.routing.max_retry_after_secs),
+            busy_probe: Duration::from_secs_f64(cfg.routing.busy_probe_secs),
             last_error: Mutex::new(None),
         }
     }
@@ -114,18 +126,50 @@ impl BackendSlot {
         self.max_concurrency - self.permits.available_permits()
     }
 
+    fn busy(&self) -> std::sync::MutexGuard<'_, Busy> {
+        self.busy_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn busy_for(&self) -> Option<Duration> {
-        let until = (*self.busy_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let until = self.busy().until?;
         until.checked_duration_since(Instant::now())
     }
 
-    pub fn set_busy_for(&self, d: Duration) {
-        // Saturating: however long a backend asks for, this must not overflow.
+    /// Back off for `d` (an upstream's `Retry-After`), at most `routing.max_retry_after_secs`;
+    /// returns the time actually taken.
+    pub fn set_busy_for(&self, d: Duration) -> Duration {
+        let d = d.min(self.max_retry_after);
         let now = Instant::now();
+        // Saturating: however long a backend asks for, this must not overflow.
         let until = now
             .checked_add(d)
             .unwrap_or_else(|| now + Duration::from_secs(86_400));
-        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+        let mut b = self.busy();
+        b.until = Some(until);
+        b.last_probe = Some(now);
+        d
+    }
+
+    /// While backing off: may one request go through now as a probe? At most one every
+    /// `routing.busy_probe_secs`.
+    pub fn take_busy_probe(&self) -> bool {
+        let mut b = self.busy();
+        let now = Instant::now();
+        let due = b
+            .last_probe
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.busy_probe);
+        if due {
+            b.last_probe = Some(now);
+        }
+        due
+    }
+
+    /// A success ends any back-off.
+    pub fn clear_busy(&self) {
+        let mut b = self.busy();
+        if b.until.is_some() {
+            *b = Busy::default();
+        }
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -158,6 +202,10 @@ pub struct AppState {
     pub experiments: crate::experiments::Experiments,
     pub auth: crate::auth::Auth,
     pub rate_limiter: Arc<crate::admission::RateLimiter>,
+    /// Requests in flight, bounded by `admission.max_inflight` (clients' and shadow runs).
+    pub shedder: Arc<crate::admission::Shedder>,
+    /// Work that outlives its request (shadow runs): part of the graceful drain.
+    pub background: tokio_util::task::TaskTracker,
     draining: AtomicBool,
 }
 
@@ -217,6 +265,18 @@ impl AppState {
                         limits: config.limits.clone(),
                         cost: b.cost.clone(),
                         fetcher: Some(fetcher.clone()),
+                        reference_limits: {
+                            let d = kleingate_local::reference::DecodeLimits::default();
+                            kleingate_local::reference::DecodeLimits {
+                                max_pixels: b.max_reference_pixels.unwrap_or(d.max_pixels),
+                                max_decoded_bytes: b
+                                    .max_reference_decode_mib
+                                    .map_or(d.max_decoded_bytes, |m| m.saturating_mul(1 << 20)),
+                            }
+                        },
+                        reference_timeout: Duration::from_secs_f64(
+                            b.reference_timeout_secs.unwrap_or(10.0),
+                        ),
                     },
                     Arc::new(EngineMetrics::new(name, &metrics)),
                 )),
@@ -273,9 +333,15 @@ impl AppState {
             &config.budget.header,
             metrics.rejected.clone(),
         ));
+        let shedder = Arc::new(crate::admission::Shedder::new(
+            config.admission.max_inflight,
+            metrics.rejected.clone(),
+        ));
         Ok(Arc::new(AppState {
             auth,
             rate_limiter,
+            shedder,
+            background: tokio_util::task::TaskTracker::new(),
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
             budgets: crate::budget::Budgets::new(config.budget.clone()),
             experiments: crate::experiments::Experiments {

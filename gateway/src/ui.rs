@@ -126,7 +126,7 @@ fn safe_next(next: Option<&str>) -> &str {
 
 /// A sign-in posted from another site (a form there planting its own key in this browser) is
 /// refused: browsers say where a request comes from in `Sec-Fetch-Site` and `Origin`.
-fn cross_site(headers: &axum::http::HeaderMap) -> bool {
+pub(crate) fn cross_site(headers: &axum::http::HeaderMap) -> bool {
     let text = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     if let Some(site) = text("sec-fetch-site") {
         return !matches!(site, "same-origin" | "none");

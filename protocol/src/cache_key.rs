@@ -47,8 +47,9 @@ fn put_str(h: &mut Sha256, s: &str) {
 
 impl GenerateRequest {
     /// The key of this request when generated with `seed` (the request's own seed, or the one a
-    /// backend reported for an unseeded request). `backend_pin` names a forced backend.
-    pub fn cache_key(&self, seed: u64, backend_pin: Option<&str>) -> CacheKey {
+    /// backend reported for an unseeded request). `partition` separates entries that must not be
+    /// shared (the gateway's: a forced backend, a key's backend scope).
+    pub fn cache_key(&self, seed: u64, partition: Option<&str>) -> CacheKey {
         let mut h = Sha256::new();
         put_str(&mut h, CACHE_KEY_VERSION);
         put_str(&mut h, self.model.id());
@@ -67,7 +68,7 @@ impl GenerateRequest {
         }
         put_str(&mut h, self.output_format.as_str());
         h.update([self.output_quality, u8::from(self.enable_safety_checker)]);
-        put_str(&mut h, backend_pin.unwrap_or(""));
+        put_str(&mut h, partition.unwrap_or(""));
         CacheKey(h.finalize().into())
     }
 }

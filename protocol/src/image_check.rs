@@ -12,6 +12,20 @@ pub struct ImageInfo {
     pub format: ImageFormat,
     pub width: u32,
     pub height: u32,
+    /// Bytes per pixel of the decoded image (16-bit RGBA: 8): with the size, what decoding it
+    /// allocates.
+    pub bytes_per_pixel: u8,
+}
+
+impl ImageInfo {
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+
+    /// Bytes the decoded image takes.
+    pub fn decoded_bytes(&self) -> u64 {
+        self.pixels() * u64::from(self.bytes_per_pixel)
+    }
 }
 
 /// Why an image was refused; the text is meant for the client.
@@ -40,11 +54,14 @@ fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
 /// The format and declared size of `bytes`, refusing anything that is not a jpeg, png or webp or
 /// that declares more than `max_pixels` pixels. Reads the header only.
 pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
+    use image::ImageDecoder as _;
     let r = reader(bytes)?;
     let format = r.format().unwrap_or(ImageFormat::Png);
-    let (width, height) = r
-        .into_dimensions()
+    let decoder = r
+        .into_decoder()
         .map_err(|e| ImageError(format!("cannot read the image header: {e}")))?;
+    let (width, height) = decoder.dimensions();
+    let bytes_per_pixel = decoder.color_type().bytes_per_pixel();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         return Err(ImageError(format!(
@@ -58,6 +75,7 @@ pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
         format,
         width,
         height,
+        bytes_per_pixel,
     })
 }
 
@@ -93,9 +111,10 @@ mod tests {
     fn accepts_a_png_and_reports_its_size() {
         let info = inspect(&png(70, 65), 1 << 20).expect("png");
         assert_eq!(
-            (info.format, info.width, info.height),
-            (ImageFormat::Png, 70, 65)
+            (info.format, info.width, info.height, info.bytes_per_pixel),
+            (ImageFormat::Png, 70, 65, 3)
         );
+        assert_eq!(info.decoded_bytes(), 70 * 65 * 3);
         let img = decode(&png(70, 65), 1 << 20).expect("decodes");
         assert_eq!((img.width(), img.height()), (70, 65));
     }

@@ -196,11 +196,26 @@ async fn bad_requests_get_clear_errors_and_never_reach_a_backend() {
     }
     let r = reqwest::Client::new()
         .post(gw.url("/generate"))
+        .header("content-type", "application/json")
         .body("not json")
         .send()
         .await
         .unwrap();
     assert_eq!(error_of(r).await.1["code"], "invalid_json");
+    // A body that does not say it is JSON is refused before it is read (review finding 5).
+    let r = reqwest::Client::new()
+        .post(gw.url("/generate"))
+        .body("{\"prompt\": \"x\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(r).await,
+        (
+            415,
+            json!({"code": "unsupported_media_type", "message": "send the request body as JSON with `Content-Type: application/json`"})
+        )
+    );
     let (s, e) = error_of(reqwest::get(gw.url("/nope")).await.unwrap()).await;
     assert_eq!((s, e["code"].as_str()), (404, Some("not_found")));
     let (s, _) = error_of(reqwest::get(gw.url("/generate")).await.unwrap()).await;
@@ -452,7 +467,16 @@ async fn upstream_nonsense_is_a_502_and_all_busy_is_a_503() {
     a.set_mode(Mode::Huge(60_000));
     let (s, e) = error_of(post(&gw, "/generate", json!({"prompt": "x"})).await).await;
     assert_eq!(s, 502);
-    assert!(e["message"].as_str().unwrap().contains("limit"), "{e}");
+    // The client is told which backend failed; the detail is the operators' (/v1/backends).
+    assert!(e["message"].as_str().unwrap().contains("`only`"), "{e}");
+    let v = get_json(&gw, "/v1/backends").await;
+    assert!(
+        v["backends"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("limit"),
+        "{v}"
+    );
     a.set_mode(Mode::Unavailable {
         retry_after: Some(7),
     });
@@ -1233,6 +1257,14 @@ async fn shadow_experiments_store_pairs_without_delaying_the_client() {
         (r.status().as_u16(), header(&r, "x-kleingate-variant")),
         (200, "a".into())
     );
+    // The shadow starts once the answer is out: wait until it hangs on fb before fb recovers.
+    for _ in 0..200 {
+        if fb.calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fb.calls(), 1);
     // Now a pair that completes: the shadow runs variant b with the same prompt and seed (a seed
     // is chosen for unseeded requests so that the pair is comparable).
     fb.set_mode(Mode::Image);

@@ -614,12 +614,21 @@ async fn shadow_runs_stay_within_the_keys_backends() {
     .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-kleingate-variant"), "a");
-    // The shadow (variant b prefers `first`) runs on what team-b may use: `second` only.
+    // The shadow (variant b runs on `first`) cannot run within team-b's scope (`second` only):
+    // it is skipped, not run elsewhere (where it would measure nothing, at the client's cost).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while second.calls() < 2 && Instant::now() < deadline {
+    let skipped = || async {
+        sample(
+            &metrics(&gw).await,
+            "kleingate_shadow_runs_total",
+            &[("experiment", "ab"), ("outcome", "scope")],
+        )
+    };
+    while skipped().await < 1.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!((first.calls(), second.calls()), (0, 2));
+    assert_eq!(skipped().await, 1.0);
+    assert_eq!((first.calls(), second.calls()), (0, 1));
 
     // A variant on a backend the key may not use is refused, not quietly served elsewhere.
     let r = post_with(

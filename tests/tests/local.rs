@@ -342,7 +342,17 @@ async fn an_engine_that_cannot_load_is_down_and_answers_503() {
         .contains("/nonexistent/klein"));
     let r = post_with(&gw, "/generate", json!({"prompt": "x"}), &[]).await;
     assert_eq!(r.status(), 503);
-    assert!(r.text().await.unwrap().contains("model not loaded"));
+    // The client hears that the backend is unavailable, never the weights' path (review
+    // finding 2); the operators see it in /v1/backends and the log.
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("backend `local` is unavailable") && !text.contains("/nonexistent"),
+        "{text}"
+    );
+    assert!(wait_ready(&gw, "local").await["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/klein"));
     assert_eq!(reqwest::get(gw.url("/readyz")).await.unwrap().status(), 503);
 }
 

@@ -224,6 +224,17 @@ pub trait Backend: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<GeneratedImage, BackendError>;
 
+    /// As [`Backend::generate`], for work no client waits for (an experiment's shadow run): a
+    /// backend with a queue of its own serves it after every client's request. By default the
+    /// same as `generate`.
+    async fn generate_background(
+        &self,
+        req: &GenerateRequest,
+        timeout: Duration,
+    ) -> Result<GeneratedImage, BackendError> {
+        self.generate(req, timeout).await
+    }
+
     /// Can this backend run the safety checker (`enable_safety_checker`)? Backends that cannot
     /// answer `X-Has-Nsfw-Content: false` without having looked; the gateway only routes requests
     /// that ask for the check to backends that can, unless configured to skip it.

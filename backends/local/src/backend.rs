@@ -20,6 +20,7 @@ use crate::error::EngineError;
 use crate::hub::IMAGE_CLASSIFIER;
 use crate::image_io::{Format, Rgb8};
 use crate::pipeline::{Pipeline, Request};
+use crate::reference::{DecodeLimits, RgbImage};
 use crate::safety::SafetyChecker;
 use crate::sampler::seeded_noise;
 
@@ -45,6 +46,11 @@ pub struct LocalConfig {
     pub cost: CostModel,
     /// Fetches URL `input_images`; without one, such requests are left to other backends.
     pub fetcher: Option<SharedFetcher>,
+    /// What a request's references may cost to decode (checked on their headers).
+    pub reference_limits: DecodeLimits,
+    /// Longest a request's references may take to decode (off the engine's thread); longer is
+    /// refused as too costly.
+    pub reference_timeout: Duration,
 }
 
 /// Where the engine reports what it does (the gateway turns this into Prometheus metrics).
@@ -67,9 +73,11 @@ struct Job {
     /// The request without its `input_images` (decoded into `references`).
     req: GenerateRequest,
     seed: u64,
-    references: Vec<Vec<u8>>,
+    references: Vec<RgbImage>,
     reply: oneshot::Sender<Result<GeneratedImage, BackendError>>,
     slot: Arc<QueueSlot>,
+    /// Nobody waits for it (a shadow run): taken only when no client's job is waiting.
+    background: bool,
 }
 
 /// One place in the bounded queue. Whoever is first to release it, the worker taking the job or
@@ -102,7 +110,8 @@ impl Drop for SlotGuard {
 impl Job {
     /// Requests that may share one batch: same shapes and sampling, and no references (those
     /// change the token count per request).
-    fn batch_key(&self) -> Option<(Model, u32, u32, u32, u64)> {
+    /// Background jobs batch only with each other: they must not add work to a client's batch.
+    fn batch_key(&self) -> Option<(Model, u32, u32, u32, u64, bool)> {
         self.references.is_empty().then(|| {
             let r = &self.req;
             (
@@ -111,6 +120,7 @@ impl Job {
                 r.height,
                 r.num_steps,
                 r.guidance.to_bits(),
+                self.background,
             )
         })
     }
@@ -118,6 +128,9 @@ impl Job {
 
 pub struct LocalBackend {
     cfg: LocalConfig,
+    /// Reference decodes running at once (on the blocking pool, never the engine's thread):
+    /// as many as the machine has cores, so image preparation cannot take them all.
+    decode_slots: Arc<tokio::sync::Semaphore>,
     /// Measured device seconds per megapixel-step (smoothed), for cost estimates before a run.
     throughput: Arc<Mutex<Option<f64>>>,
     state: Arc<Mutex<LoadState>>,
@@ -189,14 +202,77 @@ impl LocalBackend {
                 }
             })
             .expect("spawning the engine thread");
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         LocalBackend {
             cfg,
+            decode_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
             throughput,
             state,
             queue: tx,
             depth,
             observer,
         }
+    }
+
+    /// Decode a request's references, bounded in cost (checked on their headers first) and in
+    /// time, on the blocking pool: never on the engine's thread, so one client's references
+    /// cannot hold up other clients' generations.
+    async fn decode_references(
+        &self,
+        encoded: Vec<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Vec<RgbImage>, BackendError> {
+        if encoded.is_empty() {
+            return Ok(Vec::new());
+        }
+        let limits = self.cfg.reference_limits;
+        crate::reference::check_cost(&encoded, limits).map_err(client_error)?;
+        let started = std::time::Instant::now();
+        let Ok(Ok(_slot)) =
+            tokio::time::timeout(timeout, self.decode_slots.clone().acquire_owned()).await
+        else {
+            return Err(BackendError::Timeout(timeout));
+        };
+        let budget = self
+            .cfg
+            .reference_timeout
+            .min(timeout.saturating_sub(started.elapsed()));
+        let work = tokio::task::spawn_blocking(move || {
+            encoded
+                .iter()
+                .enumerate()
+                .map(|(i, b)| crate::reference::load(b, i, limits.max_pixels))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        // A decode past its time is let finish on the blocking pool (it cannot be interrupted,
+        // and its cost is bounded by the limits above); its slot is held until then.
+        match tokio::time::timeout(budget, work).await {
+            Ok(Ok(decoded)) => decoded.map_err(client_error),
+            Ok(Err(_)) => Err(BackendError::Failed("decoding the input images panicked".into())),
+            Err(_) => Err(BackendError::InvalidRequest {
+                message: format!(
+                    "the input images took longer than {:.0} s to decode; send smaller images",
+                    budget.as_secs_f64()
+                ),
+                field: Some("input_images".into()),
+            }),
+        }
+    }
+}
+
+/// An engine error caused by what the client sent becomes a client error naming the field;
+/// anything else is this backend's failure (the gateway may try another).
+fn client_error(e: EngineError) -> BackendError {
+    match e {
+        EngineError::Reference { index, message } => BackendError::InvalidRequest {
+            message: format!("input image {index}: {message}"),
+            field: Some(format!("input_images[{index}]")),
+        },
+        EngineError::Size { field, message } => BackendError::InvalidRequest {
+            message,
+            field: Some(field.into()),
+        },
+        other => BackendError::Failed(other.to_string()),
     }
 }
 
@@ -268,6 +344,26 @@ impl Backend for LocalBackend {
         req: &GenerateRequest,
         timeout: Duration,
     ) -> Result<GeneratedImage, BackendError> {
+        self.submit(req, timeout, false).await
+    }
+
+    async fn generate_background(
+        &self,
+        req: &GenerateRequest,
+        timeout: Duration,
+    ) -> Result<GeneratedImage, BackendError> {
+        self.submit(req, timeout, true).await
+    }
+}
+
+impl LocalBackend {
+    /// Queue `req` for the engine and wait for its image.
+    async fn submit(
+        &self,
+        req: &GenerateRequest,
+        timeout: Duration,
+        background: bool,
+    ) -> Result<GeneratedImage, BackendError> {
         match &*lock(&self.state) {
             LoadState::Ready => {}
             LoadState::Loading => {
@@ -317,6 +413,9 @@ impl Backend for LocalBackend {
                 },
             }
         }
+        let started = std::time::Instant::now();
+        let references = self.decode_references(references, timeout).await?;
+        let timeout = timeout.saturating_sub(started.elapsed());
         let waiting = self.depth.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.cfg.max_queue {
             self.depth.fetch_sub(1, Ordering::SeqCst);
@@ -342,6 +441,7 @@ impl Backend for LocalBackend {
             references,
             reply: tx,
             slot,
+            background,
         };
         if self.queue.send(job).is_err() {
             return Err(BackendError::Failed("the engine thread has stopped".into()));
@@ -368,11 +468,16 @@ struct Worker {
 }
 
 impl Worker {
+    /// The next job: the oldest client job waiting, else the oldest background job.
     fn take(&self, pending: &mut VecDeque<Job>) -> Option<Job> {
-        let j = match pending.pop_front() {
-            Some(j) => j,
-            None => self.rx.recv().ok()?,
-        };
+        if pending.is_empty() {
+            pending.push_back(self.rx.recv().ok()?);
+        }
+        while let Ok(j) = self.rx.try_recv() {
+            pending.push_back(j);
+        }
+        let i = pending.iter().position(|j| !j.background).unwrap_or(0);
+        let j = pending.remove(i)?;
         j.slot.release();
         Some(j)
     }
@@ -413,17 +518,7 @@ impl Worker {
             Err(e) => {
                 // Only what the client sent is the client's fault; anything else the engine
                 // hits is a failure of this backend (the gateway may try another).
-                let err = match e {
-                    EngineError::Reference { index, message } => BackendError::InvalidRequest {
-                        message: format!("input image {index}: {message}"),
-                        field: Some(format!("input_images[{index}]")),
-                    },
-                    EngineError::Size { field, message } => BackendError::InvalidRequest {
-                        message,
-                        field: Some(field.into()),
-                    },
-                    other => BackendError::Failed(other.to_string()),
-                };
+                let err = client_error(e);
                 batch.iter().map(|_| Err(err.clone())).collect()
             }
         }

@@ -40,7 +40,8 @@ pub struct Request {
     /// Explicit initial noise `(B, C, H/(2*vsf), W/(2*vsf))` instead of the seeded generator.
     pub init_noise: Option<Tensor<4>>,
     /// Encoded reference images (jpeg/png/webp) for editing / multi-reference generation.
-    pub references: Vec<Vec<u8>>,
+    /// Decoded references ([`reference::load`]).
+    pub references: Vec<reference::RgbImage>,
 }
 
 /// Wall time of each stage (the device is synchronised before each reading).
@@ -89,13 +90,14 @@ impl Pipeline {
         &self,
         width: Option<usize>,
         height: Option<usize>,
-        references: &[Vec<u8>],
+        references: &[reference::RgbImage],
     ) -> Result<(usize, usize), EngineError> {
         match (width, height, references.first()) {
             (Some(w), Some(h), _) => Ok((w, h)),
             (w, h, Some(first)) => {
-                let p = reference::prepare(first, 0, self.size_multiple(), &self.device)?;
-                Ok((w.unwrap_or(p.width), h.unwrap_or(p.height)))
+                let m = self.size_multiple();
+                let (fw, fh) = (first.width() as usize, first.height() as usize);
+                Ok((w.unwrap_or(fw - fw % m), h.unwrap_or(fh - fh % m)))
             }
             (w, h, None) => Ok((w.unwrap_or(1024), h.unwrap_or(768))),
         }
@@ -105,7 +107,7 @@ impl Pipeline {
     #[allow(clippy::type_complexity)]
     fn encode_references(
         &self,
-        refs: &[Vec<u8>],
+        refs: &[reference::RgbImage],
     ) -> Result<
         (
             Option<Tensor<3>>,
@@ -117,8 +119,8 @@ impl Pipeline {
         let mut tokens = Vec::new();
         let mut ids = Vec::new();
         let mut stages = Vec::new();
-        for (k, bytes) in refs.iter().enumerate() {
-            let p = reference::prepare(bytes, k, self.size_multiple(), &self.device)?;
+        for (k, rgb) in refs.iter().enumerate() {
+            let p = reference::prepare(rgb, self.size_multiple(), &self.device);
             let (mean, _) = self.vae.encode(p.pixels.clone())?;
             let latents = self.vae.normalize(Vae::patchify(mean.clone()));
             let [_, _, h, w] = latents.dims();

@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use fixture::{assert_close, Case};
 use kleingate_local::image_io::Rgb8;
 use kleingate_local::pipeline::{Pipeline, Request};
+use kleingate_local::reference;
 
 fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
@@ -48,13 +49,15 @@ fn text_to_image_matches_the_reference() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|r| {
-                    std::fs::read(
+                .enumerate()
+                .map(|(i, r)| {
+                    let bytes = std::fs::read(
                         fixture::root()
                             .join("cases")
                             .join(r["file"].as_str().unwrap()),
                     )
-                    .unwrap()
+                    .unwrap();
+                    reference::load(&bytes, i, reference::MAX_DECODE_PIXELS).unwrap()
                 })
                 .collect(),
             init_noise: Some(Tensor::from_data(
