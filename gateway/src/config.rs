@@ -427,8 +427,14 @@ impl Config {
             ("auth.reload_secs".into(), self.auth.reload_secs, false),
         ];
         for (name, days) in [
-            ("storage.image_retention_days", self.storage.image_retention_days),
-            ("storage.result_retention_days", self.storage.result_retention_days),
+            (
+                "storage.image_retention_days",
+                self.storage.image_retention_days,
+            ),
+            (
+                "storage.result_retention_days",
+                self.storage.result_retention_days,
+            ),
         ] {
             if !(days > 0.0 && days <= 36_500.0) {
                 return bad(format!(

@@ -119,8 +119,7 @@ pub async fn dispatch(
                 Patience::IdleOnly => slot.backend.generate_background(req, attempt_timeout).await,
             }
         };
-        let result = match tokio::time::timeout(attempt_timeout, attempt).await
-        {
+        let result = match tokio::time::timeout(attempt_timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout(attempt_timeout)),
         };
@@ -263,7 +262,9 @@ fn client_phrase(e: &BackendError) -> &'static str {
         BackendError::Timeout(_) => "did not answer in time",
         BackendError::Unavailable { .. } => "is unavailable (busy or not ready)",
         BackendError::Connect(_) => "could not be reached",
-        BackendError::Unauthorized { .. } => "is unavailable (it refused the gateway's credentials)",
+        BackendError::Unauthorized { .. } => {
+            "is unavailable (it refused the gateway's credentials)"
+        }
         BackendError::Upstream { .. } => "answered with an error",
         BackendError::BadResponse(_) => "gave an answer that is not a usable image",
         BackendError::Failed(_) | BackendError::InvalidRequest { .. } => {

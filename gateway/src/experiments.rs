@@ -421,7 +421,8 @@ pub async fn prune_periodically(state: std::sync::Arc<crate::AppState>) {
         return;
     }
     let day = 86_400.0;
-    let images = std::time::Duration::from_secs_f64(state.config.storage.image_retention_days * day);
+    let images =
+        std::time::Duration::from_secs_f64(state.config.storage.image_retention_days * day);
     let results =
         std::time::Duration::from_secs_f64(state.config.storage.result_retention_days * day);
     let every = (images / 10).clamp(
@@ -431,7 +432,10 @@ pub async fn prune_periodically(state: std::sync::Arc<crate::AppState>) {
     loop {
         let st = state.clone();
         let done = tokio::task::spawn_blocking(move || {
-            st.experiments.store.as_ref().map(|s| s.prune(images, results))
+            st.experiments
+                .store
+                .as_ref()
+                .map(|s| s.prune(images, results))
         })
         .await;
         match done {
@@ -521,7 +525,10 @@ mod tests {
             s.record(&rec("r2", "a", 300.0, false)).unwrap();
             s.record(&rec("r3", "a", 1.0, true)).unwrap();
             s.record(&rec("r4", "b", 50.0, false)).unwrap();
-            assert_eq!(s.feedback("r1", "alice", 5.0).unwrap(), ("exp".into(), "a".into()));
+            assert_eq!(
+                s.feedback("r1", "alice", 5.0).unwrap(),
+                ("exp".into(), "a".into())
+            );
             s.feedback("r2", "alice", 2.0).unwrap();
             // A score for a cache hit is kept but does not count for the variant.
             s.feedback("r3", "alice", 1.0).unwrap();

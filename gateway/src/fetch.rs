@@ -95,11 +95,9 @@ const GLOBALLY_REACHABLE: [&str; 14] = [
 ];
 
 fn globally_reachable_block(ip: IpAddr) -> bool {
-    GLOBALLY_REACHABLE.iter().any(|n| {
-        n.parse::<IpNet>()
-            .map(|n| n.contains(&ip))
-            .unwrap_or(false)
-    })
+    GLOBALLY_REACHABLE
+        .iter()
+        .any(|n| n.parse::<IpNet>().map(|n| n.contains(&ip)).unwrap_or(false))
 }
 
 /// Why `ip` is not fetched from, `None` when it is a globally reachable unicast address. An

@@ -572,7 +572,10 @@ async fn generate(
             state.metrics.cache_misses.inc();
             let lookup = state
                 .cache
-                .get_or_generate(key, dispatch(state, &req, &candidates, deadline, Patience::Wait))
+                .get_or_generate(
+                    key,
+                    dispatch(state, &req, &candidates, deadline, Patience::Wait),
+                )
                 .await
                 .map_err(|e| (*e).clone())?;
             match lookup {
@@ -943,7 +946,7 @@ fn for_variant(
 }
 
 /// Move backend `name` to the front of the candidates, if it is one.
-pub(crate) fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
+fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
     if let Some(i) = candidates.iter().position(|s| &*s.name == name) {
         candidates[..=i].rotate_right(1);
     }

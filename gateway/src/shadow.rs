@@ -5,9 +5,11 @@
 //!   by this request (not a cache hit, not a wait on an identical request, not an error);
 //! * runs only within the client's scope and budget: not when the client was served past its
 //!   daily budget or is past it now, and it is charged to the same budget;
-//! * uses idle capacity only: a place under `admission.max_inflight` and a free concurrency slot
-//!   on a backend, never waiting in a backend's queue for one (no place: it is skipped and
-//!   recorded as such);
+//! * uses idle capacity only: a place under `admission.max_inflight` and a concurrency slot on its
+//!   variant's backend, each only when another stays free for clients; it never waits for one
+//!   (no place: it is skipped, counted, and recorded as such), never falls back to another
+//!   backend (it would measure nothing), and a backend with a queue of its own (the local
+//!   engine) serves it after every client's request;
 //! * is not started once the gateway drains, and running ones are part of the drain.
 
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use kleingate_protocol::GenerateRequest;
 use crate::budget::Verdict;
 use crate::dispatch::{dispatch, Patience};
 use crate::experiments::{Record, Variant};
-use crate::http::{prefer, store_record, Client, ExperimentRun};
+use crate::http::{store_record, Client, ExperimentRun};
 use crate::routing::candidates;
 use crate::state::AppState;
 
@@ -52,7 +54,12 @@ pub(crate) fn start(
         return skipped(state, experiment, "budget");
     }
     if let Some(p) = &client.principal {
-        if !p.allows_model(req.model) || variant.backend.as_ref().is_some_and(|b| !p.allows_backend(b)) {
+        if !p.allows_model(req.model)
+            || variant
+                .backend
+                .as_ref()
+                .is_some_and(|b| !p.allows_backend(b))
+        {
             return skipped(state, experiment, "scope");
         }
     }
@@ -74,10 +81,18 @@ pub(crate) fn start(
                 if let Some(p) = &principal {
                     c.retain(|s| p.allows_backend(&s.name));
                 }
+                // The variant's backend or none: a shadow served elsewhere measures nothing.
                 if let Some(b) = &variant.backend {
-                    prefer(&mut c, b);
+                    c.retain(|s| &*s.name == b);
                 }
-                dispatch(&state, &req, &c, start + state.request_timeout, Patience::IdleOnly).await
+                dispatch(
+                    &state,
+                    &req,
+                    &c,
+                    start + state.request_timeout,
+                    Patience::IdleOnly,
+                )
+                .await
             }
             Err(e) => Err(e),
         };

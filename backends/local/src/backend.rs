@@ -248,7 +248,9 @@ impl LocalBackend {
         // and its cost is bounded by the limits above); its slot is held until then.
         match tokio::time::timeout(budget, work).await {
             Ok(Ok(decoded)) => decoded.map_err(client_error),
-            Ok(Err(_)) => Err(BackendError::Failed("decoding the input images panicked".into())),
+            Ok(Err(_)) => Err(BackendError::Failed(
+                "decoding the input images panicked".into(),
+            )),
             Err(_) => Err(BackendError::InvalidRequest {
                 message: format!(
                     "the input images took longer than {:.0} s to decode; send smaller images",

@@ -55,8 +55,11 @@ fn bad(index: usize, msg: impl std::fmt::Display) -> EngineError {
 pub fn check_cost(refs: &[Vec<u8>], limits: DecodeLimits) -> Result<(), EngineError> {
     let mut total: u64 = 0;
     for (i, bytes) in refs.iter().enumerate() {
-        let info = kleingate_protocol::image_check::inspect(bytes, limits.max_pixels.min(MAX_DECODE_PIXELS))
-            .map_err(|e| bad(i, e))?;
+        let info = kleingate_protocol::image_check::inspect(
+            bytes,
+            limits.max_pixels.min(MAX_DECODE_PIXELS),
+        )
+        .map_err(|e| bad(i, e))?;
         total = total.saturating_add(info.decoded_bytes());
         if total > limits.max_decoded_bytes {
             return Err(bad(
@@ -183,13 +186,21 @@ mod tests {
         let e = check_cost(&[png(64, 64), png16(1025, 1024)], limits)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("input image 1") && e.contains("1025x1024"), "{e}");
+        assert!(
+            e.contains("input image 1") && e.contains("1025x1024"),
+            "{e}"
+        );
         // Each within it, but two 16-bit 1 MP images are 16 MiB to decode: over 10 MiB.
         let one = png16(1024, 1024);
         assert!(one.len() < 100_000, "small to send: {}", one.len());
         check_cost(std::slice::from_ref(&one), limits).unwrap();
-        let e = check_cost(&[one.clone(), one], limits).unwrap_err().to_string();
-        assert!(e.contains("16 MiB") && e.contains("8 bytes per pixel"), "{e}");
+        let e = check_cost(&[one.clone(), one], limits)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("16 MiB") && e.contains("8 bytes per pixel"),
+            "{e}"
+        );
     }
 
     #[test]
