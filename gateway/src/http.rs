@@ -497,8 +497,9 @@ async fn generate(
         }
     }
     // The client's own request, before a variant changes its model: a shadow of a variant that
-    // sets no model runs this one, so the pair compares the variants and nothing else.
-    let client_req = req.clone();
+    // sets no model runs this one, so the pair compares the variants and nothing else. (Kept only
+    // for experiment requests: it can hold megabytes of input images.)
+    let client_req = headers.contains_key(EXPERIMENT_HEADER).then(|| req.clone());
     let mut req = req;
     if let Some(run) = assign_experiment(state, client, headers, &bytes, forced, &mut req)? {
         outcome.model = req.model.id();
@@ -611,8 +612,8 @@ async fn generate(
         outcome.cost_usd = served.cost_usd;
         // Only an answer this request generated itself gets a shadow: a hit or a coalesced
         // wait did not measure the variant, and its leader already ran one.
-        if let Some(run) = &outcome.experiment {
-            outcome.shadow = shadow_request(state, &bytes, &client_req, run, served.image.seed);
+        if let (Some(run), Some(client_req)) = (&outcome.experiment, &client_req) {
+            outcome.shadow = shadow_request(state, &bytes, client_req, run, served.image.seed);
         }
     }
     let resp = image_response(&req, &served);
