@@ -18,8 +18,21 @@ pub struct BenchArgs {
     weights: Option<String>,
     /// With --random-weights: take the configs from this checkpoint directory instead of the
     /// shipped real ones (e.g. the tiny test pipeline).
-    #[arg(long, requires = "random_weights")]
+    #[arg(long, requires = "random_weights", conflicts_with = "preset")]
     configs: Option<std::path::PathBuf>,
+    /// With --random-weights: shipped configs by name instead of --model's real ones: `cpu-mid`
+    /// (klein scaled down for CPUs), `4b`, `9b`.
+    #[arg(long, requires = "random_weights")]
+    preset: Option<String>,
+    /// CPU threads for the cpu device (default: one per core); also given to PyTorch with
+    /// --compare-diffusers.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also run the same stages in diffusers/PyTorch with this Python (which needs torch,
+    /// diffusers==0.42.1 and transformers) on the same configs, shapes, dtype, threads, warm-up
+    /// and iterations, and print kleingate's time per stage as a ratio to theirs.
+    #[arg(long, value_name = "PYTHON", requires = "random_weights")]
+    compare_diffusers: Option<String>,
     #[arg(long, default_value = "flux2-klein-4b")]
     model: Model,
     #[arg(long, default_value_t = 1024)]
@@ -64,12 +77,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         (None, true) => (
             match &a.configs {
                 Some(d) => d.clone(),
-                None => bench::preset_dir(a.model.id())?,
+                None => bench::preset_dir(a.preset.as_deref().unwrap_or(a.model.id()))?,
             },
             Source::Random(0x006b_6c65_696e), // "klein"
         ),
         _ => bail!("give --weights DIR|REPO or --random-weights"),
     };
+    kleingate_local::device::set_cpu_threads(a.threads)?;
     let device = kleingate_local::device::by_name(&a.device)?;
     let spec = BenchSpec {
         width: a.width,
@@ -81,11 +95,27 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let report = bench::run(&dir, source, &spec, &device, &mut |stage| {
         eprintln!("[bench] {stage}");
     });
+    // Theirs after ours, on the same configs, one at a time (they share the machine).
+    let theirs = match (&report, &a.compare_diffusers) {
+        (Ok(_), Some(python)) => Some(run_diffusers(python, &dir, &a)),
+        _ => None,
+    };
     let preset = a.random_weights && a.configs.is_none();
     if preset {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let report = report.context("benchmark")?;
+    if let Some(theirs) = theirs {
+        let theirs = theirs?;
+        if a.json {
+            let mut j = json(&a, &report);
+            j["diffusers"] = theirs;
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            print_comparison(&a, &report, &theirs);
+        }
+        return Ok(());
+    }
     // The reference figures are for klein-4B shapes at 1024x768 with 512 prompt tokens.
     let with_reference = preset
         && a.model.id().ends_with("4b")
@@ -98,10 +128,101 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run the diffusers side (`backends/local/bench/diffusers_bench.py`, built into this binary) and
+/// return its JSON report.
+fn run_diffusers(
+    python: &str,
+    configs: &std::path::Path,
+    a: &BenchArgs,
+) -> anyhow::Result<serde_json::Value> {
+    eprintln!("[bench] the same stages in diffusers/PyTorch ({python})");
+    let script = std::env::temp_dir().join(format!(
+        "kleingate-diffusers-bench-{}.py",
+        std::process::id()
+    ));
+    std::fs::write(&script, bench::DIFFUSERS_SCRIPT).context("writing the diffusers script")?;
+    let device = if a.device == "cpu" { "cpu" } else { "cuda" };
+    let threads = a
+        .threads
+        .unwrap_or_else(kleingate_local::device::cpu_threads);
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--configs".as_ref(), configs.as_os_str()])
+        .args(["--width", &a.width.to_string()])
+        .args(["--height", &a.height.to_string()])
+        .args(["--seq-len", &a.seq_len.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--device", device])
+        .args(["--dtype", "f32"])
+        .args(["--warmup", &a.warmup.to_string()])
+        .args(["--iters", &a.iters.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output();
+    let _ = std::fs::remove_file(&script);
+    let out = out.with_context(|| format!("running {python}"))?;
+    if !out.status.success() {
+        bail!(
+            "the diffusers benchmark failed ({}); see its output above",
+            out.status
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("reading the diffusers benchmark's JSON")
+}
+
+fn print_comparison(a: &BenchArgs, r: &BenchReport, theirs: &serde_json::Value) {
+    println!(
+        "kleingate bench-engine vs diffusers {} / torch {}: {}x{}, {} prompt tokens, device {}, f32, {} threads, random weights, median of {}",
+        theirs["versions"]["diffusers"].as_str().unwrap_or("?"),
+        theirs["versions"]["torch"].as_str().unwrap_or("?"),
+        a.width,
+        a.height,
+        a.seq_len,
+        a.device,
+        theirs["threads"],
+        a.iters.max(1)
+    );
+    println!("| stage | kleingate ms | diffusers ms | kleingate / diffusers |");
+    println!("|---|---|---|---|");
+    for s in &r.stages {
+        let other = theirs["stages"][s.name].as_f64();
+        let (o, ratio) = match other {
+            Some(v) => (format!("{v:.1}"), format!("{:.2}x", ms(s.median) / v)),
+            None => ("-".into(), "-".into()),
+        };
+        println!("| {} | {:.1} | {o} | {ratio} |", s.name, ms(s.median));
+    }
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let ours = r
+        .peak_reserved_bytes
+        .map(|b| b as f64)
+        .or_else(peak_rss_bytes);
+    println!(
+        "peak memory ({}): kleingate {}, diffusers {:.2} GiB",
+        if a.device == "cpu" { "RSS" } else { "device" },
+        ours.map_or("-".into(), |b| format!("{:.2} GiB", gib(b))),
+        gib(theirs["peak_memory_bytes"].as_f64().unwrap_or(0.0))
+    );
+}
+
+/// This process's peak resident set size (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
 fn json(a: &BenchArgs, r: &BenchReport) -> serde_json::Value {
     serde_json::json!({
         "model": a.model.id(),
         "device": a.device,
+        "threads": kleingate_local::device::cpu_threads(),
         "width": a.width,
         "height": a.height,
         "seq_len": a.seq_len,

@@ -279,6 +279,10 @@ pub struct BackendConfig {
     /// local: longest one request's input images may take to decode (10 s by default).
     #[serde(default)]
     pub reference_timeout_secs: Option<f64>,
+    /// local, device `cpu`: threads of the CPU backend (default: one per core). One pool per
+    /// process: local backends that set it must agree.
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 fn default_key_env() -> String {
@@ -528,6 +532,22 @@ impl Config {
                         "backends.{name}: safety_threshold must be in (0, 1]; got {t}"
                     ));
                 }
+            }
+            if b.threads == Some(0) {
+                return bad(format!("backends.{name}.threads must be at least 1"));
+            }
+            if b.kind != BackendKind::Local && b.threads.is_some() {
+                return bad(format!("backends.{name}: threads is for kind \"local\""));
+            }
+            if let (Some(t), Some((other, t2))) = (
+                b.threads,
+                self.backends.iter().find_map(|(n, o)| {
+                    o.threads
+                        .filter(|t2| Some(*t2) != b.threads)
+                        .map(|t2| (n, t2))
+                }),
+            ) {
+                return bad(format!("backends.{name}.threads = {t} but backends.{other}.threads = {t2}: the CPU thread pool is one per process"));
             }
             if b.max_reference_pixels == Some(0) || b.max_reference_decode_mib == Some(0) {
                 return bad(format!("backends.{name}: max_reference_pixels and max_reference_decode_mib must be at least 1"));

@@ -48,6 +48,9 @@ pub struct GenerateArgs {
     /// cpu (burn flex), vulkan or wgpu (builds with those features).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// CPU threads for the cpu device (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
     /// png, jpeg or webp; default from the output file's extension, else png.
     #[arg(long)]
     format: Option<Format>,
@@ -91,6 +94,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             .and_then(|e| e.to_ascii_lowercase().parse().ok())
             .unwrap_or(Format::Png),
     };
+    kleingate_local::device::set_cpu_threads(a.threads)?;
     let device = kleingate_local::device::by_name(&a.device)?;
     let dir = kleingate_local::hub::resolve(&a.weights)?;
     let t0 = Instant::now();

@@ -229,6 +229,12 @@ impl AppState {
             crate::fetch::SafeFetcher::new(config.fetch.clone()).map_err(BuildError::Fetch)?,
         ));
         let mut built: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+        // One CPU thread pool per process, sized before any engine starts (validated to agree).
+        let threads = config.backends.values().find_map(|b| b.threads);
+        kleingate_local::device::set_cpu_threads(threads).map_err(|e| BuildError::Backend {
+            name: "threads".into(),
+            message: e.to_string(),
+        })?;
         for (name, b) in &config.backends {
             let backend: Arc<dyn Backend> = match b.kind {
                 BackendKind::Verda => {

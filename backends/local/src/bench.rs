@@ -23,8 +23,24 @@ use crate::transformer::Transformer;
 use crate::vae::Vae;
 use crate::weights::Source;
 
-/// The shipped configs of a real checkpoint, by the model name's size class.
+/// The shipped configs: the real checkpoints' by size class (`4b`, `9b`), and `cpu-mid`, klein's
+/// architecture scaled down for CPU benchmarks (transformer 6 heads x 128 with 2 double and 4
+/// single blocks, a 28-layer Qwen3 of width 256, VAE 32-64-128-128).
 const PRESETS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "cpu-mid",
+        &[
+            (
+                "text_encoder",
+                include_str!("../configs/cpu-mid/text_encoder/config.json"),
+            ),
+            (
+                "transformer",
+                include_str!("../configs/cpu-mid/transformer/config.json"),
+            ),
+            ("vae", include_str!("../configs/cpu-mid/vae/config.json")),
+        ],
+    ),
     (
         "4b",
         &[
@@ -61,12 +77,15 @@ const PRESETS: &[(&str, &[(&str, &str)])] = &[
     ),
 ];
 
-/// Write the real configs for `model` (any klein name ending in `4b` or `9b`) into a fresh
-/// directory laid out like a checkpoint, and return it.
-pub fn preset_dir(model: &str) -> Result<PathBuf, EngineError> {
+/// Write the shipped configs for `preset` (`cpu-mid`, or any klein model name: those ending in
+/// `4b` or `9b` get the real configs) into a fresh directory laid out like a checkpoint, and
+/// return it.
+pub fn preset_dir(preset: &str) -> Result<PathBuf, EngineError> {
+    let model = preset;
     let (_, files) = PRESETS
         .iter()
-        .find(|(size, _)| model.ends_with(size))
+        .find(|(name, _)| *name == preset)
+        .or_else(|| PRESETS.iter().find(|(size, _)| model.ends_with(size)))
         .ok_or_else(|| EngineError::Input(format!("no shipped configs for `{model}`")))?;
     let root = std::env::temp_dir().join(format!("kleingate-bench-{model}-{}", std::process::id()));
     for (part, text) in *files {
@@ -389,3 +408,6 @@ mod tests {
             .all(|&x| x == 1.0));
     }
 }
+
+/// The diffusers/PyTorch side of the side-by-side benchmark (`bench-engine --compare-diffusers`).
+pub const DIFFUSERS_SCRIPT: &str = include_str!("../bench/diffusers_bench.py");

@@ -28,3 +28,29 @@ pub fn by_name(name: &str) -> Result<Device, EngineError> {
         ))),
     }
 }
+
+/// Size the CPU backend's thread pool (rayon's global pool, which burn-flex and gemm use): once
+/// per process, before the first CPU work. `None` leaves rayon's default (one thread per core, or
+/// `RAYON_NUM_THREADS`). Asking again for the size already set is fine; another size is an error.
+pub fn set_cpu_threads(threads: Option<usize>) -> Result<(), EngineError> {
+    let Some(n) = threads else { return Ok(()) };
+    if n == 0 {
+        return Err(EngineError::Input("threads must be at least 1".into()));
+    }
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+    {
+        Ok(()) => Ok(()),
+        Err(_) if rayon::current_num_threads() == n => Ok(()),
+        Err(_) => Err(EngineError::Input(format!(
+            "the CPU thread pool already has {} threads; one process has one pool",
+            rayon::current_num_threads()
+        ))),
+    }
+}
+
+/// Threads the CPU backend uses.
+pub fn cpu_threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -1,7 +1,7 @@
 //! Small building blocks shared by the model parts.
 
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, linear};
+use burn::tensor::module::{attention, layer_norm as fused_layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor};
 
@@ -11,25 +11,41 @@ pub fn lin<const D: usize>(x: Tensor<D>, w: &Tensor<2>) -> Tensor<D> {
 }
 
 /// RMSNorm over the last dimension, with a learned scale: `x / sqrt(mean(x^2) + eps) * w`.
+/// (The statistic is one row value: `recip` of it and two multiplies are the full-size passes.)
 pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
-    let rms = x
+    let inv = x
         .clone()
-        .powf_scalar(2.0)
+        .square()
         .mean_dim(D - 1)
         .add_scalar(eps)
-        .sqrt();
+        .sqrt()
+        .recip();
     let dims = x.dims();
     let mut wshape = [1usize; D];
     wshape[D - 1] = dims[D - 1];
-    x.div(rms).mul(w.clone().reshape(wshape))
+    x.mul(inv).mul(w.clone().reshape(wshape))
 }
 
-/// LayerNorm over the last dimension without affine parameters.
+/// LayerNorm over the last dimension without affine parameters: burn's fused kernel (one pass
+/// over the data on the CPU backend, statistics in f32) with a unit scale.
 pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
-    let mean = x.clone().mean_dim(D - 1);
-    let centered = x.sub(mean);
-    let var = centered.clone().powf_scalar(2.0).mean_dim(D - 1);
-    centered.div(var.add_scalar(eps).sqrt())
+    let dims = x.dims();
+    let ones = Tensor::<1>::ones([dims[D - 1]], &x.device());
+    fused_layer_norm(x, ones, None, eps)
+}
+
+/// `layer_norm(x) * (1 + scale) + shift`, the transformer's modulation, with `shift`/`scale` of
+/// shape `[B, 1, C]`. For one row of modulation (batch 1) the affine part is the fused kernel's
+/// own scale and bias: one pass instead of three.
+pub fn modulate(x: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f64) -> Tensor<3> {
+    let [b, _, c] = x.dims();
+    if b == 1 {
+        let gamma = scale.clone().reshape([c]).add_scalar(1.0);
+        return fused_layer_norm(x, gamma, Some(shift.clone().reshape([c])), eps);
+    }
+    layer_norm(x, eps)
+        .mul(scale.clone().add_scalar(1.0))
+        .add(shift.clone())
 }
 
 /// SwiGLU on a fused projection: SiLU of the first half times the second half.
@@ -53,14 +69,10 @@ pub fn group_norm(
     beta: &Tensor<1>,
     eps: f64,
 ) -> Tensor<4> {
+    // A group's normalisation is a layer norm over its `(C / groups) * H * W` values.
     let [b, c, h, w] = x.dims();
-    let g = x.reshape([b, groups, (c / groups) * h * w]);
-    let mean = g.clone().mean_dim(2);
-    let centered = g.sub(mean);
-    let var = centered.clone().powf_scalar(2.0).mean_dim(2);
-    let normed = centered
-        .div(var.add_scalar(eps).sqrt())
-        .reshape([b, c, h, w]);
+    let normed =
+        layer_norm(x.reshape([b, groups, (c / groups) * h * w]), eps).reshape([b, c, h, w]);
     normed
         .mul(gamma.clone().reshape([1, c, 1, 1]))
         .add(beta.clone().reshape([1, c, 1, 1]))

@@ -17,15 +17,15 @@ use crate::weights::{Source, WeightStore};
 
 struct Layer {
     input_norm: Tensor<1>,
-    q: Tensor<2>,
-    k: Tensor<2>,
-    v: Tensor<2>,
+    /// q, k and v projections side by side `[hidden, (heads + 2 kv heads) * head_dim]`: one
+    /// matmul instead of three.
+    qkv: Tensor<2>,
     o: Tensor<2>,
     q_norm: Tensor<1>,
     k_norm: Tensor<1>,
     post_norm: Tensor<1>,
-    gate: Tensor<2>,
-    up: Tensor<2>,
+    /// gate and up projections side by side `[hidden, 2 * intermediate]`.
+    gate_up: Tensor<2>,
     down: Tensor<2>,
 }
 
@@ -78,17 +78,29 @@ impl TextEncoder {
         let embed = w.tensor("model.embed_tokens.weight", [config.vocab_size, h])?;
         let mut layers = Vec::with_capacity(deepest);
         for i in 0..deepest {
+            let qkv = Tensor::cat(
+                vec![
+                    w.linear(&layer_name(i, "self_attn.q_proj"), h, nh * hd)?,
+                    w.linear(&layer_name(i, "self_attn.k_proj"), h, nkv * hd)?,
+                    w.linear(&layer_name(i, "self_attn.v_proj"), h, nkv * hd)?,
+                ],
+                1,
+            );
+            let gate_up = Tensor::cat(
+                vec![
+                    w.linear(&layer_name(i, "mlp.gate_proj"), h, inter)?,
+                    w.linear(&layer_name(i, "mlp.up_proj"), h, inter)?,
+                ],
+                1,
+            );
             layers.push(Layer {
                 input_norm: w.tensor(&layer_name(i, "input_layernorm"), [h])?,
-                q: w.linear(&layer_name(i, "self_attn.q_proj"), h, nh * hd)?,
-                k: w.linear(&layer_name(i, "self_attn.k_proj"), h, nkv * hd)?,
-                v: w.linear(&layer_name(i, "self_attn.v_proj"), h, nkv * hd)?,
+                qkv,
                 o: w.linear(&layer_name(i, "self_attn.o_proj"), nh * hd, h)?,
                 q_norm: w.tensor(&layer_name(i, "self_attn.q_norm"), [hd])?,
                 k_norm: w.tensor(&layer_name(i, "self_attn.k_norm"), [hd])?,
                 post_norm: w.tensor(&layer_name(i, "post_attention_layernorm"), [h])?,
-                gate: w.linear(&layer_name(i, "mlp.gate_proj"), h, inter)?,
-                up: w.linear(&layer_name(i, "mlp.up_proj"), h, inter)?,
+                gate_up,
                 down: w.linear(&layer_name(i, "mlp.down_proj"), inter, h)?,
             });
         }
@@ -175,10 +187,20 @@ impl TextEncoder {
                 .expand([batch, nh, len, len]);
         let (cos, sin) = self.rope(len);
         let cos = cos.reshape([1, 1, len, hd]);
-        let sin = sin.reshape([1, 1, len, hd]);
+        // Rotate-half, (h0, h1) -> (-h1, h0): the halves swapped (one roll) times the sine with
+        // its first half negated.
+        let sign = Tensor::<1>::from_data(
+            TensorData::new(
+                (0..hd)
+                    .map(|i| if i < hd / 2 { -1f32 } else { 1.0 })
+                    .collect::<Vec<_>>(),
+                [hd],
+            ),
+            &self.device,
+        );
+        let sin = sin.mul(sign.reshape([1, hd])).reshape([1, 1, len, hd]);
         let rotate = |t: Tensor<4>| -> Tensor<4> {
-            let halves = t.clone().chunk(2, 3);
-            let rot = Tensor::cat(vec![halves[1].clone().neg(), halves[0].clone()], 3);
+            let rot = t.clone().roll_dim(hd / 2, 3);
             t.mul(cos.clone()).add(rot.mul(sin.clone()))
         };
         let eps = c.rms_norm_eps;
@@ -188,19 +210,19 @@ impl TextEncoder {
         states.push(x.clone());
         for l in &self.layers {
             let hn = rms_norm(x.clone(), &l.input_norm, eps);
-            let q = rms_norm(
-                lin(hn.clone(), &l.q).reshape([batch, len, nh, hd]),
-                &l.q_norm,
-                eps,
-            )
-            .swap_dims(1, 2);
+            let qkv = lin(hn, &l.qkv).split_with_sizes(vec![nh * hd, nkv * hd, nkv * hd], 2);
+            let q = rms_norm(qkv[0].clone().reshape([batch, len, nh, hd]), &l.q_norm, eps)
+                .swap_dims(1, 2);
             let k = rms_norm(
-                lin(hn.clone(), &l.k).reshape([batch, len, nkv, hd]),
+                qkv[1].clone().reshape([batch, len, nkv, hd]),
                 &l.k_norm,
                 eps,
             )
             .swap_dims(1, 2);
-            let v = lin(hn, &l.v).reshape([batch, len, nkv, hd]).swap_dims(1, 2);
+            let v = qkv[2]
+                .clone()
+                .reshape([batch, len, nkv, hd])
+                .swap_dims(1, 2);
             let (q, k) = (rotate(q), rotate(k));
             // GQA: query head j reads kv head j / rep.
             let k = k
@@ -216,7 +238,8 @@ impl TextEncoder {
                 .reshape([batch, len, nh * hd]);
             x = x.add(lin(a, &l.o));
             let hn = rms_norm(x.clone(), &l.post_norm, eps);
-            let mlp = lin(silu(lin(hn.clone(), &l.gate)).mul(lin(hn, &l.up)), &l.down);
+            let gu = lin(hn, &l.gate_up).chunk(2, 2);
+            let mlp = lin(silu(gu[0].clone()).mul(gu[1].clone()), &l.down);
             x = x.add(mlp);
             states.push(x.clone());
         }

@@ -10,18 +10,16 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::Flux2Config;
 use crate::error::EngineError;
-use crate::nn::{layer_norm, lin, rms_norm, sdpa, swiglu};
+use crate::nn::{lin, rms_norm, sdpa, swiglu};
 use crate::weights::{Source, WeightStore};
 
 struct DoubleBlock {
-    to_q: Tensor<2>,
-    to_k: Tensor<2>,
-    to_v: Tensor<2>,
+    /// The image stream's q, k and v projections side by side `[d, 3d]` (one matmul).
+    to_qkv: Tensor<2>,
     norm_q: Tensor<1>,
     norm_k: Tensor<1>,
-    add_q: Tensor<2>,
-    add_k: Tensor<2>,
-    add_v: Tensor<2>,
+    /// The text stream's, likewise.
+    add_qkv: Tensor<2>,
     norm_added_q: Tensor<1>,
     norm_added_k: Tensor<1>,
     to_out: Tensor<2>,
@@ -86,15 +84,18 @@ impl Transformer {
         let mut double = Vec::new();
         for i in 0..config.num_layers {
             let n = |part: &str| format!("transformer_blocks.{i}.{part}.weight");
+            let fused = |names: [&str; 3]| -> Result<Tensor<2>, EngineError> {
+                let parts = names
+                    .iter()
+                    .map(|p| w.linear(&n(p), d, d))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Tensor::cat(parts, 1))
+            };
             double.push(DoubleBlock {
-                to_q: w.linear(&n("attn.to_q"), d, d)?,
-                to_k: w.linear(&n("attn.to_k"), d, d)?,
-                to_v: w.linear(&n("attn.to_v"), d, d)?,
+                to_qkv: fused(["attn.to_q", "attn.to_k", "attn.to_v"])?,
                 norm_q: w.tensor(&n("attn.norm_q"), [hd])?,
                 norm_k: w.tensor(&n("attn.norm_k"), [hd])?,
-                add_q: w.linear(&n("attn.add_q_proj"), d, d)?,
-                add_k: w.linear(&n("attn.add_k_proj"), d, d)?,
-                add_v: w.linear(&n("attn.add_v_proj"), d, d)?,
+                add_qkv: fused(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"])?,
                 norm_added_q: w.tensor(&n("attn.norm_added_q"), [hd])?,
                 norm_added_k: w.tensor(&n("attn.norm_added_k"), [hd])?,
                 to_out: w.linear(&n("attn.to_out.0"), d, d)?,
@@ -244,20 +245,30 @@ impl Transformer {
         record(&mut trace, "rope_sin", &sin);
         let s = l + n;
         let cos = cos.reshape([1, 1, s, hd]);
-        let sin = sin.reshape([1, 1, s, hd]);
+        // Interleaved pairs (x0, x1) rotate to (x0 c - x1 s, x1 c + x0 s): the pair swapped
+        // (one flip) times the sine with the even entries negated.
+        let sign = Tensor::<1>::from_data(
+            TensorData::new(
+                (0..hd)
+                    .map(|i| if i % 2 == 0 { -1f32 } else { 1.0 })
+                    .collect::<Vec<_>>(),
+                [hd],
+            ),
+            &self.device,
+        );
+        let sin = sin.mul(sign.reshape([1, hd])).reshape([1, 1, s, hd]);
         let rope = |t: Tensor<4>| -> Tensor<4> {
             let [bb, hh, ss, dd] = t.dims();
-            let pairs = t.clone().reshape([bb, hh, ss, dd / 2, 2]);
-            let x0 = pairs.clone().narrow(4, 0, 1);
-            let x1 = pairs.narrow(4, 1, 1);
-            let rotated = Tensor::cat(vec![x1.neg(), x0], 4).reshape([bb, hh, ss, dd]);
-            t.mul(cos.clone()).add(rotated.mul(sin.clone()))
+            let swapped = t
+                .clone()
+                .reshape([bb, hh, ss, dd / 2, 2])
+                .flip([4])
+                .reshape([bb, hh, ss, dd]);
+            t.mul(cos.clone()).add(swapped.mul(sin.clone()))
         };
         let heads = |t: Tensor<3>, len: usize| t.reshape([b, len, nh, hd]);
         let modulate = |t: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>| {
-            layer_norm(t, eps)
-                .mul(scale.clone().add_scalar(1.0))
-                .add(shift.clone())
+            crate::nn::modulate(t, shift, scale, eps)
         };
         let attend = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Tensor<3> {
             sdpa(rope(q), rope(k), v, None)
@@ -268,32 +279,23 @@ impl Transformer {
         for (i, blk) in self.double.iter().enumerate() {
             let ni = modulate(img.clone(), &mi[0], &mi[1]);
             let nt = modulate(txt.clone(), &mt[0], &mt[1]);
+            let ti = lin(ni, &blk.to_qkv).chunk(3, 2);
+            let tt = lin(nt, &blk.add_qkv).chunk(3, 2);
             let q = Tensor::cat(
                 vec![
-                    rms_norm(
-                        heads(lin(nt.clone(), &blk.add_q), l),
-                        &blk.norm_added_q,
-                        eps,
-                    ),
-                    rms_norm(heads(lin(ni.clone(), &blk.to_q), n), &blk.norm_q, eps),
+                    rms_norm(heads(tt[0].clone(), l), &blk.norm_added_q, eps),
+                    rms_norm(heads(ti[0].clone(), n), &blk.norm_q, eps),
                 ],
                 1,
             );
             let k = Tensor::cat(
                 vec![
-                    rms_norm(
-                        heads(lin(nt.clone(), &blk.add_k), l),
-                        &blk.norm_added_k,
-                        eps,
-                    ),
-                    rms_norm(heads(lin(ni.clone(), &blk.to_k), n), &blk.norm_k, eps),
+                    rms_norm(heads(tt[1].clone(), l), &blk.norm_added_k, eps),
+                    rms_norm(heads(ti[1].clone(), n), &blk.norm_k, eps),
                 ],
                 1,
             );
-            let v = Tensor::cat(
-                vec![heads(lin(nt, &blk.add_v), l), heads(lin(ni, &blk.to_v), n)],
-                1,
-            );
+            let v = Tensor::cat(vec![heads(tt[2].clone(), l), heads(ti[2].clone(), n)], 1);
             let a = attend(q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
             let a_txt = a.clone().narrow(1, 0, l);
             let a_img = a.narrow(1, l, n);
@@ -338,7 +340,7 @@ impl Transformer {
             (Some(a), Some(b)) => (a, b),
             _ => unreachable!("chunk(2) yields two parts"),
         };
-        let img = layer_norm(img, eps).mul(scale.add_scalar(1.0)).add(shift);
+        let img = modulate(img, &shift, &scale);
         record(&mut trace, "norm_out", &img);
         Ok(lin(img, &self.proj_out))
     }
