@@ -717,6 +717,9 @@ mod tests {
             ("latency_objective_secs = -1.0", "latency_objective_secs"),
             ("timeout_secs = 1e300", "timeout_secs"),
             ("connect_timeout_secs = nan", "connect_timeout_secs"),
+            ("threads = 0", "threads"),
+            ("max_reference_pixels = 0", "max_reference_pixels"),
+            ("reference_timeout_secs = 0", "reference_timeout_secs"),
         ] {
             let f = file(&format!(
                 "[backends.l]\nkind = \"local\"\nweights = \"/w\"\n{extra}\n"
@@ -729,6 +732,19 @@ mod tests {
         );
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("kind \"local\""), "{e}");
+        for extra in ["threads = 2", "max_reference_decode_mib = 8"] {
+            let f = file(&format!(
+                "[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\n{extra}\n"
+            ));
+            let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+            assert!(e.to_string().contains("kind \"local\""), "{extra}: {e}");
+        }
+        // One CPU thread pool per process: two local backends must agree on its size.
+        let f = file(
+            "[backends.a]\nkind = \"local\"\nweights = \"/w\"\nthreads = 2\n[backends.b]\nkind = \"local\"\nweights = \"/w\"\nthreads = 3\n",
+        );
+        let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(e.to_string().contains("one per process"), "{e}");
         for (exp, needle) in [
             ("variants = [{ name = \"a\" }]", "at least two"),
             (

@@ -376,3 +376,72 @@ fn bench_engine_times_every_stage_on_random_weights() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("multiples of 16"));
 }
+
+/// `--compare-diffusers PYTHON` hands the diffusers script the same configs, shapes, threads,
+/// warm-up and iterations, and prints kleingate's time per stage as a ratio to theirs. PyTorch is
+/// a 4 GB install, too much for CI: an interpreter stand-in checks what it was given and answers
+/// as the script does (the real script is run by hand; README: The local engine).
+#[test]
+fn bench_engine_compares_with_diffusers_on_the_same_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("args.txt");
+    let python = dir.path().join("python");
+    std::fs::write(
+        &python,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {seen}\nconfigs=$(echo \"$@\" | sed 's/.*--configs \\([^ ]*\\).*/\\1/')\n\
+             test -f \"$configs/transformer/config.json\" || exit 3\n\
+             echo '{{\"stages\": {{\"text encoder\": 1000, \"transformer step\": 1000, \"CFG step (batch 2)\": 1000, \"VAE decode\": 1000, \"VAE encode\": 1000, \"distilled image (4 steps)\": 1000}}, \"peak_memory_bytes\": 1073741824, \"threads\": 1, \"versions\": {{\"torch\": \"t\", \"diffusers\": \"0.42.1\", \"transformers\": \"x\"}}}}'\n",
+            seen = seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let configs = &format!("{KLEIN_TINY}/pipeline");
+    let run = |json: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kleingate"));
+        c.args(["bench-engine", "--random-weights", "--configs", configs])
+            .args(["--width", "64", "--height", "48", "--seq-len", "32"])
+            .args(["--warmup", "0", "--iters", "1", "--threads", "1"])
+            .arg("--compare-diffusers")
+            .arg(&python);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let out = run(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let args = std::fs::read_to_string(&seen).unwrap();
+    for want in [
+        "--width 64",
+        "--height 48",
+        "--seq-len 32",
+        "--threads 1",
+        "--device cpu",
+        "--dtype f32",
+        "--warmup 0",
+        "--iters 1",
+    ] {
+        assert!(args.contains(want), "{want} not in: {args}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["diffusers"]["stages"]["VAE decode"], 1000);
+    assert_eq!(v["threads"], 1);
+    // The table: one row per stage with the ratio (ours / 1000 ms), and both peaks.
+    let out = run(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| VAE decode |"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    let ours: f64 = cells[2].parse().unwrap();
+    assert_eq!(cells[3], "1000.0");
+    assert_eq!(cells[4], format!("{:.2}x", ours / 1000.0));
+    assert!(text.contains("diffusers 1.00 GiB"), "{text}");
+}

@@ -343,10 +343,34 @@ fn profile_step(
     ])
 }
 
+/// The diffusers/PyTorch side of the side-by-side benchmark (`bench-engine --compare-diffusers`).
+pub const DIFFUSERS_SCRIPT: &str = include_str!("../bench/diffusers_bench.py");
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Flux2Config, Qwen3Config};
+
+    /// `cpu-mid`: klein's architecture at the sizes the CPU comparison uses, consistent with
+    /// itself (the transformer reads the text encoder's three stacked layers; 4 x the VAE's latent
+    /// channels in, 6 heads x 128).
+    #[test]
+    fn the_cpu_mid_preset_is_klein_scaled_down() {
+        let dir = preset_dir("cpu-mid").unwrap();
+        let t = Flux2Config::load(&dir.join("transformer/config.json")).unwrap();
+        let q = Qwen3Config::load(&dir.join("text_encoder/config.json")).unwrap();
+        let v = VaeConfig::load(&dir.join("vae/config.json")).unwrap();
+        assert_eq!(
+            (t.inner_dim(), t.num_layers, t.num_single_layers),
+            (768, 2, 4)
+        );
+        assert_eq!((q.hidden_size, q.num_hidden_layers), (256, 28));
+        assert!(TEXT_OUT_LAYERS.iter().all(|&l| l < q.num_hidden_layers));
+        assert_eq!(t.joint_attention_dim, 3 * q.hidden_size);
+        assert_eq!(4 * v.latent_channels, t.in_channels);
+        assert_eq!(v.scale_factor(), 8);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     /// Transformer parameters implied by a config, weight by weight as `transformer.rs` loads
     /// them (no biases anywhere).
@@ -408,6 +432,3 @@ mod tests {
             .all(|&x| x == 1.0));
     }
 }
-
-/// The diffusers/PyTorch side of the side-by-side benchmark (`bench-engine --compare-diffusers`).
-pub const DIFFUSERS_SCRIPT: &str = include_str!("../bench/diffusers_bench.py");
