@@ -1,6 +1,5 @@
 //! Small building blocks shared by the model parts.
 
-use burn::tensor::activation::silu;
 use burn::tensor::module::{attention, layer_norm as fused_layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor};
@@ -46,6 +45,17 @@ pub fn modulate(x: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f64) ->
     layer_norm(x, eps)
         .mul(scale.clone().add_scalar(1.0))
         .add(shift.clone())
+}
+
+/// SiLU, `x * sigmoid(x)`. On the CPU backend written as `x / (1 + e^-x)`: burn-flex's own SiLU
+/// takes about twice as long (measured: 21.5 ms against 13.5 ms for 2 M values on 2 threads);
+/// GPU backends keep burn's single kernel.
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.device() == burn::tensor::Device::flex() {
+        x.clone().div(x.neg().exp().add_scalar(1.0))
+    } else {
+        burn::tensor::activation::silu(x)
+    }
 }
 
 /// SwiGLU on a fused projection: SiLU of the first half times the second half.

@@ -7,12 +7,11 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::Qwen3Config;
 use crate::error::EngineError;
-use crate::nn::{lin, rms_norm, sdpa};
+use crate::nn::{lin, rms_norm, sdpa, silu};
 use crate::weights::{Source, WeightStore};
 
 struct Layer {

@@ -5,12 +5,11 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::Flux2Config;
 use crate::error::EngineError;
-use crate::nn::{lin, rms_norm, sdpa, swiglu};
+use crate::nn::{lin, rms_norm, sdpa, silu, swiglu};
 use crate::weights::{Source, WeightStore};
 
 struct DoubleBlock {

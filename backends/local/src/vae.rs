@@ -4,12 +4,11 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::VaeConfig;
 use crate::error::EngineError;
-use crate::nn::{group_norm, lin, sdpa, Conv};
+use crate::nn::{group_norm, lin, sdpa, silu, Conv};
 use crate::weights::{Source, WeightStore};
 
 /// GroupNorm epsilon of every norm in the VAE (diffusers' fixed `resnet_eps`).
