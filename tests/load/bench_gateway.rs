@@ -1,10 +1,12 @@
 //! Gateway overhead benchmark: one run, one machine, loopback only.
 //!
-//! Starts a fake Verda upstream and a gateway in this process, then measures with the same load
-//! generator (HTTP/1.1 keep-alive connections, hyper):
+//! Starts a fake Verda upstream and a gateway in this process, and nginx (Debian's package, as a
+//! reference proxy, when it is installed) in front of the same upstream, then measures with the
+//! same load generator (HTTP/1.1 keep-alive connections, hyper):
 //!   1. pass-through at a fixed request rate: direct to the upstream, then through the gateway
-//!      (unseeded requests, so every one goes to the backend);
-//!   2. maximum throughput, closed loop: the upstream directly, then cache hits from the gateway.
+//!      (unseeded requests, so every one goes to the backend), then through nginx;
+//!   2. maximum throughput, closed loop: the upstream directly, nginx proxying, then cache hits
+//!      from the gateway.
 //!
 //! It prints requests/s, p50/p99/p99.9 and the ratios / added latency. The body size is stated with
 //! every figure because image bodies, not request handling, dominate the cost.
@@ -42,6 +44,91 @@ struct Args {
     /// Connections for the closed-loop (max throughput) phase.
     #[arg(long, default_value_t = 16)]
     max_connections: usize,
+    /// The nginx binary to measure as the reference proxy (skipped when it cannot be run).
+    #[arg(long, default_value = "nginx")]
+    nginx: String,
+}
+
+/// nginx in the foreground, proxying to one upstream over kept-alive connections, with image
+/// bodies buffered in memory (as the gateway holds them), one worker per core, no access log.
+struct Nginx {
+    addr: SocketAddr,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    async fn start(binary: &str, upstream: SocketAddr) -> Option<Nginx> {
+        let dir = tempfile::tempdir().ok()?;
+        // Workers may run as another user than the master: they must reach the temp paths.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .ok()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               upstream verda {{ server {upstream}; keepalive 256; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    client_body_buffer_size 64k;\n\
+                 location / {{\n      proxy_pass http://verda;\n      proxy_http_version 1.1;\n\
+                   proxy_set_header Connection \"\";\n      proxy_buffer_size 16k;\n      proxy_buffers 64 16k;\n    }}\n  }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).ok()?;
+        let child = std::process::Command::new(binary)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg("stderr")
+            .arg("-c")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+        let mut n = Nginx {
+            addr,
+            child,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Some(n);
+            }
+            if n.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Nginx {
+    /// SIGTERM to the master, which stops its workers (SIGKILL would orphan them); SIGKILL only
+    /// if it is still there after 5 s.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 struct Stats {
@@ -195,6 +282,10 @@ async fn run(a: Args) {
         a.image_bytes * 2
     ))
     .await;
+    let nginx = Nginx::start(&a.nginx, fake.addr).await;
+    if nginx.is_none() {
+        eprintln!("(nginx `{}` could not be started: measuring without the reference proxy; apt-get install nginx)", a.nginx);
+    }
     let n = a.image_bytes;
     let unseeded = Bytes::from_static(br#"{"prompt":"a lighthouse at dusk"}"#);
     let seeded = Bytes::from_static(br#"{"prompt":"a lighthouse at dusk","seed":42}"#);
@@ -209,6 +300,7 @@ async fn run(a: Args) {
     );
     let r = Some(a.rate);
     let (mut added_p50, mut added_p99) = (Vec::new(), Vec::new());
+    let (mut nginx_p50, mut nginx_p99) = (Vec::new(), Vec::new());
     for _ in 0..a.repeat.max(1) {
         let direct = load(
             fake.addr,
@@ -234,6 +326,21 @@ async fn run(a: Args) {
         row(&format!("through gateway @ {}/s", a.rate), &via);
         added_p50.push(via.pct(0.5) - direct.pct(0.5));
         added_p99.push(via.pct(0.99) - direct.pct(0.99));
+        if let Some(ng) = &nginx {
+            let proxied = load(
+                ng.addr,
+                "/flux2-klein-4b/generate",
+                unseeded.clone(),
+                n,
+                a.rate_connections,
+                r,
+                a.seconds,
+            )
+            .await;
+            row(&format!("through nginx @ {}/s", a.rate), &proxied);
+            nginx_p50.push(proxied.pct(0.5) - direct.pct(0.5));
+            nginx_p99.push(proxied.pct(0.99) - direct.pct(0.99));
+        }
     }
 
     let direct_max = load(
@@ -247,6 +354,23 @@ async fn run(a: Args) {
     )
     .await;
     row("direct to upstream, max", &direct_max);
+    let nginx_max = match &nginx {
+        Some(ng) => {
+            let s = load(
+                ng.addr,
+                "/flux2-klein-4b/generate",
+                seeded.clone(),
+                n,
+                a.max_connections,
+                None,
+                a.seconds,
+            )
+            .await;
+            row("nginx proxying, max", &s);
+            Some(s)
+        }
+        None => None,
+    };
     // Prime the cache, then every request is a hit.
     let _ = load(
         gw.addr,
@@ -289,6 +413,21 @@ async fn run(a: Args) {
         direct_max.rps(),
         hits.rps() * n as f64 / 1e9
     );
+    if let Some(nm) = &nginx_max {
+        let (g50, g99) = (median(&mut added_p50), median(&mut added_p99));
+        let (n50, n99) = (median(&mut nginx_p50), median(&mut nginx_p99));
+        println!(
+            "against nginx (same upstream, rate and load generator): nginx adds p50 {n50:+.3} ms, p99 {n99:+.3} ms; kleingate's added p99 = {:.2}x nginx's, p50 = {:.2}x",
+            g99 / n99,
+            g50 / n50
+        );
+        println!(
+            "cache hits vs nginx proxying at full speed: {:.0} vs {:.0} req/s = {:.2}x",
+            hits.rps(),
+            nm.rps(),
+            hits.rps() / nm.rps()
+        );
+    }
     let m = gw.state.metrics.overhead.clone();
     println!(
         "gateway_overhead_seconds (from the gateway's own metric): mean {:.3} ms over {} requests",
