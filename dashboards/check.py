@@ -112,6 +112,7 @@ burst = 50
 [storage]
 path = "{tmp / 'kleingate.db'}"
 [experiments.ab]
+shadow = true
 variants = [{{ name = "a" }}, {{ name = "b" }}]
 """)
         procs.append(subprocess.Popen([BIN / "kleingate", "serve", "--config", tmp / "kleingate.toml"],

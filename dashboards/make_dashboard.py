@@ -54,6 +54,10 @@ ROWS = [
          [('sum by (experiment, variant) (rate(kleingate_experiment_assignments_total[$__rate_interval]))', "{{experiment}} {{variant}}")], 12),
         ("Experiment mean feedback score by variant", "none",
          [('sum by (experiment, variant) (kleingate_experiment_score_sum) / clamp_min(sum by (experiment, variant) (kleingate_experiment_feedback_total), 1)', "{{experiment}} {{variant}}")], 12),
+        ("Shadow runs by outcome (ran, failed, skipped: no_capacity, budget, scope, draining)", "reqps",
+         [('sum by (experiment, outcome) (rate(kleingate_shadow_runs_total[$__rate_interval]))', "{{experiment}} {{outcome}}")], 12),
+        ("Experiment records pruned by retention (per hour)", "none",
+         [('sum by (kind) (increase(kleingate_storage_pruned_total[1h]))', "{{kind}}")], 12),
     ]),
     ("Local engine", [
         ("Local engine queue depth", "none",
