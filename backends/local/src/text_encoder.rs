@@ -136,7 +136,8 @@ impl TextEncoder {
     }
 
     /// Encode `ids`/`mask` (`batch` rows of `len`), returning every hidden state up to the deepest
-    /// requested layer: `states[0]` = embeddings, `states[k]` = after decoder layer k.
+    /// requested layer: `states[0]` = embeddings, `states[k]` = after decoder layer k. (For the
+    /// parity tests: serving uses [`encode`](Self::encode), which keeps only its taps.)
     pub fn hidden_states(
         &self,
         ids: &[u32],
@@ -144,6 +145,19 @@ impl TextEncoder {
         batch: usize,
         len: usize,
     ) -> Result<Vec<Tensor<3>>, EngineError> {
+        let kept = self.run(ids, mask, batch, len, &|_| true)?;
+        Ok(kept.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// Run the layers, keeping the hidden states `keep` names, as (index, state).
+    fn run(
+        &self,
+        ids: &[u32],
+        mask: &[u32],
+        batch: usize,
+        len: usize,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<(usize, Tensor<3>)>, EngineError> {
         if ids.len() != batch * len || mask.len() != batch * len {
             return Err(EngineError::Input(format!(
                 "expected {batch}x{len} token ids and mask values, got {} and {}",
@@ -205,9 +219,11 @@ impl TextEncoder {
         let eps = c.rms_norm_eps;
         let rep = nh / nkv;
 
-        let mut states = Vec::with_capacity(self.layers.len() + 1);
-        states.push(x.clone());
-        for l in &self.layers {
+        let mut states = Vec::new();
+        if keep(0) {
+            states.push((0, x.clone()));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(x.clone(), &l.input_norm, eps);
             let qkv = lin(hn, &l.qkv).split_with_sizes(vec![nh * hd, nkv * hd, nkv * hd], 2);
             let q = rms_norm(qkv[0].clone().reshape([batch, len, nh, hd]), &l.q_norm, eps)
@@ -240,7 +256,9 @@ impl TextEncoder {
             let gu = lin(hn, &l.gate_up).chunk(2, 2);
             let mlp = lin(silu(gu[0].clone()).mul(gu[1].clone()), &l.down);
             x = x.add(mlp);
-            states.push(x.clone());
+            if keep(i + 1) {
+                states.push((i + 1, x.clone()));
+            }
         }
         Ok(states)
     }
@@ -254,16 +272,21 @@ impl TextEncoder {
         len: usize,
         out_layers: &[usize],
     ) -> Result<Tensor<3>, EngineError> {
-        let states = self.hidden_states(ids, mask, batch, len)?;
+        // Only the taps stay alive (not every layer's output).
+        let states = self.run(ids, mask, batch, len, &|k| out_layers.contains(&k))?;
         let taps = out_layers
             .iter()
             .map(|&l| {
-                states.get(l).cloned().ok_or_else(|| {
-                    EngineError::Input(format!(
-                        "layer {l} was not loaded (loaded {})",
-                        states.len() - 1
-                    ))
-                })
+                states
+                    .iter()
+                    .find(|(k, _)| *k == l)
+                    .map(|(_, t)| t.clone())
+                    .ok_or_else(|| {
+                        EngineError::Input(format!(
+                            "layer {l} was not loaded (loaded {})",
+                            self.layers.len()
+                        ))
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Tensor::cat(taps, 2))
