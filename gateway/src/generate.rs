@@ -149,6 +149,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         seed,
         init_noise,
         references,
+        keep_intermediates: false,
     };
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(

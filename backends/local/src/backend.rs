@@ -611,6 +611,7 @@ impl Worker {
             seed: 0,
             init_noise: Some(noise),
             references: batch[0].references.clone(),
+            keep_intermediates: false,
         };
         let out = self
             .pipe

@@ -39,9 +39,11 @@ pub struct Request {
     pub seed: u64,
     /// Explicit initial noise `(B, C, H/(2*vsf), W/(2*vsf))` instead of the seeded generator.
     pub init_noise: Option<Tensor<4>>,
-    /// Encoded reference images (jpeg/png/webp) for editing / multi-reference generation.
-    /// Decoded references ([`reference::load`]).
+    /// Reference images for editing / multi-reference generation, decoded ([`reference::load`]).
     pub references: Vec<reference::RgbImage>,
+    /// Keep every step's noise prediction and latents in [`Generated`] (the parity tests compare
+    /// them step by step); serving leaves it off, so no per-step tensor outlives its step.
+    pub keep_intermediates: bool,
 }
 
 /// Wall time of each stage (the device is synchronised before each reading).
@@ -59,6 +61,7 @@ pub struct Generated {
     /// `(B, H, W, 3)` in [0, 1].
     pub images: Tensor<4>,
     pub truncated: Vec<bool>,
+    /// Per step, with `keep_intermediates` (else empty).
     pub noise_preds: Vec<Tensor<3>>,
     pub latents: Vec<Tensor<3>>,
     pub final_unpacked: Tensor<4>,
@@ -276,9 +279,13 @@ impl Pipeline {
                     )?
                     .narrow(1, 0, n_img)
             };
-            x = euler_step(x, v.clone(), sched.sigmas[i], sched.sigmas[i + 1]);
-            noise_preds.push(v);
-            latents.push(x.clone());
+            if req.keep_intermediates {
+                noise_preds.push(v.clone());
+            }
+            x = euler_step(x, v, sched.sigmas[i], sched.sigmas[i + 1]);
+            if req.keep_intermediates {
+                latents.push(x.clone());
+            }
             timings.steps.push(self.lap(&mut clock));
             if !on_step(i + 1, req.steps) {
                 return Err(EngineError::Cancelled);

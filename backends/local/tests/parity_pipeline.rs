@@ -64,6 +64,7 @@ fn text_to_image_matches_the_reference() {
                 TensorData::new(noise, [s[0], s[1], s[2], s[3]]),
                 &device,
             )),
+            keep_intermediates: true,
         };
         let mut steps_seen = 0;
         let out = pipe
@@ -185,6 +186,7 @@ fn bad_requests_are_errors() {
         seed: 1,
         init_noise: None,
         references: vec![],
+        keep_intermediates: true,
     };
     let err = |r: &Request| {
         pipe.generate(r, &mut |_, _| true)
