@@ -67,6 +67,10 @@ impl ImageCache {
         self.inner.insert(key, value).await;
     }
 
+    pub async fn invalidate(&self, key: &CacheKey) {
+        self.inner.invalidate(key).await;
+    }
+
     /// Return the cached value, or run `make` once for all concurrent callers of this key.
     pub async fn get_or_generate<F>(
         &self,

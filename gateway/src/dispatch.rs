@@ -10,6 +10,7 @@ use kleingate_protocol::GenerateRequest;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::cache::CachedImage;
+use crate::circuit::CircuitState;
 use crate::error::ApiError;
 use crate::state::{AppState, BackendSlot};
 
@@ -64,6 +65,14 @@ pub async fn dispatch(
         if remaining.is_zero() {
             break;
         }
+        // Background work takes no probe (of a circuit or a back-off) and no busy backend: a
+        // client's request is the one that finds out whether a backend recovered.
+        if patience == Patience::IdleOnly
+            && (slot.breaker.state() != CircuitState::Closed || slot.busy_for().is_some())
+        {
+            left.push((slot.name.clone(), Skip::Busy.reason()));
+            continue;
+        }
         let ticket = match slot.breaker.admit() {
             Ok(t) => t,
             Err(wait) => {
@@ -72,10 +81,12 @@ pub async fn dispatch(
                 continue;
             }
         };
-        if let Some(wait) = slot.busy_for() {
-            // Told to back off: skip it, except for one probe every `busy_probe_secs`, so a
-            // backend that recovered before its Retry-After ran out is used again.
-            if !slot.take_busy_probe() {
+        // Told to back off: skip it, except for one probe every `busy_probe_secs`, so a backend
+        // that recovered before its Retry-After ran out is used again. The probe is only taken
+        // (and spent) once this request holds a concurrency slot below.
+        let busy = slot.busy_for();
+        if let Some(wait) = busy {
+            if !slot.busy_probe_due() {
                 soonest_retry = min_opt(soonest_retry, wait);
                 left.push((slot.name.clone(), Skip::Busy.reason()));
                 continue;
@@ -100,6 +111,11 @@ pub async fn dispatch(
                 }
             }
         };
+        if busy.is_some() && !slot.take_busy_probe() {
+            // Another request took the probe meanwhile.
+            left.push((slot.name.clone(), Skip::Busy.reason()));
+            continue;
+        }
         for (from, reason) in left.drain(..) {
             state
                 .metrics

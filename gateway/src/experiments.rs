@@ -296,13 +296,14 @@ impl Store {
     }
 
     /// Store `voter`'s score for a recorded request, replacing that voter's earlier score for it
-    /// (one vote per result and voter); returns (experiment, variant) it belongs to.
+    /// (one vote per result and voter); returns the (experiment, variant) it belongs to and the
+    /// score it replaced, if any.
     pub fn feedback(
         &self,
         request_id: &str,
         voter: &str,
         score: f64,
-    ) -> Result<(String, String), StoreError> {
+    ) -> Result<(String, String, Option<f64>), StoreError> {
         let conn = self.conn();
         let found: Option<(String, String)> = conn
             .query_row(
@@ -311,27 +312,34 @@ impl Store {
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?;
-        let Some(ev) = found else {
+        let Some((experiment, variant)) = found else {
             return Err(StoreError::UnknownRequest(request_id.to_owned()));
         };
+        let previous: Option<f64> = conn
+            .query_row(
+                "SELECT score FROM feedback WHERE request_id = ?1 AND voter = ?2",
+                params![request_id, voter],
+                |row| row.get(0),
+            )
+            .optional()?;
         conn.execute(
             "INSERT INTO feedback (request_id, voter, score) VALUES (?1, ?2, ?3)
              ON CONFLICT (request_id, voter)
              DO UPDATE SET score = excluded.score, created_at = unixepoch()",
             params![request_id, voter, score],
         )?;
-        Ok(ev)
+        Ok((experiment, variant, previous))
     }
 
     /// Delete images stored longer ago than `images`, and results (with their images and
-    /// feedback) older than `results`. Returns (images, results) deleted.
+    /// feedback) older than `results`, in batches of [`PRUNE_BATCH`] rows, each its own short
+    /// transaction: answers waiting to store a record are held up by one batch at most. Returns
+    /// (images, results) deleted.
     pub fn prune(
         &self,
         images: std::time::Duration,
         results: std::time::Duration,
     ) -> Result<(u64, u64), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
         let before = |d: std::time::Duration| {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -339,24 +347,53 @@ impl Store {
             now.saturating_sub(d.as_secs()) as i64
         };
         let (img_cut, res_cut) = (before(images), before(results));
-        let old_results = "SELECT request_id FROM results WHERE created_at < ?1";
-        let mut pruned_images = tx.execute(
-            "DELETE FROM images WHERE request_id IN
-               (SELECT request_id FROM results WHERE created_at < ?1)",
-            [img_cut],
-        )? as u64;
-        pruned_images += tx.execute(
-            &format!("DELETE FROM images WHERE request_id IN ({old_results})"),
-            [res_cut],
-        )? as u64;
-        tx.execute(
-            &format!("DELETE FROM feedback WHERE request_id IN ({old_results})"),
-            [res_cut],
-        )?;
-        let pruned_results =
-            tx.execute("DELETE FROM results WHERE created_at < ?1", [res_cut])? as u64;
-        tx.commit()?;
-        Ok((pruned_images, pruned_results))
+        let mut pruned = (0u64, 0u64);
+        // Images of results older than the image retention.
+        loop {
+            let n = self.conn().execute(
+                "DELETE FROM images WHERE request_id IN
+                   (SELECT i.request_id FROM images i JOIN results r ON r.request_id = i.request_id
+                    WHERE r.created_at < ?1 LIMIT ?2)",
+                params![img_cut, PRUNE_BATCH],
+            )? as u64;
+            pruned.0 += n;
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        // Results older than the result retention, with whatever still refers to them.
+        loop {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let batch = "SELECT request_id FROM results WHERE created_at < ?1 LIMIT ?2";
+            tx.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS prune_ids (id TEXT PRIMARY KEY)",
+                [],
+            )?;
+            tx.execute("DELETE FROM prune_ids", [])?;
+            tx.execute(
+                &format!("INSERT INTO prune_ids {batch}"),
+                params![res_cut, PRUNE_BATCH],
+            )?;
+            pruned.0 += tx.execute(
+                "DELETE FROM images WHERE request_id IN (SELECT id FROM prune_ids)",
+                [],
+            )? as u64;
+            tx.execute(
+                "DELETE FROM feedback WHERE request_id IN (SELECT id FROM prune_ids)",
+                [],
+            )?;
+            let n = tx.execute(
+                "DELETE FROM results WHERE request_id IN (SELECT id FROM prune_ids)",
+                [],
+            )? as u64;
+            tx.commit()?;
+            pruned.1 += n;
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        Ok(pruned)
     }
 
     pub fn results(&self, experiment: &str) -> Result<Vec<VariantResult>, StoreError> {
@@ -388,21 +425,40 @@ impl Store {
     }
 }
 
+/// Rows deleted per pruning transaction.
+const PRUNE_BATCH: i64 = 500;
+
 /// Schema changes after the first version, by SQLite's `user_version`.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version < 1 {
+    // The version is read inside a write transaction: two processes opening one database at once
+    // (a rolling update) migrate it once.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let version: i64 = match conn.pragma_query_value(None, "user_version", |r| r.get(0)) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+    };
+    if version >= 1 {
+        conn.execute_batch("COMMIT")?;
+        return Ok(());
+    }
+    {
         // One vote per result and voter: votes get a voter, older ones each their own (they
         // were cast before voters were told apart, so none replaces another).
-        conn.execute_batch(
-            "BEGIN;
-             ALTER TABLE feedback ADD COLUMN voter TEXT;
+        let done = conn.execute_batch(
+            "ALTER TABLE feedback ADD COLUMN voter TEXT;
              UPDATE feedback SET voter = 'before-voters:' || id WHERE voter IS NULL;
              CREATE UNIQUE INDEX feedback_one_per_voter ON feedback (request_id, voter);
              CREATE INDEX IF NOT EXISTS results_by_time ON results (created_at);
              PRAGMA user_version = 1;
              COMMIT;",
-        )?;
+        );
+        if let Err(e) = done {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
     }
     Ok(())
 }
@@ -526,8 +582,13 @@ mod tests {
             s.record(&rec("r3", "a", 1.0, true)).unwrap();
             s.record(&rec("r4", "b", 50.0, false)).unwrap();
             assert_eq!(
+                s.feedback("r1", "alice", 4.0).unwrap(),
+                ("exp".into(), "a".into(), None)
+            );
+            // The same voter again: replaces the vote, and says which score it replaced.
+            assert_eq!(
                 s.feedback("r1", "alice", 5.0).unwrap(),
-                ("exp".into(), "a".into())
+                ("exp".into(), "a".into(), Some(4.0))
             );
             s.feedback("r2", "alice", 2.0).unwrap();
             // A score for a cache hit is kept but does not count for the variant.

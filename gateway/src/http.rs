@@ -513,25 +513,29 @@ async fn generate(
     // so a variant never receives another variant's image; and a key limited to some backends
     // has a cache of its own, so it never receives an image made by a backend it may not use
     // (nor waits on, or replaces, another scope's entry).
-    let pin = forced.or(preferred.as_deref());
-    let partition = cache_partition(pin, client.principal.as_deref());
+    let partition = cache_partition(forced, preferred.as_deref(), client.principal.as_deref());
     let (no_cache, no_store) = cache_directives(headers);
-    let store = state.config.cache.enabled && !no_store;
+    let mut store = state.config.cache.enabled && !no_store;
     let bypass = !state.config.cache.enabled || no_cache;
 
     // A hit is served before routing and budgets: it costs nothing, needs no backend, and is
     // always within the key's scope (its partition, and checked again here).
-    let cache_key = req
+    let mut cache_key = req
         .seed
         .filter(|_| !bypass)
         .map(|seed| req.cache_key(seed, partition.as_deref()));
-    if let Some(key) = &cache_key {
-        if let Some(hit) = state.cache.get(key).await {
-            if client
+    if let Some(key) = cache_key {
+        if let Some(hit) = state.cache.get(&key).await {
+            let allowed = client
                 .principal
                 .as_ref()
-                .is_none_or(|p| p.allows_backend(&hit.backend))
-            {
+                .is_none_or(|p| p.allows_backend(&hit.backend));
+            if !allowed {
+                // Cannot happen with the partitions above; if it ever does, this request goes
+                // past the cache both ways rather than receive or replace that entry.
+                cache_key = None;
+                store = false;
+            } else {
                 state.metrics.cache_hits.inc();
                 outcome.cache = "hit";
                 outcome.backend = Some(hit.backend.clone());
@@ -580,7 +584,14 @@ async fn generate(
                 .await
                 .map_err(|e| (*e).clone())?;
             match lookup {
-                Lookup::Generated(v) => (v, "miss"),
+                Lookup::Generated(v) => {
+                    // A variant's answer made by a fallback backend is not that variant's: it
+                    // does not stay in the variant's partition.
+                    if preferred.as_deref().is_some_and(|p| p != &*v.backend) {
+                        state.cache.invalidate(&key).await;
+                    }
+                    (v, "miss")
+                }
                 Lookup::Coalesced(v) => {
                     state.metrics.singleflight_coalesced.inc();
                     (v, "coalesced")
@@ -591,7 +602,8 @@ async fn generate(
             let v = dispatch(state, &req, &candidates, deadline, Patience::Wait).await?;
             // Unseeded requests are stored under the seed the backend reports, so a client that
             // repeats the request with that seed gets the same image back from the cache.
-            if store {
+            let fell_back = preferred.as_deref().is_some_and(|p| p != &*v.backend);
+            if store && !fell_back {
                 if let Some(seed) = v.image.seed {
                     state
                         .cache
@@ -644,14 +656,24 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// What separates cache entries of otherwise equal requests: the backend a request is pinned to
-/// (forced, or an experiment variant's), and the backends a key is limited to. `None` when
-/// neither applies: unrestricted clients share one cache.
-fn cache_partition(pin: Option<&str>, principal: Option<&Principal>) -> Option<String> {
+/// What separates cache entries of otherwise equal requests: the backend a request is forced
+/// to, or an experiment variant's backend (told apart: a variant may fall back, a forced backend
+/// may not), and the backends a key is limited to. `None` when nothing applies: unrestricted
+/// clients share one cache.
+fn cache_partition(
+    forced: Option<&str>,
+    variant: Option<&str>,
+    principal: Option<&Principal>,
+) -> Option<String> {
     let scope = principal.and_then(Principal::backend_scope);
+    let pin = match (forced, variant) {
+        (Some(b), _) => Some(("forced", b)),
+        (None, Some(b)) => Some(("variant", b)),
+        (None, None) => None,
+    };
     match (pin, scope) {
         (None, None) => None,
-        // JSON: names are quoted, so no two different scopes give the same text.
+        // JSON: names are quoted, so no two different partitions give the same text.
         (pin, scope) => Some(json!([pin, scope]).to_string()),
     }
 }
@@ -1087,14 +1109,18 @@ async fn feedback(
     })
     .await;
     match stored {
-        Ok(Some(Ok((experiment, variant)))) => {
-            let m = &state.metrics;
-            m.experiment_feedback
-                .with_label_values(&[&experiment, &variant])
-                .inc();
-            m.experiment_score_sum
-                .with_label_values(&[&experiment, &variant])
-                .inc_by(score);
+        Ok(Some(Ok((experiment, variant, previous)))) => {
+            // Prometheus counts each voter's first vote on a result (counters cannot take a
+            // vote back); `GET /v1/experiments/{name}` reads the current votes from the store.
+            if previous.is_none() {
+                let m = &state.metrics;
+                m.experiment_feedback
+                    .with_label_values(&[&experiment, &variant])
+                    .inc();
+                m.experiment_score_sum
+                    .with_label_values(&[&experiment, &variant])
+                    .inc_by(score);
+            }
             Json(json!({"request_id": f.request_id, "experiment": experiment, "variant": variant, "score": score})).into_response()
         }
         Ok(Some(Err(crate::experiments::StoreError::UnknownRequest(id)))) => {

@@ -95,7 +95,9 @@ fn cost_order(list: &mut [Arc<BackendSlot>], req: &GenerateRequest) {
     let key = |s: &Arc<BackendSlot>| {
         // `is_ready` counts an open circuit whose cool-down is over as ready: the backend gets
         // its probe request instead of staying behind the others forever.
-        let ready = s.is_ready() && s.busy_for().is_none();
+        // A backend backing off whose probe is due counts as ready, so that it gets the probe
+        // instead of waiting behind every other backend for its whole Retry-After.
+        let ready = s.is_ready() && (s.busy_for().is_none() || s.busy_probe_due());
         let meets = match (s.latency_objective, s.p95(req.model)) {
             (Some(objective), Some(p95)) => p95 <= objective,
             _ => true,

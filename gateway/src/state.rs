@@ -150,6 +150,13 @@ impl BackendSlot {
         d
     }
 
+    /// While backing off: is a probe due (without taking it)?
+    pub fn busy_probe_due(&self) -> bool {
+        self.busy()
+            .last_probe
+            .is_none_or(|t| Instant::now().saturating_duration_since(t) >= self.busy_probe)
+    }
+
     /// While backing off: may one request go through now as a probe? At most one every
     /// `routing.busy_probe_secs`.
     pub fn take_busy_probe(&self) -> bool {

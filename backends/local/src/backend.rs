@@ -150,11 +150,12 @@ impl LocalBackend {
         let depth = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel::<Job>();
         let throughput = Arc::new(Mutex::new(None));
-        let (st, ob, c, tp) = (
+        let (st, ob, c, tp, dp) = (
             state.clone(),
             observer.clone(),
             cfg.clone(),
             throughput.clone(),
+            depth.clone(),
         );
         std::thread::Builder::new()
             .name("kleingate-engine".into())
@@ -182,6 +183,7 @@ impl LocalBackend {
                             observer: ob,
                             cfg: c,
                             throughput: tp,
+                            depth: dp,
                         };
                         // A bug that panics must not leave a backend that looks ready but
                         // answers nothing: it goes down with the reason, and the gateway routes
@@ -228,36 +230,44 @@ impl LocalBackend {
         let limits = self.cfg.reference_limits;
         crate::reference::check_cost(&encoded, limits).map_err(client_error)?;
         let started = std::time::Instant::now();
-        let Ok(Ok(_slot)) =
+        // Every place taken: this backend is busy (neutral for the circuit breaker), not broken.
+        let Ok(Ok(slot)) =
             tokio::time::timeout(timeout, self.decode_slots.clone().acquire_owned()).await
         else {
-            return Err(BackendError::Timeout(timeout));
+            return Err(BackendError::Unavailable {
+                message: "every input-image decoding place is taken".into(),
+                retry_after: None,
+            });
         };
-        let budget = self
-            .cfg
-            .reference_timeout
-            .min(timeout.saturating_sub(started.elapsed()));
+        let own = self.cfg.reference_timeout;
+        let budget = own.min(timeout.saturating_sub(started.elapsed()));
         let work = tokio::task::spawn_blocking(move || {
+            // The place is held until the decode ends, also when nobody waits for it any more
+            // (timed out, client gone): decodes running at once stay bounded.
+            let _slot = slot;
             encoded
                 .iter()
                 .enumerate()
                 .map(|(i, b)| crate::reference::load(b, i, limits.max_pixels))
                 .collect::<Result<Vec<_>, _>>()
         });
-        // A decode past its time is let finish on the blocking pool (it cannot be interrupted,
-        // and its cost is bounded by the limits above); its slot is held until then.
         match tokio::time::timeout(budget, work).await {
             Ok(Ok(decoded)) => decoded.map_err(client_error),
-            Ok(Err(_)) => Err(BackendError::Failed(
-                "decoding the input images panicked".into(),
-            )),
-            Err(_) => Err(BackendError::InvalidRequest {
+            // A decoder that panics on an image was handed a broken one: the client's input.
+            Ok(Err(_)) => Err(BackendError::InvalidRequest {
+                message: "the input images could not be decoded".into(),
+                field: Some("input_images".into()),
+            }),
+            // Over its own limit: too costly an input. Over what was left of the request's
+            // deadline: the request ran out of time.
+            Err(_) if budget == own => Err(BackendError::InvalidRequest {
                 message: format!(
                     "the input images took longer than {:.0} s to decode; send smaller images",
-                    budget.as_secs_f64()
+                    own.as_secs_f64()
                 ),
                 field: Some("input_images".into()),
             }),
+            Err(_) => Err(BackendError::Timeout(timeout)),
         }
     }
 }
@@ -349,11 +359,19 @@ impl Backend for LocalBackend {
         self.submit(req, timeout, false).await
     }
 
+    /// Background work runs only on an idle engine (nothing queued), never holds a queue place
+    /// a client could use, and yields to a client's job at its next step.
     async fn generate_background(
         &self,
         req: &GenerateRequest,
         timeout: Duration,
     ) -> Result<GeneratedImage, BackendError> {
+        if self.depth.load(Ordering::SeqCst) > 0 {
+            return Err(BackendError::Unavailable {
+                message: "background work runs only on an idle engine".into(),
+                retry_after: None,
+            });
+        }
         self.submit(req, timeout, true).await
     }
 }
@@ -467,6 +485,9 @@ struct Worker {
     observer: Arc<dyn EngineObserver>,
     cfg: LocalConfig,
     throughput: Arc<Mutex<Option<f64>>>,
+    /// Jobs queued and not yet taken: a background batch stops at its next step when a client's
+    /// job is waiting.
+    depth: Arc<AtomicUsize>,
 }
 
 impl Worker {
@@ -613,9 +634,12 @@ impl Worker {
             references: batch[0].references.clone(),
             keep_intermediates: false,
         };
-        let out = self
-            .pipe
-            .generate(&req, &mut |_, _| batch.iter().any(|j| !j.reply.is_closed()))?;
+        let out = self.pipe.generate(&req, &mut |_, _| {
+            let wanted = batch.iter().any(|j| !j.reply.is_closed());
+            // Background work yields to any client's job at the next step.
+            let preempted = batch[0].background && self.depth.load(Ordering::SeqCst) > 0;
+            wanted && !preempted
+        })?;
         let t = &out.timings;
         self.observer.stage("text_encoder", t.text_encoder);
         if !req.references.is_empty() {
