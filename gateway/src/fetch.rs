@@ -194,7 +194,7 @@ impl SafeFetcher {
                 .map_err(|e| {
                     // The resolver's words (and what they say about internal DNS) stay here.
                     tracing::debug!(host = d, error = %e, "input image host does not resolve");
-                    format!("the host `{d}` does not resolve")
+                    not_fetched_name(d)
                 })?
                 .collect(),
             None => return Err("the URL has no host".into()),
@@ -213,15 +213,22 @@ impl SafeFetcher {
         match (ok.is_empty(), first_refusal) {
             (false, _) => Ok(ok),
             (true, Some((ip, why))) => {
-                // The address itself stays in the log: a client must not be able to use the
-                // gateway to look up internal names.
+                // The address and its kind stay in the log: a client must not be able to use
+                // the gateway to learn which internal names exist or what they point to.
                 tracing::debug!(host = url.host_str().unwrap_or(""), %ip, why, "input image fetch refused");
-                Err(format!(
-                    "{} is {why}, which this gateway does not fetch from",
-                    url.host_str().unwrap_or("the host")
-                ))
+                match url.host() {
+                    Some(url::Host::Domain(d)) => Err(not_fetched_name(d)),
+                    // An address the client wrote itself: say what kind it is.
+                    _ => Err(format!(
+                        "{} is {why}, which this gateway does not fetch from",
+                        url.host_str().unwrap_or("the host")
+                    )),
+                }
             }
-            (true, None) => Err("the host resolves to no address".into()),
+            (true, None) => Err(match url.host() {
+                Some(url::Host::Domain(d)) => not_fetched_name(d),
+                _ => "the host resolves to no address".into(),
+            }),
         }
     }
 
@@ -289,6 +296,13 @@ impl SafeFetcher {
         }
         Err(format!("more than {} redirects", self.cfg.max_redirects))
     }
+}
+
+/// One answer for a host name that does not resolve and one that resolves only to addresses
+/// this gateway does not fetch from: telling them apart would answer DNS questions about the
+/// internal network.
+fn not_fetched_name(host: &str) -> String {
+    format!("the host `{host}` does not resolve to an address this gateway fetches from")
 }
 
 /// What a client is told about a failed fetch: a fixed phrase. reqwest's own text can carry the
@@ -458,7 +472,14 @@ mod tests {
         for (url, why) in [
             ("http://169.254.169.254/latest/meta-data/", "metadata"),
             ("http://[::1]:9/", "loopback"),
-            ("http://localhost:9/x.png", "loopback"),
+            (
+                "http://localhost:9/x.png",
+                "does not resolve to an address this gateway fetches from",
+            ),
+            (
+                "http://no-such-host.invalid/x.png",
+                "does not resolve to an address this gateway fetches from",
+            ),
             ("http://10.0.0.1/x.png", "private"),
             ("ftp://example.com/x.png", "only http and https"),
             ("http://0x7f.1/", "loopback"),
