@@ -8,8 +8,8 @@
 //! * uses idle capacity only: a place under `admission.max_inflight` and a concurrency slot on its
 //!   variant's backend, each only when another stays free for clients; it never waits for one
 //!   (no place: it is skipped, counted, and recorded as such), never falls back to another
-//!   backend (it would measure nothing), and a backend with a queue of its own (the local
-//!   engine) serves it after every client's request;
+//!   backend (it would measure nothing), takes no circuit or back-off probe, and the local
+//!   engine runs it only when idle and stops it at the next step when a client's job arrives;
 //! * is not started once the gateway drains, and running ones are part of the drain.
 
 use std::sync::Arc;
