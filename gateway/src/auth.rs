@@ -419,7 +419,13 @@ fn cookie_allowed(req: &Request) -> bool {
     read
 }
 
-fn unauthorized(message: &str) -> Response {
+/// A 401 with the bearer challenge, counted in `kleingate_rejected_total{reason="unauthorized"}`.
+fn unauthorized(state: &crate::AppState, message: &str) -> Response {
+    state
+        .metrics
+        .rejected
+        .with_label_values(&["unauthorized"])
+        .inc();
     let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
@@ -445,12 +451,7 @@ pub async fn authenticate(
         && !path.starts_with("/ui/")
         && !cookie_allowed(&req)
     {
-        state
-            .metrics
-            .rejected
-            .with_label_values(&["unauthorized"])
-            .inc();
-        return unauthorized("the sign-in cookie is accepted only from this gateway's own pages; send `Authorization: Bearer <key>`");
+        return unauthorized(&state, "the sign-in cookie is accepted only from this gateway's own pages; send `Authorization: Bearer <key>`");
     }
     let principal = presented.map(|(k, _)| auth.check(k));
     if !matches!(principal, Some(Some(_)))
@@ -463,12 +464,10 @@ pub async fn authenticate(
         return axum::response::Redirect::to(&format!("/ui/login?next={next}")).into_response();
     }
     let Some(principal) = principal else {
-        state
-            .metrics
-            .rejected
-            .with_label_values(&["unauthorized"])
-            .inc();
-        return unauthorized("an API key is required: send `Authorization: Bearer <key>`");
+        return unauthorized(
+            &state,
+            "an API key is required: send `Authorization: Bearer <key>`",
+        );
     };
     match principal {
         Some(p) => {
@@ -478,14 +477,7 @@ pub async fn authenticate(
             resp.extensions_mut().insert(p);
             resp
         }
-        None => {
-            state
-                .metrics
-                .rejected
-                .with_label_values(&["unauthorized"])
-                .inc();
-            unauthorized("the API key is not valid")
-        }
+        None => unauthorized(&state, "the API key is not valid"),
     }
 }
 

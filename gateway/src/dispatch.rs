@@ -40,7 +40,7 @@ pub enum Patience {
     /// A client's request: when every candidate is saturated, wait for the last one.
     Wait,
     /// Background work (shadow runs): only a slot that is free now, and not a backend's last
-    /// free one; never waits; a backend with a queue of its own serves it after clients.
+    /// free one; never waits, takes no probe, and goes through `Backend::generate_background`.
     IdleOnly,
 }
 

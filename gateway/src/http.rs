@@ -554,23 +554,14 @@ async fn generate(
     }
 
     let mut candidates = candidates(state, &req, forced, client.principal.as_deref())?;
-    if let Some(p) = &client.principal {
-        candidates.retain(|s| p.allows_backend(&s.name));
-        if candidates.is_empty() {
-            return Err(forbidden(
-                "backend_not_allowed",
-                format!(
-                    "none of the backends key `{}` may use serves this request",
-                    p.name
-                ),
-            ));
-        }
-    }
     if let Some(b) = &preferred {
         prefer(&mut candidates, b);
     }
     outcome.over_budget = apply_budget(state, client, &req, &mut candidates)?;
     let deadline = start + state.request_timeout;
+    // A variant's answer made by a fallback backend is not that variant's: it is not cached in
+    // the variant's partition.
+    let fell_back = |v: &CachedImage| preferred.as_deref().is_some_and(|p| p != &*v.backend);
 
     let (served, label) = match cache_key {
         Some(key) => {
@@ -585,9 +576,7 @@ async fn generate(
                 .map_err(|e| (*e).clone())?;
             match lookup {
                 Lookup::Generated(v) => {
-                    // A variant's answer made by a fallback backend is not that variant's: it
-                    // does not stay in the variant's partition.
-                    if preferred.as_deref().is_some_and(|p| p != &*v.backend) {
+                    if fell_back(&v) {
                         state.cache.invalidate(&key).await;
                     }
                     (v, "miss")
@@ -602,8 +591,7 @@ async fn generate(
             let v = dispatch(state, &req, &candidates, deadline, Patience::Wait).await?;
             // Unseeded requests are stored under the seed the backend reports, so a client that
             // repeats the request with that seed gets the same image back from the cache.
-            let fell_back = preferred.as_deref().is_some_and(|p| p != &*v.backend);
-            if store && !fell_back {
+            if store && !fell_back(&v) {
                 if let Some(seed) = v.image.seed {
                     state
                         .cache

@@ -13,7 +13,8 @@ use crate::state::{AppState, BackendSlot};
 
 /// Candidates for `req`: the forced backend alone when the client named one (no fallback: the
 /// client asked for that backend's answer, e.g. to compare backends), otherwise every backend
-/// serving the model in policy order.
+/// serving the model in policy order; with a key, only the backends it may use (a forced one
+/// outside them is refused by the caller before this, without saying whether it exists).
 pub fn candidates(
     state: &AppState,
     req: &GenerateRequest,
@@ -82,6 +83,20 @@ pub fn candidates(
         Policy::Priority => {}
         Policy::Weighted => weighted_order(&mut list, &mut rand::rng()),
         Policy::Cost => cost_order(&mut list, req),
+    }
+    // A key's requests go only to its backends: never routed or fallen back elsewhere.
+    if let Some(p) = principal {
+        list.retain(|s| p.allows_backend(&s.name));
+        if list.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "backend_not_allowed",
+                format!(
+                    "none of the backends key `{}` may use serves this request",
+                    p.name
+                ),
+            ));
+        }
     }
     Ok(list)
 }

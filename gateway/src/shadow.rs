@@ -24,8 +24,9 @@ use crate::http::{store_record, Client, ExperimentRun};
 use crate::routing::candidates;
 use crate::state::AppState;
 
-/// Why a shadow was not run (a label of `kleingate_shadow_runs_total`).
-fn skipped(state: &AppState, experiment: &str, why: &'static str) {
+/// Count a shadow run's outcome: ran, failed, or why it was skipped
+/// (`kleingate_shadow_runs_total`).
+fn count(state: &AppState, experiment: &str, why: &'static str) {
     state
         .metrics
         .shadow_runs
@@ -44,28 +45,23 @@ pub(crate) fn start(
 ) {
     let experiment = run.experiment.as_str();
     if state.is_draining() {
-        return skipped(state, experiment, "draining");
+        return count(state, experiment, "draining");
     }
     let past_budget = client
         .key
         .as_deref()
         .is_some_and(|k| matches!(state.budgets.check(k), Verdict::Exceeded { .. }));
     if over_budget || past_budget {
-        return skipped(state, experiment, "budget");
+        return count(state, experiment, "budget");
     }
     if let Some(p) = &client.principal {
-        if !p.allows_model(req.model)
-            || variant
-                .backend
-                .as_ref()
-                .is_some_and(|b| !p.allows_backend(b))
-        {
-            return skipped(state, experiment, "scope");
+        if !(p.allows_model(req.model) && p.allows_variant(&variant)) {
+            return count(state, experiment, "scope");
         }
     }
     // A place under max_inflight, held for the whole run: shadows count as requests in flight.
     let Some(place) = state.shedder.try_place() else {
-        return skipped(state, experiment, "no_capacity");
+        return count(state, experiment, "no_capacity");
     };
     let state2 = state.clone();
     let budget_key = client.key.clone();
@@ -78,9 +74,6 @@ pub(crate) fn start(
         let start = Instant::now();
         let served = match candidates(&state, &req, None, principal.as_deref()) {
             Ok(mut c) => {
-                if let Some(p) = &principal {
-                    c.retain(|s| p.allows_backend(&s.name));
-                }
                 // The variant's backend or none: a shadow served elsewhere measures nothing.
                 if let Some(b) = &variant.backend {
                     c.retain(|s| &*s.name == b);
@@ -113,11 +106,7 @@ pub(crate) fn start(
             Err(e) if e.code == "no_backend_available" => "no_capacity",
             Err(_) => "failed",
         };
-        state
-            .metrics
-            .shadow_runs
-            .with_label_values(&[&experiment, outcome])
-            .inc();
+        count(&state, &experiment, outcome);
         let record = Record {
             request_id: format!("{pair}.shadow"),
             experiment: experiment.clone(),

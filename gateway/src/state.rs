@@ -152,9 +152,7 @@ impl BackendSlot {
 
     /// While backing off: is a probe due (without taking it)?
     pub fn busy_probe_due(&self) -> bool {
-        self.busy()
-            .last_probe
-            .is_none_or(|t| Instant::now().saturating_duration_since(t) >= self.busy_probe)
+        self.probe_due(&self.busy(), Instant::now())
     }
 
     /// While backing off: may one request go through now as a probe? At most one every
@@ -162,13 +160,16 @@ impl BackendSlot {
     pub fn take_busy_probe(&self) -> bool {
         let mut b = self.busy();
         let now = Instant::now();
-        let due = b
-            .last_probe
-            .is_none_or(|t| now.saturating_duration_since(t) >= self.busy_probe);
+        let due = self.probe_due(&b, now);
         if due {
             b.last_probe = Some(now);
         }
         due
+    }
+
+    fn probe_due(&self, b: &Busy, now: Instant) -> bool {
+        b.last_probe
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.busy_probe)
     }
 
     /// A success ends any back-off.
