@@ -1230,11 +1230,12 @@ async fn experiments_assign_sticky_variants_and_keep_results_and_feedback_across
 async fn shadow_experiments_store_pairs_without_delaying_the_client() {
     let (fa, fb) = (FakeVerda::start().await, FakeVerda::start().await);
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&format!(
-        "[storage]\npath = \"{}\"\n[experiments.ab]\nshadow = true\nvariants = [{{ name = \"a\", backend = \"fa\" }}, {{ name = \"b\", backend = \"fb\", weight = 0 }}]\n{}{}",
-        dir.path().join("k.db").display(),
-        backend("fa", &fa, ""),
-        backend("fb", &fb, "timeout_secs = 30"),
+    let gw = Gateway::start(&shadow_config(
+        dir.path(),
+        &fa,
+        &fb,
+        "",
+        "timeout_secs = 30",
     ))
     .await;
     // The shadow's backend never answers: the client still gets its answer (nothing waits on

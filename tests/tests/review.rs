@@ -471,17 +471,26 @@ async fn votes_count_once_per_result_and_key() {
         .await;
         assert_eq!(r.status(), 200);
     }
-    let v: Value = get_as(&gw, KEY_1, "/v1/experiments/ab")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let a = &v["results"][0];
-    assert_eq!(
-        (a["feedback"].as_u64(), a["mean_score"].as_f64()),
-        (Some(1), Some(2.0)),
-        "{v}"
-    );
+    // Variant a's (vote count, mean score), as the results API reports them.
+    let votes = || async {
+        let v: Value = get_as(&gw, KEY_1, "/v1/experiments/ab")
+            .await
+            .json()
+            .await
+            .unwrap();
+        let a = &v["results"][0];
+        (a["feedback"].as_u64(), a["mean_score"].as_f64())
+    };
+    assert_eq!(votes().await, (Some(1), Some(2.0)));
+    // Prometheus counts each voter's first vote only.
+    let counted = || async {
+        sample(
+            &metrics(&gw).await,
+            "kleingate_experiment_feedback_total",
+            &[("experiment", "ab"), ("variant", "a")],
+        )
+    };
+    assert_eq!(counted().await, 1.0);
     let r = post_as(
         &gw,
         KEY_2,
@@ -490,26 +499,8 @@ async fn votes_count_once_per_result_and_key() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let v: Value = get_as(&gw, KEY_1, "/v1/experiments/ab")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let a = &v["results"][0];
-    assert_eq!(
-        (a["feedback"].as_u64(), a["mean_score"].as_f64()),
-        (Some(2), Some(3.5)),
-        "{v}"
-    );
-}
-
-fn shadow_config(dir: &std::path::Path, fa: &FakeVerda, fb: &FakeVerda, extra: &str) -> String {
-    format!(
-        "{extra}\n[storage]\npath = \"{}\"\n[experiments.ab]\nshadow = true\nvariants = [{{ name = \"a\", backend = \"fa\" }}, {{ name = \"b\", backend = \"fb\", weight = 0 }}]\n{}{}",
-        dir.join("k.db").display(),
-        backend("fa", fa, ""),
-        backend("fb", fb, ""),
-    )
+    assert_eq!(votes().await, (Some(2), Some(3.5)));
+    assert_eq!(counted().await, 2.0);
 }
 
 async fn shadow_runs(gw: &Gateway, outcome: &str) -> f64 {
@@ -532,6 +523,7 @@ async fn shadows_never_slow_the_client() {
         &fa,
         &fb,
         "shutdown_delay_secs = 0\n[budget]\ndefault_daily_usd = 0.015\non_exceed = \"cheapest\"",
+        "",
     ))
     .await;
     let exp = ("x-kleingate-experiment", "ab");
@@ -575,7 +567,7 @@ async fn shadows_never_slow_the_client() {
     drop(gw);
     let mut gw2 = Gateway::start(&format!(
         "{}\n{}[backends.fb.cost]\nper_image_usd = 0.01\n",
-        shadow_config(dir.path(), &fa, &fb, "shutdown_delay_secs = 0\n[budget]\ndefault_daily_usd = 0.015\non_exceed = \"cheapest\""),
+        shadow_config(dir.path(), &fa, &fb, "shutdown_delay_secs = 0\n[budget]\ndefault_daily_usd = 0.015\non_exceed = \"cheapest\"", ""),
         priced(0.01)
     ))
     .await;
@@ -639,7 +631,7 @@ async fn shadows_never_slow_the_client() {
 async fn shadows_leave_the_last_slot_to_clients() {
     let (fa, fb) = (FakeVerda::start().await, FakeVerda::start().await);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = shadow_config(dir.path(), &fa, &fb, "")
+    let cfg = shadow_config(dir.path(), &fa, &fb, "", "")
         .replace("[backends.fb]\n", "[backends.fb]\nmax_concurrency = 1\n");
     let gw = Gateway::start(&cfg).await;
     let exp = ("x-kleingate-experiment", "ab");
@@ -650,7 +642,7 @@ async fn shadows_leave_the_last_slot_to_clients() {
 
     let gw = Gateway::start(&format!(
         "{}\n[admission]\nmax_inflight = 1\n",
-        shadow_config(dir.path(), &fa, &fb, "")
+        shadow_config(dir.path(), &fa, &fb, "", "")
     ))
     .await;
     let r = post_with(&gw, "/generate", json!({"prompt": "y", "seed": 1}), &[exp]).await;
@@ -802,7 +794,7 @@ async fn stored_experiment_images_are_pruned() {
     let (fa, fb) = (FakeVerda::start().await, FakeVerda::start().await);
     let dir = tempfile::tempdir().unwrap();
     // Two seconds, in days.
-    let cfg = shadow_config(dir.path(), &fa, &fb, "").replace(
+    let cfg = shadow_config(dir.path(), &fa, &fb, "", "").replace(
         "[storage]\n",
         "[storage]\nimage_retention_days = 0.0000232\n",
     );

@@ -115,3 +115,21 @@ pub async fn wait_ready(gw: &Gateway, backend: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A gateway config with experiment `ab` running shadows: variant `a` on backend `fa` (every
+/// client), variant `b` on `fb` (weight 0: only as `a`'s shadow), in a SQLite file in `dir`.
+/// `top` goes before the tables, `fb_extra` into `[backends.fb]`.
+pub fn shadow_config(
+    dir: &std::path::Path,
+    fa: &FakeVerda,
+    fb: &FakeVerda,
+    top: &str,
+    fb_extra: &str,
+) -> String {
+    format!(
+        "{top}\n[storage]\npath = \"{}\"\n[experiments.ab]\nshadow = true\nvariants = [{{ name = \"a\", backend = \"fa\" }}, {{ name = \"b\", backend = \"fb\", weight = 0 }}]\n{}{}",
+        dir.join("k.db").display(),
+        backend("fa", fa, ""),
+        backend("fb", fb, fb_extra),
+    )
+}
