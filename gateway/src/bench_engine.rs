@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use kleingate_local::bench::{self, BenchReport, BenchSpec};
+use kleingate_local::precision::Precision;
 use kleingate_local::weights::Source;
 use kleingate_protocol::Model;
 
@@ -51,6 +52,12 @@ pub struct BenchArgs {
     /// cpu (burn flex), vulkan or wgpu (builds with those features).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute dtype: f32, bf16 or f16 (default: bf16 on GPU devices, f32 on cpu).
+    #[arg(long)]
+    dtype: Option<kleingate_local::precision::Precision>,
+    /// Text encoder between requests: resident (default) or offload (uploaded per run).
+    #[arg(long, default_value = "resident")]
+    text_encoder: kleingate_local::pipeline::TextEncoderMode,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -66,6 +73,13 @@ const REFERENCE_4B_1024X768: &[(&str, f64)] = &[
     ("VAE encode", 37.0),
     ("distilled image (4 steps)", 405.0),
 ];
+
+impl BenchArgs {
+    fn precision(&self) -> Precision {
+        self.dtype
+            .unwrap_or_else(|| Precision::default_for(&self.device))
+    }
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -91,6 +105,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         seq_len: a.seq_len,
         warmup: a.warmup,
         iters: a.iters,
+        precision: a.precision(),
+        text_encoder: a.text_encoder,
     };
     let report = bench::run(&dir, source, &spec, &device, &mut |stage| {
         eprintln!("[bench] {stage}");
@@ -153,7 +169,7 @@ fn run_diffusers(
         .args(["--seq-len", &a.seq_len.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--device", device])
-        .args(["--dtype", "f32"])
+        .args(["--dtype", a.precision().name()])
         .args(["--warmup", &a.warmup.to_string()])
         .args(["--iters", &a.iters.to_string()])
         .stderr(std::process::Stdio::inherit())
@@ -171,13 +187,14 @@ fn run_diffusers(
 
 fn print_comparison(a: &BenchArgs, r: &BenchReport, theirs: &serde_json::Value) {
     println!(
-        "kleingate bench-engine vs diffusers {} / torch {}: {}x{}, {} prompt tokens, device {}, f32, {} threads, random weights, median of {}",
+        "kleingate bench-engine vs diffusers {} / torch {}: {}x{}, {} prompt tokens, device {}, {}, {} threads, random weights, median of {}",
         theirs["versions"]["diffusers"].as_str().unwrap_or("?"),
         theirs["versions"]["torch"].as_str().unwrap_or("?"),
         a.width,
         a.height,
         a.seq_len,
         a.device,
+        a.precision(),
         theirs["threads"],
         a.iters.max(1)
     );
@@ -194,34 +211,49 @@ fn print_comparison(a: &BenchArgs, r: &BenchReport, theirs: &serde_json::Value) 
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let ours = r
         .peak_reserved_bytes
-        .map(|b| b as f64)
-        .or_else(peak_rss_bytes);
+        .or_else(bench::peak_rss_bytes)
+        .map(|b| b as f64);
     println!(
         "peak memory ({}): kleingate {}, diffusers {:.2} GiB",
         if a.device == "cpu" { "RSS" } else { "device" },
         ours.map_or("-".into(), |b| format!("{:.2} GiB", gib(b))),
         gib(theirs["peak_memory_bytes"].as_f64().unwrap_or(0.0))
     );
+    print_memory(r);
 }
 
-/// This process's peak resident set size (Linux `VmHWM`).
-fn peak_rss_bytes() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024.0)
+/// Weights held per model, and each stage's peak memory.
+fn print_memory(r: &BenchReport) {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let total: u64 = r.weight_bytes.iter().map(|(_, b)| b).sum();
+    let parts: Vec<String> = r
+        .weight_bytes
+        .iter()
+        .map(|(n, b)| format!("{n} {:.2} GiB", gib(*b)))
+        .collect();
+    println!(
+        "weights on the device: {} (total {:.2} GiB)",
+        parts.join(", "),
+        gib(total)
+    );
+    let peaks: Vec<String> = r
+        .stages
+        .iter()
+        .filter_map(|s| {
+            s.peak_bytes
+                .map(|b| format!("{} {:.2} GiB", s.name, gib(b)))
+        })
+        .collect();
+    if !peaks.is_empty() {
+        println!("peak memory by stage: {}", peaks.join(", "));
+    }
 }
 
 fn json(a: &BenchArgs, r: &BenchReport) -> serde_json::Value {
     serde_json::json!({
         "model": a.model.id(),
         "device": a.device,
+        "dtype": a.precision().name(),
         "threads": kleingate_local::device::cpu_threads(),
         "width": a.width,
         "height": a.height,
@@ -230,7 +262,9 @@ fn json(a: &BenchArgs, r: &BenchReport) -> serde_json::Value {
         "load_ms": ms(r.load_time),
         "stages": r.stages.iter().map(|s| serde_json::json!({
             "stage": s.name, "median_ms": ms(s.median), "min_ms": ms(s.min),
+            "peak_bytes": s.peak_bytes,
         })).collect::<Vec<_>>(),
+        "weight_bytes": r.weight_bytes.iter().map(|(n, b)| (n.to_string(), serde_json::Value::from(*b))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "peak_reserved_bytes": r.peak_reserved_bytes,
         "step_ops": r.step_ops.iter().map(|o| serde_json::json!({
             "kind": o.kind, "ms": ms(o.time),
@@ -240,12 +274,13 @@ fn json(a: &BenchArgs, r: &BenchReport) -> serde_json::Value {
 
 fn print_table(a: &BenchArgs, r: &BenchReport, with_reference: bool) {
     println!(
-        "kleingate bench-engine: {} {}x{}, {} prompt tokens, device {}, {} weights, median of {}",
+        "kleingate bench-engine: {} {}x{}, {} prompt tokens, device {}, {}, {} weights, median of {}",
         a.model,
         a.width,
         a.height,
         a.seq_len,
         a.device,
+        a.precision(),
         if a.random_weights { "random" } else { "real" },
         a.iters.max(1)
     );
@@ -278,6 +313,7 @@ fn print_table(a: &BenchArgs, r: &BenchReport, with_reference: bool) {
         ),
         None => println!("peak device memory: not reported by this backend"),
     }
+    print_memory(r);
     if let Some(step) = r.stages.iter().find(|s| s.name == "transformer step") {
         let total = ms(step.median);
         let known: f64 = r.step_ops.iter().map(|o| ms(o.time)).sum();

@@ -283,6 +283,15 @@ pub struct BackendConfig {
     /// process: local backends that set it must agree.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// local: the engine's compute dtype, `f32`, `bf16` or `f16` (default: bf16 on GPU devices,
+    /// f32 on `cpu`). Weights are held on the device in it.
+    #[serde(default)]
+    pub dtype: Option<kleingate_local::precision::Precision>,
+    /// local: `resident` (default) keeps the text encoder on the device; `offload` uploads it
+    /// for each batch's prompts and frees it before the transformer runs (klein 4B in bf16:
+    /// ~6 GB less device memory, one weight upload per batch).
+    #[serde(default)]
+    pub text_encoder: Option<kleingate_local::pipeline::TextEncoderMode>,
 }
 
 fn default_key_env() -> String {
@@ -538,6 +547,11 @@ impl Config {
             }
             if b.kind != BackendKind::Local && b.threads.is_some() {
                 return bad(format!("backends.{name}: threads is for kind \"local\""));
+            }
+            if b.kind != BackendKind::Local && (b.dtype.is_some() || b.text_encoder.is_some()) {
+                return bad(format!(
+                    "backends.{name}: dtype and text_encoder are for kind \"local\""
+                ));
             }
             if let (Some(t), Some((other, t2))) = (
                 b.threads,

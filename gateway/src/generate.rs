@@ -51,6 +51,12 @@ pub struct GenerateArgs {
     /// CPU threads for the cpu device (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Compute dtype: f32, bf16 or f16 (default: bf16 on GPU devices, f32 on cpu).
+    #[arg(long)]
+    dtype: Option<kleingate_local::precision::Precision>,
+    /// Text encoder between requests: resident (default) or offload (uploaded per run).
+    #[arg(long, default_value = "resident")]
+    text_encoder: kleingate_local::pipeline::TextEncoderMode,
     /// png, jpeg or webp; default from the output file's extension, else png.
     #[arg(long)]
     format: Option<Format>,
@@ -98,8 +104,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let device = kleingate_local::device::by_name(&a.device)?;
     let dir = kleingate_local::hub::resolve(&a.weights)?;
     let t0 = Instant::now();
-    let pipe =
-        Pipeline::load(&dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+    let precision = a
+        .dtype
+        .unwrap_or_else(|| kleingate_local::precision::Precision::default_for(&a.device));
+    let opts = kleingate_local::pipeline::LoadOptions {
+        precision,
+        text_encoder: a.text_encoder,
+    };
+    let pipe = Pipeline::load_with(&dir, &device, opts)
+        .with_context(|| format!("loading {}", dir.display()))?;
     eprintln!(
         "loaded {} in {:.1} s",
         dir.display(),

@@ -270,6 +270,12 @@ impl AppState {
                     LocalConfig {
                         weights: b.weights.clone().unwrap_or_default(),
                         device: b.device.clone().unwrap_or_else(|| "cpu".into()),
+                        precision: b.dtype.unwrap_or_else(|| {
+                            kleingate_local::precision::Precision::default_for(
+                                b.device.as_deref().unwrap_or("cpu"),
+                            )
+                        }),
+                        text_encoder: b.text_encoder.unwrap_or_default(),
                         models: b.models.clone(),
                         max_queue: b.max_queue.unwrap_or(16),
                         max_batch: b.max_batch.unwrap_or(4),

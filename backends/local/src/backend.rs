@@ -30,6 +30,10 @@ pub struct LocalConfig {
     pub weights: String,
     /// `cpu`, `vulkan` or `wgpu`.
     pub device: String,
+    /// The compute dtype (`Precision::default_for(device)` unless configured).
+    pub precision: crate::precision::Precision,
+    /// Whether the text encoder stays on the device between batches.
+    pub text_encoder: crate::pipeline::TextEncoderMode,
     pub models: Vec<Model>,
     /// Requests waiting for the device; one more is refused with 503.
     pub max_queue: usize,
@@ -162,7 +166,14 @@ impl LocalBackend {
             .spawn(move || {
                 let loaded = crate::device::by_name(&c.device).and_then(|device| {
                     let dir = crate::hub::resolve(&c.weights)?;
-                    let pipe = Pipeline::load(&dir, &device)?;
+                    let pipe = Pipeline::load_with(
+                        &dir,
+                        &device,
+                        crate::pipeline::LoadOptions {
+                            precision: c.precision,
+                            text_encoder: c.text_encoder,
+                        },
+                    )?;
                     check_models(pipe.transformer.config.inner_dim(), &c.models)?;
                     let safety = match &c.safety_weights {
                         Some(w) => {

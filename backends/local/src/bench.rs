@@ -15,7 +15,8 @@ use burn::tensor::{Device, Distribution, Tensor};
 use crate::config::VaeConfig;
 use crate::error::EngineError;
 use crate::nn::{lin, sdpa};
-use crate::pipeline::TEXT_OUT_LAYERS;
+use crate::pipeline::{TextEncoderMode, TEXT_OUT_LAYERS};
+use crate::precision::Precision;
 use crate::sampler::{euler_step, grid_ids, pack, seeded_noise, text_ids, unpack};
 use crate::schedule::{model_timestep, Schedule};
 use crate::text_encoder::TextEncoder;
@@ -105,6 +106,11 @@ pub struct BenchSpec {
     pub seq_len: usize,
     pub warmup: usize,
     pub iters: usize,
+    /// The compute dtype the models are built in.
+    pub precision: Precision,
+    /// Offload: the text encoder stage includes uploading its weights, and they are off the
+    /// device for the other stages.
+    pub text_encoder: TextEncoderMode,
 }
 
 #[derive(Clone, Debug)]
@@ -112,6 +118,9 @@ pub struct Stage {
     pub name: &'static str,
     pub median: Duration,
     pub min: Duration,
+    /// The highest memory reading of this stage's runs: device memory the allocator held on GPU
+    /// devices, the process's peak resident set on the CPU (reset before the stage).
+    pub peak_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -123,6 +132,9 @@ pub struct OpShare {
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub stages: Vec<Stage>,
+    /// Bytes of weights each model holds on the device, in load order (text encoder,
+    /// transformer, VAE).
+    pub weight_bytes: Vec<(&'static str, u64)>,
     /// Device memory the allocator held at its highest reading (sampled after each stage);
     /// `None` where the backend does not report it (the CPU backend).
     pub peak_reserved_bytes: Option<u64>,
@@ -146,10 +158,16 @@ struct Timer<'a> {
 }
 
 impl Timer<'_> {
-    fn sample_memory(&mut self) {
-        if let Some(u) = self.device.memory_pool_usage() {
-            self.peak = Some(self.peak.unwrap_or(0).max(u.bytes_reserved));
+    /// The current memory reading (see [`Stage::peak_bytes`]), folded into the overall peak.
+    fn sample_memory(&mut self) -> Option<u64> {
+        let now = match self.device.memory_pool_usage() {
+            Some(u) => Some(u.bytes_reserved),
+            None => peak_rss_bytes(),
+        };
+        if let Some(b) = now {
+            self.peak = Some(self.peak.unwrap_or(0).max(b));
         }
+        now
     }
 
     fn time(
@@ -158,6 +176,7 @@ impl Timer<'_> {
         mut f: impl FnMut() -> Result<(), EngineError>,
     ) -> Result<Stage, EngineError> {
         (self.progress)(name);
+        reset_peak_rss();
         for _ in 0..self.spec.warmup {
             f()?;
             sync(self.device)?;
@@ -170,12 +189,13 @@ impl Timer<'_> {
             sync(self.device)?;
             runs.push(start.elapsed());
         }
-        self.sample_memory();
+        let peak_bytes = self.sample_memory();
         runs.sort();
         Ok(Stage {
             name,
             median: runs[runs.len() / 2],
             min: runs[0],
+            peak_bytes,
         })
     }
 }
@@ -201,10 +221,25 @@ pub fn run(
     }
     let loading = Instant::now();
     progress("loading");
-    let te = TextEncoder::load_from(&dir.join("text_encoder"), &TEXT_OUT_LAYERS, source, device)?;
-    let tr = Transformer::load_from(&dir.join("transformer"), source, device)?;
-    let vae = Vae::load_from(&dir.join("vae"), true, source, device)?;
+    let p = spec.precision;
+    let load_te = || {
+        TextEncoder::load_from(
+            &dir.join("text_encoder"),
+            &TEXT_OUT_LAYERS,
+            source,
+            device,
+            p,
+        )
+    };
+    let te = load_te()?;
+    let tr = Transformer::load_from(&dir.join("transformer"), source, device, p)?;
+    let vae = Vae::load_from(&dir.join("vae"), true, source, device, p)?;
     sync(device)?;
+    let weight_bytes = vec![
+        ("text encoder", te.weight_bytes()),
+        ("transformer", tr.weight_bytes()),
+        ("VAE", vae.weight_bytes()),
+    ];
     let load_time = loading.elapsed();
     let (h, w) = (spec.height / m, spec.width / m);
     let (l, c) = (spec.seq_len, tr.config.in_channels);
@@ -215,10 +250,19 @@ pub fn run(
     let txt_ids = text_ids(l);
     let img_ids = grid_ids(0, h, w);
     let ctx = te.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS)?;
+    let offload = spec.text_encoder == TextEncoderMode::Offload;
+    // Offloaded: off the device for every other stage, uploaded inside the text encoder's.
+    let te = if offload { None } else { Some(te) };
+    let encode = || -> Result<Tensor<3>, EngineError> {
+        match &te {
+            Some(t) => t.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS),
+            None => load_te()?.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS),
+        }
+    };
     let ctx2 = Tensor::cat(vec![ctx.clone(), ctx.clone()], 0);
     let x = pack(seeded_noise(1, [1, c, h, w], device));
     let x2 = Tensor::cat(vec![x.clone(), x.clone()], 0);
-    let t = model_timestep(1000.0, false);
+    let t = model_timestep(1000.0, p);
     let latents = seeded_noise(2, [1, vae.config.latent_channels, 2 * h, 2 * w], device);
     let pixels: Tensor<4> = Tensor::random(
         [1, 3, spec.height, spec.width],
@@ -234,9 +278,7 @@ pub fn run(
     };
     timer.sample_memory();
     let mut stages = vec![
-        timer.time("text encoder", || {
-            te.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS).map(drop)
-        })?,
+        timer.time("text encoder", || encode().map(drop))?,
         timer.time("transformer step", || {
             tr.forward(x.clone(), ctx.clone(), t, &txt_ids, &img_ids, None)
                 .map(drop)
@@ -255,18 +297,18 @@ pub fn run(
     // under a millisecond).
     let sched = Schedule::new(4, h * w);
     stages.push(timer.time("distilled image (4 steps)", || {
-        let ctx = te.encode(&ids, &mask, 1, l, &TEXT_OUT_LAYERS)?;
-        let mut z = pack(seeded_noise(3, [1, c, h, w], device));
+        let ctx = encode()?;
+        let mut z = pack(seeded_noise(3, [1, c, h, w], device)).cast(p.float());
         for i in 0..4 {
             let v = tr.forward(
                 z.clone(),
                 ctx.clone(),
-                model_timestep(sched.timesteps[i], false),
+                model_timestep(sched.timesteps[i], p),
                 &txt_ids,
                 &img_ids,
                 None,
             )?;
-            z = euler_step(z, v, sched.sigmas[i], sched.sigmas[i + 1]);
+            z = euler_step(z, v, sched.sigmas[i], sched.sigmas[i + 1], p);
         }
         let img = vae.decode(Vae::unpatchify(vae.denormalize(unpack(z, h, w))));
         let _ = img.mul_scalar(0.5).add_scalar(0.5).clamp(0.0, 1.0);
@@ -275,6 +317,7 @@ pub fn run(
     let step_ops = profile_step(&tr, &mut timer, 1, l, h * w)?;
     Ok(BenchReport {
         stages,
+        weight_bytes,
         peak_reserved_bytes: timer.peak,
         step_ops,
         load_time,
@@ -302,6 +345,7 @@ fn profile_step(
         c.attention_head_dim,
     );
     let device = timer.device.clone();
+    let f = tr.precision().float();
     let tokens = text_tokens + image_tokens;
     let (nd, ns) = (c.num_layers, c.num_single_layers);
     // (rows, in, out, count)
@@ -318,15 +362,15 @@ fn profile_step(
     ];
     let mut linear_time = Duration::ZERO;
     for (rows, din, dout, count) in shapes {
-        let x: Tensor<3> = Tensor::random([batch, rows, din], Distribution::Default, &device);
-        let wt: Tensor<2> = Tensor::random([din, dout], Distribution::Default, &device);
+        let x = Tensor::<3>::random([batch, rows, din], Distribution::Default, &device).cast(f);
+        let wt = Tensor::<2>::random([din, dout], Distribution::Default, &device).cast(f);
         let s = timer.time("profile: linear", || {
             let _ = lin(x.clone(), &wt);
             Ok(())
         })?;
         linear_time += s.median * count as u32;
     }
-    let q: Tensor<4> = Tensor::random([batch, heads, tokens, hd], Distribution::Default, &device);
+    let q = Tensor::<4>::random([batch, heads, tokens, hd], Distribution::Default, &device).cast(f);
     let att = timer.time("profile: attention", || {
         let _ = sdpa(q.clone(), q.clone(), q.clone(), None);
         Ok(())
@@ -341,6 +385,26 @@ fn profile_step(
             time: att.median * (nd + ns) as u32,
         },
     ])
+}
+
+/// This process's peak resident set size (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Start a new peak-RSS window (Linux: writing 5 to `/proc/self/clear_refs` resets `VmHWM` to
+/// the current RSS); elsewhere the peak stays the process's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// The diffusers/PyTorch side of the side-by-side benchmark (`bench-engine --compare-diffusers`).
@@ -411,10 +475,22 @@ mod tests {
         let device = Device::flex();
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/data/klein-tiny/pipeline/transformer");
-        let a =
-            crate::weights::WeightStore::open_from(&dir, "x", Source::Random(1), &device).unwrap();
-        let b =
-            crate::weights::WeightStore::open_from(&dir, "x", Source::Random(1), &device).unwrap();
+        let a = crate::weights::WeightStore::open_from(
+            &dir,
+            "x",
+            Source::Random(1),
+            &device,
+            Precision::F32,
+        )
+        .unwrap();
+        let b = crate::weights::WeightStore::open_from(
+            &dir,
+            "x",
+            Source::Random(1),
+            &device,
+            Precision::F32,
+        )
+        .unwrap();
         let w = a.values("l.weight", &[256, 400]).unwrap();
         assert_eq!(w, b.values("l.weight", &[256, 400]).unwrap());
         assert_ne!(w, a.values("m.weight", &[256, 400]).unwrap());

@@ -10,6 +10,7 @@ pub mod hub;
 pub mod image_io;
 mod nn;
 pub mod pipeline;
+pub mod precision;
 pub mod reference;
 pub mod safety;
 pub mod sampler;

@@ -1,8 +1,22 @@
 //! Small building blocks shared by the model parts.
+//!
+//! Every block takes its input in the compute dtype and returns the compute dtype. Where the
+//! reference (PyTorch) computes in f32 and rounds once, so do these: the norms (statistics and
+//! normalisation in f32, one rounding), SiLU, and attention's softmax; elementwise products and
+//! sums round after each op, as PyTorch's do. In f32 every cast is a no-op.
 
 use burn::tensor::module::{attention, layer_norm as fused_layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, DType, FloatDType, Tensor};
+
+/// Run `f` on `x` in f32 and round the result back to `x`'s dtype once.
+pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return f(x);
+    }
+    f(x.cast(FloatDType::F32)).cast(dtype)
+}
 
 /// `x @ w` for a weight already in burn's `[in, out]` layout (see `WeightStore::linear`).
 pub fn lin<const D: usize>(x: Tensor<D>, w: &Tensor<2>) -> Tensor<D> {
@@ -11,7 +25,11 @@ pub fn lin<const D: usize>(x: Tensor<D>, w: &Tensor<2>) -> Tensor<D> {
 
 /// RMSNorm over the last dimension, with a learned scale: `x / sqrt(mean(x^2) + eps) * w`.
 /// (The statistic is one row value: `recip` of it and two multiplies are the full-size passes.)
+/// In reduced precision the normalised value is rounded before the scale multiplies it
+/// (transformers' Qwen3RMSNorm and diffusers' RMSNorm both do `weight * x.to(dtype)`).
 pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
     let inv = x
         .clone()
         .square()
@@ -22,23 +40,26 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor
     let dims = x.dims();
     let mut wshape = [1usize; D];
     wshape[D - 1] = dims[D - 1];
-    x.mul(inv).mul(w.clone().reshape(wshape))
+    x.mul(inv).cast(dtype).mul(w.clone().reshape(wshape))
 }
 
 /// LayerNorm over the last dimension without affine parameters: burn's fused kernel (one pass
 /// over the data on the CPU backend, statistics in f32) with a unit scale.
 pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
-    let dims = x.dims();
-    let ones = Tensor::<1>::ones([dims[D - 1]], &x.device());
-    fused_layer_norm(x, ones, None, eps)
+    in_f32(x, |x| {
+        let dims = x.dims();
+        let ones = Tensor::<1>::ones([dims[D - 1]], &x.device());
+        fused_layer_norm(x, ones, None, eps)
+    })
 }
 
 /// `layer_norm(x) * (1 + scale) + shift`, the transformer's modulation, with `shift`/`scale` of
 /// shape `[B, 1, C]`. For one row of modulation (batch 1) the affine part is the fused kernel's
-/// own scale and bias: one pass instead of three.
+/// own scale and bias: one pass instead of three. In reduced precision the three ops round one by
+/// one, as diffusers' `(1 + scale) * norm(x) + shift` does.
 pub fn modulate(x: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f64) -> Tensor<3> {
     let [b, _, c] = x.dims();
-    if b == 1 {
+    if b == 1 && x.dtype() == DType::F32 {
         let gamma = scale.clone().reshape([c]).add_scalar(1.0);
         return fused_layer_norm(x, gamma, Some(shift.clone().reshape([c])), eps);
     }
@@ -49,13 +70,16 @@ pub fn modulate(x: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f64) ->
 
 /// SiLU, `x * sigmoid(x)`. On the CPU backend written as `x / (1 + e^-x)`: burn-flex's own SiLU
 /// takes about twice as long (measured: 21.5 ms against 13.5 ms for 2 M values on 2 threads);
-/// GPU backends keep burn's single kernel.
+/// GPU backends keep burn's single kernel. In reduced precision it is computed in f32 and rounded
+/// once, as PyTorch does.
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.device() == burn::tensor::Device::flex() {
-        x.clone().div(x.neg().exp().add_scalar(1.0))
-    } else {
-        burn::tensor::activation::silu(x)
-    }
+    in_f32(x, |x| {
+        if x.device() == burn::tensor::Device::flex() {
+            x.clone().div(x.neg().exp().add_scalar(1.0))
+        } else {
+            burn::tensor::activation::silu(x)
+        }
+    })
 }
 
 /// SwiGLU on a fused projection: SiLU of the first half times the second half.
@@ -67,8 +91,34 @@ pub fn swiglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// Scaled dot-product attention on `[B, heads, seq, head_dim]`; `mask` true = not attended.
+/// The CPU backend computes it in f32 whatever the input dtype (as PyTorch's CPU kernels do). On
+/// GPU devices bf16 attention runs in f32: burn's bf16 attention kernel crashed an H100's driver
+/// ("NVVM compilation failed"), and f32 scores cannot overflow where f16 ones could.
 pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Bool>>) -> Tensor<4> {
+    let dtype = q.dtype();
+    if dtype == DType::BF16 && q.device() != burn::tensor::Device::flex() {
+        let f = FloatDType::F32;
+        return attention(
+            q.cast(f),
+            k.cast(f),
+            v.cast(f),
+            mask,
+            None,
+            AttentionModuleOptions::default(),
+        )
+        .cast(dtype);
+    }
     attention(q, k, v, mask, None, AttentionModuleOptions::default())
+}
+
+/// `x @ w + b`, rounded once in reduced precision (PyTorch's `addmm`).
+pub fn lin_bias<const D: usize>(x: Tensor<D>, w: &Tensor<2>, b: &Tensor<1>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return linear(x, w.clone(), Some(b.clone()));
+    }
+    let f = FloatDType::F32;
+    linear(x.cast(f), w.clone().cast(f), Some(b.clone().cast(f))).cast(dtype)
 }
 
 /// GroupNorm over `[B, C, H, W]` with per-channel affine parameters.
@@ -79,13 +129,17 @@ pub fn group_norm(
     beta: &Tensor<1>,
     eps: f64,
 ) -> Tensor<4> {
-    // A group's normalisation is a layer norm over its `(C / groups) * H * W` values.
+    // A group's normalisation is a layer norm over its `(C / groups) * H * W` values. In reduced
+    // precision the affine part is in f32 too and the result rounds once (PyTorch's group norm).
     let [b, c, h, w] = x.dims();
-    let normed =
-        layer_norm(x.reshape([b, groups, (c / groups) * h * w]), eps).reshape([b, c, h, w]);
-    normed
-        .mul(gamma.clone().reshape([1, c, 1, 1]))
-        .add(beta.clone().reshape([1, c, 1, 1]))
+    let f = FloatDType::F32;
+    in_f32(x, |x| {
+        let normed =
+            layer_norm(x.reshape([b, groups, (c / groups) * h * w]), eps).reshape([b, c, h, w]);
+        normed
+            .mul(gamma.clone().cast(f).reshape([1, c, 1, 1]))
+            .add(beta.clone().cast(f).reshape([1, c, 1, 1]))
+    })
 }
 
 /// A 2-D convolution with PyTorch-layout weights `[out, in, kh, kw]` and a bias.

@@ -1,11 +1,12 @@
 //! Prompt -> image: the whole FLUX.2 [klein] text-to-image pipeline.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use crate::error::EngineError;
+use crate::precision::Precision;
 use crate::reference;
 use crate::sampler::{euler_step, grid_ids, guide, pack, seeded_noise, text_ids, unpack};
 use crate::schedule::{model_timestep, Schedule};
@@ -17,12 +18,60 @@ use crate::vae::Vae;
 /// Residual-stream taps of the text encoder that klein stacks (hidden_states[9], [18], [27]).
 pub const TEXT_OUT_LAYERS: [usize; 3] = [9, 18, 27];
 
+/// Where the text encoder's weights live between requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextEncoderMode {
+    /// On the device for the pipeline's lifetime: fastest, most memory.
+    #[default]
+    Resident,
+    /// Uploaded from the memory-mapped checkpoint for each batch's prompts and freed as soon as
+    /// they are encoded: the device holds it only during the text encoder stage (klein 4B: ~6 GB
+    /// of bf16 weights off the device while the transformer and VAE run), at the cost of reading
+    /// and uploading those weights once per batch.
+    Offload,
+}
+
+impl std::str::FromStr for TextEncoderMode {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "resident" => Ok(TextEncoderMode::Resident),
+            "offload" => Ok(TextEncoderMode::Offload),
+            other => Err(EngineError::Input(format!(
+                "unknown text encoder mode `{other}`; use resident or offload"
+            ))),
+        }
+    }
+}
+
+/// How to build a pipeline: its compute dtype and where the text encoder lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub precision: Precision,
+    pub text_encoder: TextEncoderMode,
+}
+
+impl LoadOptions {
+    pub fn new(precision: Precision) -> Self {
+        LoadOptions {
+            precision,
+            text_encoder: TextEncoderMode::Resident,
+        }
+    }
+}
+
 pub struct Pipeline {
     pub tokenizer: PromptTokenizer,
-    pub text_encoder: TextEncoder,
+    /// The resident text encoder (`None` when offloaded: see [`TextEncoderMode`]).
+    pub text_encoder: Option<TextEncoder>,
+    text_encoder_dir: PathBuf,
     pub transformer: Transformer,
     pub vae: Vae,
     pub device: Device,
+    /// The compute dtype of all three models.
+    pub precision: Precision,
 }
 
 #[derive(Clone, Debug)]
@@ -70,16 +119,87 @@ pub struct Generated {
     pub references: Vec<(Tensor<4>, Tensor<4>, Tensor<4>)>,
 }
 
+enum TextEncoderRef<'a> {
+    Resident(&'a TextEncoder),
+    Uploaded(Box<TextEncoder>),
+}
+
+impl std::ops::Deref for TextEncoderRef<'_> {
+    type Target = TextEncoder;
+
+    fn deref(&self) -> &TextEncoder {
+        match self {
+            TextEncoderRef::Resident(t) => t,
+            TextEncoderRef::Uploaded(t) => t,
+        }
+    }
+}
+
 impl Pipeline {
-    /// Load a diffusers-layout klein checkpoint directory.
+    /// Load a diffusers-layout klein checkpoint directory, in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        Self::load_in(dir, device, Precision::F32)
+    }
+
+    /// Load a diffusers-layout klein checkpoint directory with its weights held and computed
+    /// in `precision`, the text encoder resident.
+    pub fn load_in(dir: &Path, device: &Device, precision: Precision) -> Result<Self, EngineError> {
+        Self::load_with(dir, device, LoadOptions::new(precision))
+    }
+
+    pub fn load_with(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self, EngineError> {
+        let files = crate::weights::Source::Files;
+        let precision = opts.precision;
+        let te_dir = dir.join("text_encoder");
+        // Offloaded, it is still built once here: a broken checkpoint fails at start-up, not
+        // on the first request.
+        let te = TextEncoder::load_from(&te_dir, &TEXT_OUT_LAYERS, files, device, precision)?;
         Ok(Pipeline {
             tokenizer: PromptTokenizer::load(&dir.join("tokenizer"))?,
-            text_encoder: TextEncoder::load(&dir.join("text_encoder"), &TEXT_OUT_LAYERS, device)?,
-            transformer: Transformer::load(&dir.join("transformer"), device)?,
-            vae: Vae::load(&dir.join("vae"), true, device)?,
+            text_encoder: match opts.text_encoder {
+                TextEncoderMode::Resident => Some(te),
+                TextEncoderMode::Offload => None,
+            },
+            text_encoder_dir: te_dir,
+            transformer: Transformer::load_from(
+                &dir.join("transformer"),
+                files,
+                device,
+                precision,
+            )?,
+            vae: Vae::load_from(&dir.join("vae"), true, files, device, precision)?,
             device: device.clone(),
+            precision,
         })
+    }
+
+    pub fn text_encoder_mode(&self) -> TextEncoderMode {
+        match self.text_encoder {
+            Some(_) => TextEncoderMode::Resident,
+            None => TextEncoderMode::Offload,
+        }
+    }
+
+    /// The text encoder for one run: the resident one, or one uploaded now and freed when the
+    /// caller drops it.
+    fn text_encoder(&self) -> Result<TextEncoderRef<'_>, EngineError> {
+        match &self.text_encoder {
+            Some(te) => Ok(TextEncoderRef::Resident(te)),
+            None => Ok(TextEncoderRef::Uploaded(Box::new(TextEncoder::load_from(
+                &self.text_encoder_dir,
+                &TEXT_OUT_LAYERS,
+                crate::weights::Source::Files,
+                &self.device,
+                self.precision,
+            )?))),
+        }
+    }
+
+    /// Bytes of weights the pipeline keeps on its device between requests.
+    pub fn resident_weight_bytes(&self) -> u64 {
+        self.text_encoder.as_ref().map_or(0, |t| t.weight_bytes())
+            + self.transformer.weight_bytes()
+            + self.vae.weight_bytes()
     }
 
     /// Image side granularity: 2 x the VAE's scale factor (16 for klein).
@@ -141,6 +261,7 @@ impl Pipeline {
 
     fn embed(
         &self,
+        te: &TextEncoder,
         prompts: &[String],
         max_len: usize,
     ) -> Result<(Tensor<3>, Vec<bool>), EngineError> {
@@ -153,9 +274,7 @@ impl Pipeline {
             mask.extend(e.mask);
             truncated.push(e.truncated);
         }
-        let emb =
-            self.text_encoder
-                .encode(&ids, &mask, prompts.len(), max_len, &TEXT_OUT_LAYERS)?;
+        let emb = te.encode(&ids, &mask, prompts.len(), max_len, &TEXT_OUT_LAYERS)?;
         Ok((emb, truncated))
     }
 
@@ -206,13 +325,16 @@ impl Pipeline {
         let l = req.max_sequence_length;
         let mut timings = Timings::default();
         let mut clock = Instant::now();
-        let (cond, truncated) = self.embed(&req.prompts, l)?;
+        let te = self.text_encoder()?;
+        let (cond, truncated) = self.embed(&te, &req.prompts, l)?;
         let ctx = if req.cfg {
-            let (neg, _) = self.embed(&vec![String::new(); b], l)?;
+            let (neg, _) = self.embed(&te, &vec![String::new(); b], l)?;
             Tensor::cat(vec![cond, neg], 0)
         } else {
             cond
         };
+        // Offloaded: its weights leave the device here, before the transformer runs.
+        drop(te);
         timings.text_encoder = self.lap(&mut clock);
 
         let noise = match &req.init_noise {
@@ -228,7 +350,9 @@ impl Pipeline {
             }
             None => seeded_noise(req.seed, [b, c, h, w], &self.device),
         };
-        let mut x = pack(noise);
+        // The noise is drawn in f32 and rounded to the compute dtype (diffusers' prepare_latents);
+        // the latents stay in it between steps.
+        let mut x = pack(noise).cast(self.precision.float());
         let mut img_ids = grid_ids(0, h, w);
         let n_img = img_ids.len();
         let (ref_tokens, ref_ids, ref_stages) = self.encode_references(&req.references)?;
@@ -250,7 +374,7 @@ impl Pipeline {
         let mut noise_preds = Vec::with_capacity(req.steps);
         let mut latents = Vec::with_capacity(req.steps);
         for i in 0..req.steps {
-            let t = model_timestep(sched.timesteps[i], false);
+            let t = model_timestep(sched.timesteps[i], self.precision);
             let v = if req.cfg {
                 let both = self
                     .transformer
@@ -282,7 +406,7 @@ impl Pipeline {
             if req.keep_intermediates {
                 noise_preds.push(v.clone());
             }
-            x = euler_step(x, v, sched.sigmas[i], sched.sigmas[i + 1]);
+            x = euler_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], self.precision);
             if req.keep_intermediates {
                 latents.push(x.clone());
             }
@@ -295,11 +419,13 @@ impl Pipeline {
         let final_unpacked = unpack(x, h, w);
         let vae_input = Vae::unpatchify(self.vae.denormalize(final_unpacked.clone()));
         let decoded = self.vae.decode(vae_input.clone());
+        // In the compute dtype, as diffusers' postprocess, then widened for the caller.
         let images = decoded
             .mul_scalar(0.5)
             .add_scalar(0.5)
             .clamp(0.0, 1.0)
-            .permute([0, 2, 3, 1]);
+            .permute([0, 2, 3, 1])
+            .cast(FloatDType::F32);
         timings.vae_decode = self.lap(&mut clock);
         Ok(Generated {
             timings,

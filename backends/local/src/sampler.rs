@@ -1,7 +1,9 @@
 //! Seeded initial noise, token packing, and the flow-matching Euler sampler with optional
 //! classifier-free guidance.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+
+use crate::precision::Precision;
 
 /// The documented noise generator: standard normal values in NCHW order of the latent
 /// `(B, C, h, w)`, from a SplitMix64 stream seeded with `seed`, two uniforms per Box-Muller pair
@@ -84,9 +86,23 @@ pub fn guide(cond: Tensor<3>, uncond: Tensor<3>, g: f32) -> Tensor<3> {
     uncond.clone().add(cond.sub(uncond).mul_scalar(g))
 }
 
-/// One Euler step of the rectified flow: `x + (sigma_next - sigma) * v`.
-pub fn euler_step(x: Tensor<3>, v: Tensor<3>, sigma: f32, sigma_next: f32) -> Tensor<3> {
-    x.add(v.mul_scalar(sigma_next - sigma))
+/// One Euler step of the rectified flow: `x + (sigma_next - sigma) * v`. In reduced precision
+/// as diffusers' scheduler does it: the step `dt * v` in the compute dtype (dt rounded to it),
+/// the sum in f32, the new latents rounded back: `x <- r(f32(x) + r(r(dt) * v))`.
+pub fn euler_step(
+    x: Tensor<3>,
+    v: Tensor<3>,
+    sigma: f32,
+    sigma_next: f32,
+    precision: Precision,
+) -> Tensor<3> {
+    let dt = sigma_next - sigma;
+    if precision == Precision::F32 {
+        return x.add(v.mul_scalar(dt));
+    }
+    let f = FloatDType::F32;
+    let step = v.mul_scalar(precision.round(dt)).cast(f);
+    x.cast(f).add(step).cast(precision.float())
 }
 
 #[cfg(test)]

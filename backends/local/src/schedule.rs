@@ -2,6 +2,8 @@
 //! that depends on the number of image tokens (with its jump at 4300 tokens), in the exact float
 //! widths the reference uses.
 
+use crate::precision::Precision;
+
 /// `compute_empirical_mu` of the reference pipeline, in f64. `image_seq_len` counts the generated
 /// image tokens only (reference tokens excluded).
 pub fn empirical_mu(image_seq_len: usize, num_steps: usize) -> f64 {
@@ -60,16 +62,12 @@ impl Schedule {
 }
 
 /// The timestep value the transformer's sinusoid sees for step `t` (a scheduler timestep in
-/// 0..1000). The reference casts the timestep to the activation dtype before multiplying by 1000,
-/// so in bf16 it is rounded to bf16 first; in f32 it passes unchanged.
-pub fn model_timestep(timestep: f32, bf16_activations: bool) -> f32 {
-    let sigma = timestep / 1000.0;
-    if bf16_activations {
-        let r = half::bf16::from_f32(sigma);
-        half::bf16::from_f32(r.to_f32() * 1000.0).to_f32()
-    } else {
-        sigma * 1000.0
-    }
+/// 0..1000). The reference pipeline casts `t` to the latents' dtype, divides by 1000 in that
+/// dtype, and the transformer multiplies by 1000 in it again: in bf16, 954.515 arrives as 956
+/// (bf16 spacing is 4 between 512 and 1024). In f32 it is `t / 1000 * 1000`.
+pub fn model_timestep(timestep: f32, precision: Precision) -> f32 {
+    let r = |x: f32| precision.round(x);
+    r(r(r(timestep) / 1000.0) * 1000.0)
 }
 
 #[cfg(test)]
@@ -88,7 +86,12 @@ mod tests {
     fn bf16_rounding_of_the_timestep() {
         // sigma 0.9545153 is 0.953125 in bf16 (8 bits of precision: steps of 2^-8 in [0.5, 1));
         // x1000 = 953.125, which bf16 (steps of 4 in [512, 1024)) rounds to 952.
-        assert_eq!(model_timestep(954.5153, true), 952.0);
-        assert_eq!(model_timestep(954.5153, false), 954.5153);
+        // What diffusers' bf16 pipeline fed its time embedding (fixture bf16.json).
+        let bf16: Vec<f32> = [1000.0, 954.5153, 876.3, 700.2]
+            .iter()
+            .map(|&t| model_timestep(t, Precision::Bf16))
+            .collect();
+        assert_eq!(bf16, vec![1000.0, 956.0, 876.0, 700.0]);
+        assert_eq!(model_timestep(954.5153, Precision::F32), 954.5153);
     }
 }

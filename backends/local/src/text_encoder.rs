@@ -12,6 +12,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use crate::config::Qwen3Config;
 use crate::error::EngineError;
 use crate::nn::{lin, rms_norm, sdpa, silu};
+use crate::precision::Precision;
 use crate::weights::{Source, WeightStore};
 
 struct Layer {
@@ -33,6 +34,9 @@ pub struct TextEncoder {
     embed: Tensor<2>,
     layers: Vec<Layer>,
     device: Device,
+    precision: Precision,
+    /// Bytes of weights held on the device.
+    weight_bytes: u64,
 }
 
 /// The weight names of the Hugging Face Qwen3 layout, in one place.
@@ -43,7 +47,7 @@ fn layer_name(i: usize, part: &str) -> String {
 impl TextEncoder {
     /// Load `text_encoder/` with as many layers as the deepest of `out_layers` needs.
     pub fn load(dir: &Path, out_layers: &[usize], device: &Device) -> Result<Self, EngineError> {
-        Self::load_from(dir, out_layers, Source::Files, device)
+        Self::load_from(dir, out_layers, Source::Files, device, Precision::F32)
     }
 
     /// [`load`](Self::load) with the weights from `source` (the config always from `dir`).
@@ -52,6 +56,7 @@ impl TextEncoder {
         out_layers: &[usize],
         source: Source,
         device: &Device,
+        precision: Precision,
     ) -> Result<Self, EngineError> {
         let config = Qwen3Config::load(&dir.join("config.json"))?;
         let deepest = out_layers.iter().copied().max().unwrap_or(0);
@@ -66,7 +71,7 @@ impl TextEncoder {
                 ),
             });
         }
-        let w = WeightStore::open_from(dir, "model", source, device)?;
+        let w = WeightStore::open_from(dir, "model", source, device, precision)?;
         let h = config.hidden_size;
         let hd = config.head_dim();
         let (nh, nkv, inter) = (
@@ -108,6 +113,8 @@ impl TextEncoder {
             embed,
             layers,
             device: device.clone(),
+            precision,
+            weight_bytes: w.bytes_made(),
         })
     }
 
@@ -199,7 +206,10 @@ impl TextEncoder {
             Tensor::<4, Bool>::from_data(TensorData::new(m, [batch, 1, len, len]), &self.device)
                 .expand([batch, nh, len, len]);
         let (cos, sin) = self.rope(len);
-        let cos = cos.reshape([1, 1, len, hd]);
+        // transformers computes the tables in f32 and rotates in the compute dtype with tables
+        // rounded to it (`cos.to(x.dtype)`), each product and the sum rounding on their own.
+        let dtype = self.precision.float();
+        let cos = cos.reshape([1, 1, len, hd]).cast(dtype);
         // Rotate-half, (h0, h1) -> (-h1, h0): the halves swapped (one roll) times the sine with
         // its first half negated.
         let sign = Tensor::<1>::from_data(
@@ -211,7 +221,10 @@ impl TextEncoder {
             ),
             &self.device,
         );
-        let sin = sin.mul(sign.reshape([1, hd])).reshape([1, 1, len, hd]);
+        let sin = sin
+            .mul(sign.reshape([1, hd]))
+            .reshape([1, 1, len, hd])
+            .cast(dtype);
         let rotate = |t: Tensor<4>| -> Tensor<4> {
             let rot = t.clone().roll_dim(hd / 2, 3);
             t.mul(cos.clone()).add(rot.mul(sin.clone()))
@@ -290,5 +303,16 @@ impl TextEncoder {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Tensor::cat(taps, 2))
+    }
+}
+
+impl TextEncoder {
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes of weights this model holds on its device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 }

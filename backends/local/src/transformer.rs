@@ -5,11 +5,12 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 use crate::config::Flux2Config;
 use crate::error::EngineError;
 use crate::nn::{lin, rms_norm, sdpa, silu, swiglu};
+use crate::precision::Precision;
 use crate::weights::{Source, WeightStore};
 
 struct DoubleBlock {
@@ -50,6 +51,9 @@ pub struct Transformer {
     norm_out: Tensor<2>,
     proj_out: Tensor<2>,
     device: Device,
+    precision: Precision,
+    /// Bytes of weights held on the device.
+    weight_bytes: u64,
 }
 
 /// Intermediate values recorded for parity tests (`None` in normal runs).
@@ -60,6 +64,7 @@ fn record<const D: usize>(trace: &mut Option<&mut Trace>, name: impl Into<String
         let dims = t.dims().to_vec();
         let v = t
             .clone()
+            .cast(FloatDType::F32)
             .into_data()
             .try_to_vec::<f32>()
             .unwrap_or_default();
@@ -69,13 +74,19 @@ fn record<const D: usize>(trace: &mut Option<&mut Trace>, name: impl Into<String
 
 impl Transformer {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
-        Self::load_from(dir, Source::Files, device)
+        Self::load_from(dir, Source::Files, device, Precision::F32)
     }
 
-    /// [`load`](Self::load) with the weights from `source` (the config always from `dir`).
-    pub fn load_from(dir: &Path, source: Source, device: &Device) -> Result<Self, EngineError> {
+    /// [`load`](Self::load) with the weights from `source` (the config always from `dir`), held
+    /// and computed in `precision`.
+    pub fn load_from(
+        dir: &Path,
+        source: Source,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, EngineError> {
         let config = Flux2Config::load(&dir.join("config.json"))?;
-        let w = WeightStore::open_from(dir, "diffusion_pytorch_model", source, device)?;
+        let w = WeightStore::open_from(dir, "diffusion_pytorch_model", source, device, precision)?;
         let d = config.inner_dim();
         let hd = config.attention_head_dim;
         let m = config.mlp_hidden();
@@ -137,7 +148,18 @@ impl Transformer {
             single,
             config,
             device: device.clone(),
+            precision,
+            weight_bytes: w.bytes_made(),
         })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes of weights this model holds on its device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// Sinusoidal embedding of `t` (already x1000), cos half first, in f32 as the reference.
@@ -210,9 +232,21 @@ impl Transformer {
         let d = c.inner_dim();
         let (nh, hd, eps) = (c.num_attention_heads, c.attention_head_dim, c.eps);
         let m = c.mlp_hidden();
+        let dtype = self.precision.float();
+        let (x, ctx) = (x.cast(dtype), ctx.cast(dtype));
+        // f16 tops out at 65504: the reference clips the text stream after each double block and
+        // the joint stream after each single block.
+        let clip = |t: Tensor<3>| -> Tensor<3> {
+            if self.precision == Precision::F16 {
+                t.clamp(-65504.0, 65504.0)
+            } else {
+                t
+            }
+        };
 
+        // The sinusoid is computed in f32 and rounded to the compute dtype before the MLP.
         let temb = lin(
-            silu(lin(self.timestep_embedding(t, b), &self.time_1)),
+            silu(lin(self.timestep_embedding(t, b).cast(dtype), &self.time_1)),
             &self.time_2,
         );
         record(&mut trace, "temb", &temb);
@@ -256,14 +290,17 @@ impl Transformer {
             &self.device,
         );
         let sin = sin.mul(sign.reshape([1, hd])).reshape([1, 1, s, hd]);
+        // Applied in f32 with f32 tables and rounded once, as the reference does.
         let rope = |t: Tensor<4>| -> Tensor<4> {
-            let [bb, hh, ss, dd] = t.dims();
-            let swapped = t
-                .clone()
-                .reshape([bb, hh, ss, dd / 2, 2])
-                .flip([4])
-                .reshape([bb, hh, ss, dd]);
-            t.mul(cos.clone()).add(swapped.mul(sin.clone()))
+            crate::nn::in_f32(t, |t| {
+                let [bb, hh, ss, dd] = t.dims();
+                let swapped = t
+                    .clone()
+                    .reshape([bb, hh, ss, dd / 2, 2])
+                    .flip([4])
+                    .reshape([bb, hh, ss, dd]);
+                t.mul(cos.clone()).add(swapped.mul(sin.clone()))
+            })
         };
         let heads = |t: Tensor<3>, len: usize| t.reshape([b, len, nh, hd]);
         let modulate = |t: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>| {
@@ -309,7 +346,7 @@ impl Transformer {
                 swiglu(lin(modulate(txt.clone(), &mt[3], &mt[4]), &blk.ff_ctx_in)),
                 &blk.ff_ctx_out,
             );
-            txt = txt.add(mt[5].clone().mul(ff));
+            txt = clip(txt.add(mt[5].clone().mul(ff)));
             record(&mut trace, format!("double_block.{i}.txt"), &txt);
             record(&mut trace, format!("double_block.{i}.img"), &img);
         }
@@ -326,7 +363,7 @@ impl Transformer {
                 Tensor::cat(vec![a, swiglu(parts[3].clone())], 2),
                 &blk.to_out,
             );
-            h = h.add(ms[2].clone().mul(out));
+            h = clip(h.add(ms[2].clone().mul(out)));
             record(&mut trace, format!("single_block.{i}"), &h);
         }
 

@@ -8,7 +8,8 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::VaeConfig;
 use crate::error::EngineError;
-use crate::nn::{group_norm, lin, sdpa, silu, Conv};
+use crate::nn::{group_norm, lin_bias, sdpa, silu, Conv};
+use crate::precision::Precision;
 use crate::weights::{Source, WeightStore};
 
 /// GroupNorm epsilon of every norm in the VAE (diffusers' fixed `resnet_eps`).
@@ -63,6 +64,9 @@ pub struct Vae {
     post_quant: Option<Conv>,
     bn_mean: Tensor<1>,
     bn_std: Tensor<1>,
+    precision: Precision,
+    /// Bytes of weights held on the device.
+    weight_bytes: u64,
 }
 
 /// Weight loading with the diffusers names, in one place.
@@ -167,13 +171,10 @@ impl Attn {
         let [b, c, h, w] = x.dims();
         let n = group_norm(x.clone(), groups, &self.norm.gamma, &self.norm.beta, GN_EPS);
         let seq = n.reshape([b, c, h * w]).swap_dims(1, 2);
-        let proj = |p: &(Tensor<2>, Tensor<1>)| {
-            lin(seq.clone(), &p.0)
-                .add(p.1.clone().reshape([1, 1, c]))
-                .unsqueeze_dim::<4>(1)
-        };
+        let proj =
+            |p: &(Tensor<2>, Tensor<1>)| lin_bias(seq.clone(), &p.0, &p.1).unsqueeze_dim::<4>(1);
         let a = sdpa(proj(&self.q), proj(&self.k), proj(&self.v), None).squeeze_dim::<3>(1);
-        let out = lin(a, &self.out.0).add(self.out.1.clone().reshape([1, 1, c]));
+        let out = lin_bias(a, &self.out.0, &self.out.1);
         x.add(out.swap_dims(1, 2).reshape([b, c, h, w]))
     }
 }
@@ -200,7 +201,7 @@ fn upsample2(x: Tensor<4>) -> Tensor<4> {
 impl Vae {
     /// Load `vae/`. The encoder is only loaded when `with_encoder` (reference images).
     pub fn load(dir: &Path, with_encoder: bool, device: &Device) -> Result<Self, EngineError> {
-        Self::load_from(dir, with_encoder, Source::Files, device)
+        Self::load_from(dir, with_encoder, Source::Files, device, Precision::F32)
     }
 
     /// [`load`](Self::load) with the weights from `source` (the config always from `dir`).
@@ -209,9 +210,10 @@ impl Vae {
         with_encoder: bool,
         source: Source,
         device: &Device,
+        precision: Precision,
     ) -> Result<Self, EngineError> {
         let config = VaeConfig::load(&dir.join("config.json"))?;
-        let w = WeightStore::open_from(dir, "diffusion_pytorch_model", source, device)?;
+        let w = WeightStore::open_from(dir, "diffusion_pytorch_model", source, device, precision)?;
         let ld = Loader { w: &w };
         let lc = config.latent_channels;
         let lpb = config.layers_per_block;
@@ -316,7 +318,18 @@ impl Vae {
             post_quant,
             bn_mean,
             bn_std,
+            precision,
+            weight_bytes: w.bytes_made(),
         })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes of weights this model holds on its device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     fn groups(&self) -> usize {
@@ -326,6 +339,7 @@ impl Vae {
     /// Latent `[B, latent_channels, h, w]` -> raw decoder output `[B, 3, 8h, 8w]` (about [-1, 1]).
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
         let g = self.groups();
+        let z = z.cast(self.precision.float());
         let z = match &self.post_quant {
             Some(c) => c.forward(z),
             None => z,
@@ -356,7 +370,7 @@ impl Vae {
             .as_ref()
             .ok_or_else(|| EngineError::Input("the VAE was loaded without its encoder".into()))?;
         let g = self.groups();
-        let mut x = e.conv_in.forward(pixels);
+        let mut x = e.conv_in.forward(pixels.cast(self.precision.float()));
         for level in &e.levels {
             for r in &level.resnets {
                 x = r.forward(x, g);
@@ -400,12 +414,14 @@ impl Vae {
 
     /// Batch-norm normalisation of patchified latents (what the transformer works in).
     pub fn normalize(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = z.cast(self.precision.float());
         let c = z.dims()[1];
         z.sub(self.bn_mean.clone().reshape([1, c, 1, 1]))
             .div(self.bn_std.clone().reshape([1, c, 1, 1]))
     }
 
     pub fn denormalize(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = z.cast(self.precision.float());
         let c = z.dims()[1];
         z.mul(self.bn_std.clone().reshape([1, c, 1, 1]))
             .add(self.bn_mean.clone().reshape([1, c, 1, 1]))

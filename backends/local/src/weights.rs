@@ -2,20 +2,23 @@
 //!
 //! One component (`transformer/`, `text_encoder/`, `vae/`) is either one
 //! `{stem}.safetensors` or shards listed in `{stem}.safetensors.index.json`. Tensors are read on
-//! demand from the map (bf16, f16 or f32 as stored) and handed to burn as f32 on the target
-//! device; a missing tensor, a wrong shape or an unsupported dtype is an error naming the file and
+//! demand from the map (bf16, f16 or f32 as stored) and handed to burn in the store's compute
+//! dtype on the target device: a bf16 checkpoint goes to a bf16 engine value for value, without
+//! an f32 copy on the way (other pairs convert element by element); a missing tensor, a wrong shape or an unsupported dtype is an error naming the file and
 //! the tensor. The per-model name tables live next to each model (one `fn` per part that asks for
 //! its weights by their checkpoint names), so there is exactly one place per name.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorCreationOptions, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::EngineError;
+use crate::precision::Precision;
 
 struct Shard {
     path: PathBuf,
@@ -29,6 +32,10 @@ pub struct WeightStore {
     /// tensor name -> shard index
     index: HashMap<String, usize>,
     device: Device,
+    /// The dtype tensors are created in.
+    precision: Precision,
+    /// Bytes of the tensors made so far (what the model holds on the device).
+    made: Cell<u64>,
     /// `Some(seed)`: no files; every tensor asked for is made up (see [`Source::Random`]).
     random: Option<u64>,
 }
@@ -56,16 +63,34 @@ impl WeightStore {
         stem: &str,
         source: Source,
         device: &Device,
+        precision: Precision,
     ) -> Result<Self, EngineError> {
         match source {
-            Source::Files => Self::open(dir, stem, device),
+            Source::Files => Ok(Self::open(dir, stem, device)?.in_precision(precision)),
             Source::Random(seed) => Ok(WeightStore {
                 shards: Vec::new(),
                 index: HashMap::new(),
                 device: device.clone(),
+                precision,
+                made: Cell::new(0),
                 random: Some(seed),
             }),
         }
+    }
+
+    /// The same store, creating its tensors in `precision` (f32 unless set).
+    pub fn in_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes of all tensors this store has made, in its precision.
+    pub fn bytes_made(&self) -> u64 {
+        self.made.get()
     }
 
     /// Open `dir/{stem}.safetensors`, or the shards of `dir/{stem}.safetensors.index.json`.
@@ -128,6 +153,8 @@ impl WeightStore {
             shards,
             index,
             device: device.clone(),
+            precision: Precision::F32,
+            made: Cell::new(0),
             random: None,
         })
     }
@@ -146,11 +173,8 @@ impl WeightStore {
         shard.meta.info(name).map(|i| i.shape.clone())
     }
 
-    /// Read `name` as f32 values, checking its shape.
-    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
-        if let Some(seed) = self.random {
-            return Ok(random_values(seed, name, shape));
-        }
+    /// The stored bytes of `name` and their dtype, after checking its shape.
+    fn raw(&self, name: &str, shape: &[usize]) -> Result<(&[u8], Dtype), EngineError> {
         let err = |file: &Path, message: String| EngineError::Weight {
             file: file.display().to_string(),
             tensor: name.to_owned(),
@@ -185,8 +209,33 @@ impl WeightStore {
                 "data offsets point past the end of the file".into(),
             )
         })?;
+        let width = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(err(
+                    &shard.path,
+                    format!("dtype {other:?} is not supported (bf16, f16 or f32)"),
+                ))
+            }
+        };
         let n: usize = shape.iter().product();
-        let out: Vec<f32> = match info.dtype {
+        if bytes.len() != n * width {
+            return Err(err(
+                &shard.path,
+                format!("holds {} values for shape {shape:?}", bytes.len() / width),
+            ));
+        }
+        Ok((bytes, info.dtype))
+    }
+
+    /// Read `name` as f32 values, checking its shape.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, EngineError> {
+        if let Some(seed) = self.random {
+            return Ok(random_values(seed, name, shape));
+        }
+        let (bytes, dtype) = self.raw(name, shape)?;
+        Ok(match dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -195,34 +244,70 @@ impl WeightStore {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            Dtype::F16 => bytes
+            _ => bytes
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => {
-                return Err(err(
-                    &shard.path,
-                    format!("dtype {other:?} is not supported (bf16, f16 or f32)"),
-                ))
-            }
-        };
-        if out.len() != n {
-            return Err(err(
-                &shard.path,
-                format!("holds {} values for shape {shape:?}", out.len()),
-            ));
-        }
-        Ok(out)
+        })
     }
 
-    /// Read `name` into a tensor of the given shape on the store's device.
+    /// `name` as tensor data in the store's precision: stored values of that dtype are taken
+    /// as they are (no f32 copy of a bf16 checkpoint); other dtypes are rounded to it.
+    fn data(&self, name: &str, shape: &[usize]) -> Result<TensorData, EngineError> {
+        let same = match (self.random, self.precision) {
+            (Some(_), _) => None,
+            (None, p) => {
+                let (bytes, dtype) = self.raw(name, shape)?;
+                match (dtype, p) {
+                    (Dtype::BF16, Precision::Bf16) => Some(TensorData::new(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                            .collect::<Vec<_>>(),
+                        shape.to_vec(),
+                    )),
+                    (Dtype::F16, Precision::F16) => Some(TensorData::new(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                            .collect::<Vec<_>>(),
+                        shape.to_vec(),
+                    )),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(d) = same {
+            return Ok(d);
+        }
+        let v = self.values(name, shape)?;
+        Ok(match self.precision {
+            Precision::F32 => TensorData::new(v, shape.to_vec()),
+            Precision::Bf16 => TensorData::new(
+                v.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(),
+                shape.to_vec(),
+            ),
+            Precision::F16 => TensorData::new(
+                v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(),
+                shape.to_vec(),
+            ),
+        })
+    }
+
+    /// Read `name` into a tensor of the given shape on the store's device, in its precision.
     pub fn tensor<const D: usize>(
         &self,
         name: &str,
         shape: [usize; D],
     ) -> Result<Tensor<D>, EngineError> {
-        let v = self.values(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(v, shape), &self.device))
+        let data = self.data(name, &shape)?;
+        let n: usize = shape.iter().product();
+        self.made
+            .set(self.made.get() + (n * self.precision.size()) as u64);
+        Ok(Tensor::from_data(
+            data,
+            TensorCreationOptions::new(self.device.clone()).with_dtype(self.precision.dtype()),
+        ))
     }
 
     /// A PyTorch `Linear` weight `[out, in]`, transposed to burn's `[in, out]`.

@@ -5,15 +5,34 @@
 
 use std::path::PathBuf;
 
+use burn::tensor::{Device, Tensor, TensorData};
+use kleingate_local::pipeline::Request;
+use kleingate_local::reference;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
+/// The fixture directory: `tests/data/klein-tiny`, or `KLEIN_FIXTURE_DIR` to run the same
+/// parity tests against a pipeline of other shapes made by the same generator
+/// (`make_klein_fixtures.py --preset-file`, then `make_klein_bf16_refs.py`).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/klein-tiny")
+    match std::env::var_os("KLEIN_FIXTURE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/klein-tiny"),
+    }
 }
 
 pub fn pipeline() -> PathBuf {
     root().join("pipeline")
+}
+
+/// Every fixture set the reduced-precision tests run on: the shipped klein-tiny and klein-other
+/// (a second pipeline of other shapes, `klein-other/preset.json`), or `KLEIN_FIXTURE_DIR` alone.
+pub fn roots() -> Vec<PathBuf> {
+    if std::env::var_os("KLEIN_FIXTURE_DIR").is_some() {
+        return vec![root()];
+    }
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    vec![data.join("klein-tiny"), data.join("klein-other")]
 }
 
 pub const CASES: [&str; 6] = [
@@ -48,13 +67,18 @@ pub fn f32_tensor(bytes: &[u8], name: &str) -> Option<(Vec<f32>, Vec<usize>)> {
 
 pub struct Case {
     pub name: String,
+    pub root: PathBuf,
     pub json: Value,
     bytes: Vec<u8>,
 }
 
 impl Case {
     pub fn load(name: &str) -> Case {
-        let dir = root().join("cases");
+        Self::load_in(&root(), name)
+    }
+
+    pub fn load_in(root: &std::path::Path, name: &str) -> Case {
+        let dir = root.join("cases");
         let json = serde_json::from_str(
             &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
         )
@@ -62,6 +86,7 @@ impl Case {
         let bytes = std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap();
         Case {
             name: name.to_owned(),
+            root: root.to_path_buf(),
             json,
             bytes,
         }
@@ -78,6 +103,45 @@ impl Case {
     pub fn tensor(&self, tensor: &str) -> (Vec<f32>, Vec<usize>) {
         f32_tensor(&self.bytes, tensor)
             .unwrap_or_else(|| panic!("{}: no tensor {tensor}", self.name))
+    }
+
+    /// The pipeline request the case recorded: prompts, size, steps, guidance, its reference
+    /// images and its initial noise (every step's tensors kept for comparison).
+    pub fn request(&self, device: &Device) -> Request {
+        let j = &self.json;
+        let prompts: Vec<String> = match &j["prompt"] {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a.iter().map(|p| p.as_str().unwrap().to_owned()).collect(),
+            other => panic!("{other}"),
+        };
+        let (noise, s) = self.tensor("latents.noise");
+        Request {
+            prompts,
+            width: j["width"].as_u64().unwrap() as usize,
+            height: j["height"].as_u64().unwrap() as usize,
+            steps: j["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance: j["guidance_scale"].as_f64().unwrap() as f32,
+            cfg: j["do_classifier_free_guidance"].as_bool().unwrap(),
+            max_sequence_length: j["max_sequence_length"].as_u64().unwrap() as usize,
+            seed: 0,
+            references: j["reference_images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let bytes =
+                        std::fs::read(self.root.join("cases").join(r["file"].as_str().unwrap()))
+                            .unwrap();
+                    reference::load(&bytes, i, reference::MAX_DECODE_PIXELS).unwrap()
+                })
+                .collect(),
+            init_noise: Some(Tensor::from_data(
+                TensorData::new(noise, [s[0], s[1], s[2], s[3]]),
+                device,
+            )),
+            keep_intermediates: true,
+        }
     }
 
     pub fn int_tensor(&self, tensor: &str) -> Vec<u32> {

@@ -7,11 +7,10 @@
 
 mod fixture;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use fixture::{assert_close, Case};
 use kleingate_local::image_io::Rgb8;
 use kleingate_local::pipeline::{Pipeline, Request};
-use kleingate_local::reference;
 
 fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
@@ -28,44 +27,7 @@ fn text_to_image_matches_the_reference() {
     for name in fixture::GENERATION_CASES {
         let case = Case::load(name);
         let j = &case.json;
-        let prompts: Vec<String> = match &j["prompt"] {
-            serde_json::Value::String(s) => vec![s.clone()],
-            serde_json::Value::Array(a) => {
-                a.iter().map(|p| p.as_str().unwrap().to_owned()).collect()
-            }
-            other => panic!("{other}"),
-        };
-        let (noise, s) = case.tensor("latents.noise");
-        let req = Request {
-            prompts,
-            width: j["width"].as_u64().unwrap() as usize,
-            height: j["height"].as_u64().unwrap() as usize,
-            steps: j["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance: j["guidance_scale"].as_f64().unwrap() as f32,
-            cfg: j["do_classifier_free_guidance"].as_bool().unwrap(),
-            max_sequence_length: j["max_sequence_length"].as_u64().unwrap() as usize,
-            seed: 0,
-            references: j["reference_images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let bytes = std::fs::read(
-                        fixture::root()
-                            .join("cases")
-                            .join(r["file"].as_str().unwrap()),
-                    )
-                    .unwrap();
-                    reference::load(&bytes, i, reference::MAX_DECODE_PIXELS).unwrap()
-                })
-                .collect(),
-            init_noise: Some(Tensor::from_data(
-                TensorData::new(noise, [s[0], s[1], s[2], s[3]]),
-                &device,
-            )),
-            keep_intermediates: true,
-        };
+        let req = case.request(&device);
         let mut steps_seen = 0;
         let out = pipe
             .generate(&req, &mut |i, n| {
