@@ -699,6 +699,20 @@ mod tests {
     }
 
     #[test]
+    fn a_local_backend_takes_its_dtype_and_text_encoder_mode() {
+        let f = file(
+            "[backends.l]\nkind = \"local\"\nweights = \"/w\"\ndtype = \"f16\"\ntext_encoder = \"offload\"\n",
+        );
+        let cfg = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap();
+        let b = &cfg.backends["l"];
+        assert_eq!(b.dtype, Some(kleingate_local::precision::Precision::F16));
+        assert_eq!(
+            b.text_encoder,
+            Some(kleingate_local::pipeline::TextEncoderMode::Offload)
+        );
+    }
+
+    #[test]
     fn typos_and_inconsistencies_are_errors() {
         let f = file(&format!("{BASIC}\n[cache]\nmax_byte = 5\n"));
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
@@ -734,6 +748,8 @@ mod tests {
             ("threads = 0", "threads"),
             ("max_reference_pixels = 0", "max_reference_pixels"),
             ("reference_timeout_secs = 0", "reference_timeout_secs"),
+            ("dtype = \"f64\"", "f64"),
+            ("text_encoder = \"cpu\"", "cpu"),
         ] {
             let f = file(&format!(
                 "[backends.l]\nkind = \"local\"\nweights = \"/w\"\n{extra}\n"
@@ -746,7 +762,12 @@ mod tests {
         );
         let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
         assert!(e.to_string().contains("kind \"local\""), "{e}");
-        for extra in ["threads = 2", "max_reference_decode_mib = 8"] {
+        for extra in [
+            "threads = 2",
+            "max_reference_decode_mib = 8",
+            "dtype = \"bf16\"",
+            "text_encoder = \"offload\"",
+        ] {
             let f = file(&format!(
                 "[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\n{extra}\n"
             ));

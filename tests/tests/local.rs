@@ -440,3 +440,52 @@ async fn the_local_engine_charges_its_measured_device_time() {
     );
     assert!((spent - cost).abs() < 1e-5, "{spent} vs {cost}");
 }
+
+/// `dtype` and `text_encoder` in a local backend's config reach the engine: the gateway serves
+/// exactly the image the engine makes in bf16 with its text encoder offloaded, which is not the
+/// f32 image.
+#[tokio::test]
+async fn a_local_backend_computes_in_its_configured_dtype() {
+    use kleingate_local::pipeline::{LoadOptions, Pipeline, Request, TextEncoderMode};
+    use kleingate_local::precision::Precision;
+    let gw = Gateway::start(&local("dtype = \"bf16\"\ntext_encoder = \"offload\"")).await;
+    assert_eq!(wait_ready(&gw, "local").await["health"]["state"], "ready");
+    let r = post_with(
+        &gw,
+        "/flux2-klein-4b/generate",
+        json!({"prompt": "a red fox", "seed": 5, "width": 80, "height": 64, "output_format": "png", "enable_safety_checker": false}),
+        &[("x-kleingate-backend", "local")],
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let served = image::load_from_memory(&r.bytes().await.unwrap())
+        .unwrap()
+        .to_rgb8()
+        .into_raw();
+    let device = kleingate_local::device::by_name("cpu").unwrap();
+    let engine = |precision| {
+        let opts = LoadOptions {
+            precision,
+            text_encoder: TextEncoderMode::Offload,
+        };
+        let pipe = Pipeline::load_with(std::path::Path::new(PIPELINE), &device, opts).unwrap();
+        let req = Request {
+            prompts: vec!["a red fox".into()],
+            width: 80,
+            height: 64,
+            steps: 4,
+            guidance: 1.0,
+            cfg: false,
+            max_sequence_length: 64,
+            seed: 5,
+            init_noise: None,
+            references: vec![],
+            keep_intermediates: false,
+        };
+        let out = pipe.generate(&req, &mut |_, _| true).unwrap();
+        let v = out.images.into_data().try_to_vec::<f32>().unwrap();
+        kleingate_local::image_io::Rgb8::from_unit_floats(&v, 80, 64).data
+    };
+    assert_eq!(served, engine(Precision::Bf16));
+    assert_ne!(served, engine(Precision::F32));
+}

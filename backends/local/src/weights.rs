@@ -414,6 +414,53 @@ mod tests {
     }
 
     #[test]
+    fn tensors_are_made_in_the_store_precision() {
+        use burn::tensor::DType;
+        let dir = std::env::temp_dir().join(format!("kleingate-dtypes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // 1 + 2^-9 is not a bf16 value (8 significant bits): it rounds to 1 in bf16.
+        let vals = [1.5f32, 1.0 + 1.0 / 512.0, -3.0];
+        let bf16s: Vec<u8> = vals
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        let f32s: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
+        write(
+            &dir.join("m.safetensors"),
+            vec![
+                ("b", Dtype::BF16, vec![3], bf16s),
+                ("f", Dtype::F32, vec![3], f32s),
+            ],
+        );
+        let read = |p: Precision, name: &str| {
+            let w = WeightStore::open(&dir, "m", &Device::flex())
+                .unwrap()
+                .in_precision(p);
+            let t = w.tensor::<1>(name, [3]).unwrap();
+            assert_eq!(w.bytes_made(), 3 * p.size() as u64);
+            (
+                t.dtype(),
+                t.cast(burn::tensor::FloatDType::F32)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+            )
+        };
+        // bf16 as stored, value for value; f32 rounded once; f16 holds all three exactly.
+        assert_eq!(
+            read(Precision::Bf16, "b"),
+            (DType::BF16, vec![1.5, 1.0, -3.0])
+        );
+        assert_eq!(
+            read(Precision::Bf16, "f"),
+            (DType::BF16, vec![1.5, 1.0, -3.0])
+        );
+        assert_eq!(read(Precision::F16, "f"), (DType::F16, vals.to_vec()));
+        assert_eq!(read(Precision::F32, "f"), (DType::F32, vals.to_vec()));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn reads_sharded_checkpoints_through_their_index() {
         let dir = std::env::temp_dir().join(format!("kleingate-shards-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

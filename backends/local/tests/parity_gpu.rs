@@ -1,8 +1,9 @@
 //! The GPU code path: the tiny pipeline on burn's `wgpu` backend (WGSL through naga) or `vulkan`
 //! (CubeCL's SPIR-V), chosen by `KLEINGATE_TEST_DEVICE` (default `wgpu`), against the diffusers
 //! reference. Built only with those features; CI runs it on Mesa's lavapipe, a software Vulkan
-//! device (`.ci/run`), with the Khronos validation layer writing to a log this test reads: an
-//! invalid shader or API misuse fails the test instead of crashing a driver later.
+//! device (`.ci/run`), with the Khronos validation layer on (`KLEINGATE_TEST_VALIDATE=1`; see the
+//! workspace Cargo.toml for why wgpu's own debug flags stay off): every error it reports fails
+//! the test, so an invalid shader or API misuse fails here instead of crashing a driver later.
 //!
 //! Cases: text-to-image distilled, base with classifier-free guidance (batch 2), one-reference
 //! edit; in f32 and in f16 (lavapipe has no bf16 arithmetic). CubeCL's autotuner is set to its
@@ -14,7 +15,6 @@
 
 mod fixture;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use fixture::Case;
@@ -35,26 +35,60 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
     10.0 * (255.0f64 * 255.0 / mse).log10()
 }
 
-/// The validation layer's log, when `KLEINGATE_TEST_VALIDATE=1` (set before the device exists:
-/// the Vulkan loader reads these at instance creation).
-fn enable_validation() -> Option<PathBuf> {
+/// Collects the validation layer's errors that reach `log` (wgpu forwards the layer's messages
+/// there when its own validation flag is on).
+struct Errors(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Errors {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Error
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        let line = format!("{}: {}", r.target(), r.args());
+        if self.enabled(r.metadata()) && line.contains("Validation Error") {
+            eprintln!("{line}");
+            if let Ok(mut v) = self.0.lock() {
+                v.push(line);
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+static ERRORS: Errors = Errors(std::sync::Mutex::new(Vec::new()));
+
+const LAYER: &str = "/usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json";
+
+/// With `KLEINGATE_TEST_VALIDATE=1`: load the Khronos validation layer (it must be installed)
+/// and have it write its errors to a file; the Vulkan loader reads these variables when the
+/// device's instance is created, so this runs before. Returns the file.
+fn enable_validation() -> Option<std::path::PathBuf> {
     if std::env::var("KLEINGATE_TEST_VALIDATE").ok().as_deref() != Some("1") {
         return None;
     }
-    let log = std::env::temp_dir().join(format!(
-        "kleingate-vk-validation-{}.log",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&log);
-    std::env::set_var("VK_INSTANCE_LAYERS", "VK_LAYER_KHRONOS_validation");
-    std::env::set_var(
-        "VK_KHRONOS_VALIDATION_DEBUG_ACTION",
-        "VK_DBG_LAYER_ACTION_LOG_MSG",
+    assert!(
+        std::path::Path::new(LAYER).exists(),
+        "KLEINGATE_TEST_VALIDATE=1 but the Khronos validation layer is not installed ({LAYER}; Debian: vulkan-validationlayers)"
     );
-    std::env::set_var("VK_KHRONOS_VALIDATION_REPORT_FLAGS", "error");
-    std::env::set_var("VK_KHRONOS_VALIDATION_LOG_FILENAME", &log);
-    // CubeCL's own switch for its Vulkan runtime.
-    std::env::set_var("CUBECL_VULKAN_VALIDATE", "1");
+    // The layer's settings file (`vk_layer_settings.txt` in VK_LAYER_SETTINGS_PATH): the form
+    // every layer version reads (bookworm's 1.3.239 ignores the VK_KHRONOS_VALIDATION_* variables
+    // and prints to stdout, out of the test's reach).
+    let dir = std::env::temp_dir().join(format!("kleingate-vk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("validation.log");
+    let _ = std::fs::remove_file(&log);
+    std::fs::write(
+        dir.join("vk_layer_settings.txt"),
+        format!(
+            "khronos_validation.debug_action = VK_DBG_LAYER_ACTION_LOG_MSG\n\
+             khronos_validation.report_flags = error\n\
+             khronos_validation.log_filename = {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::env::set_var("VK_LAYER_SETTINGS_PATH", &dir);
+    std::env::set_var("VK_INSTANCE_LAYERS", "VK_LAYER_KHRONOS_validation");
     Some(log)
 }
 
@@ -65,6 +99,8 @@ fn gpu_pipeline_matches_the_reference() {
         std::env::set_var("CUBECL_AUTOTUNE_LEVEL", "minimal");
     }
     let validation = enable_validation();
+    let _ = log::set_logger(&ERRORS);
+    log::set_max_level(log::LevelFilter::Error);
     let device = kleingate_local::device::by_name(&name).unwrap();
     for precision in [Precision::F32, Precision::F16] {
         let pipe = Pipeline::load_in(&fixture::pipeline(), &device, precision).unwrap();
@@ -102,19 +138,22 @@ fn gpu_pipeline_matches_the_reference() {
             }
         }
     }
+    let mut errors = ERRORS.0.lock().map(|v| v.clone()).unwrap_or_default();
     if let Some(log) = validation {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let errors: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("Validation Error"))
-            .collect();
-        assert!(
-            errors.is_empty(),
-            "{} validation errors, first: {}",
-            errors.len(),
-            errors[0]
+        errors.extend(
+            text.lines()
+                .filter(|l| l.contains("Validation Error"))
+                .map(str::to_owned),
         );
-        eprintln!("validation layer: no errors ({} bytes of log)", text.len());
-        let _ = std::fs::remove_file(log);
+        if let Some(dir) = log.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+    assert!(
+        errors.is_empty(),
+        "{} validation errors, first: {}",
+        errors.len(),
+        errors[0]
+    );
 }
