@@ -224,28 +224,44 @@ fn print_comparison(a: &BenchArgs, r: &BenchReport, theirs: &serde_json::Value) 
 
 /// Weights held per model, and each stage's peak memory.
 fn print_memory(r: &BenchReport) {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let size = |b: u64| {
+        if b >= 1 << 30 {
+            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+        } else {
+            format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+        }
+    };
     let total: u64 = r.weight_bytes.iter().map(|(_, b)| b).sum();
+    let offload = r.text_encoder == kleingate_local::pipeline::TextEncoderMode::Offload;
     let parts: Vec<String> = r
         .weight_bytes
         .iter()
-        .map(|(n, b)| format!("{n} {:.2} GiB", gib(*b)))
+        .map(|(n, b)| {
+            let note = if offload && *n == "text encoder" {
+                " (offloaded: only during its stage)"
+            } else {
+                ""
+            };
+            format!("{n} {}{note}", size(*b))
+        })
         .collect();
     println!(
-        "weights on the device: {} (total {:.2} GiB)",
+        "weights on the device: {} (total {})",
         parts.join(", "),
-        gib(total)
+        size(total)
     );
     let peaks: Vec<String> = r
         .stages
         .iter()
-        .filter_map(|s| {
-            s.peak_bytes
-                .map(|b| format!("{} {:.2} GiB", s.name, gib(b)))
-        })
+        .filter_map(|s| s.peak_bytes.map(|b| format!("{} {}", s.name, size(b))))
         .collect();
     if !peaks.is_empty() {
-        println!("peak memory by stage: {}", peaks.join(", "));
+        let what = if r.peak_reserved_bytes.is_some() {
+            "device memory reserved"
+        } else {
+            "peak RSS"
+        };
+        println!("{what} by stage: {}", peaks.join(", "));
     }
 }
 
@@ -311,7 +327,7 @@ fn print_table(a: &BenchArgs, r: &BenchReport, with_reference: bool) {
             "peak device memory reserved: {:.2} GiB",
             b as f64 / (1u64 << 30) as f64
         ),
-        None => println!("peak device memory: not reported by this backend"),
+        None => println!("peak device memory: not reported by this backend (peak RSS below)"),
     }
     print_memory(r);
     if let Some(step) = r.stages.iter().find(|s| s.name == "transformer step") {

@@ -320,38 +320,43 @@ fn generate_edits_with_a_reference_image() {
 #[test]
 fn bench_engine_times_every_stage_on_random_weights() {
     let configs = &format!("{KLEIN_TINY}/pipeline");
-    let out = Command::new(env!("CARGO_BIN_EXE_kleingate"))
-        .args([
-            "bench-engine",
-            "--random-weights",
-            "--configs",
-            configs,
-            "--width",
-            "64",
-            "--height",
-            "48",
-            "--seq-len",
-            "32",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+            .args(["bench-engine", "--random-weights", "--configs", configs])
+            .args(["--width", "64", "--height", "48", "--seq-len", "32"])
+            .args(["--warmup", "0", "--iters", "1", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // bf16 with the text encoder offloaded: half the weight bytes of f32, model by model.
+    let f32 = bench(&[]);
+    let v = bench(&["--dtype", "bf16", "--text-encoder", "offload"]);
+    assert_eq!(
+        (f32["dtype"].as_str(), v["dtype"].as_str()),
+        (Some("f32"), Some("bf16"))
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for part in ["text encoder", "transformer", "VAE"] {
+        let (a, b) = (
+            f32["weight_bytes"][part].as_u64().unwrap(),
+            v["weight_bytes"][part].as_u64().unwrap(),
+        );
+        assert!(b > 0 && a == 2 * b, "{part}: f32 {a} bytes, bf16 {b}");
+    }
     let stages: Vec<&str> = v["stages"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| {
             assert!(s["median_ms"].as_f64().unwrap() > 0.0, "{s}");
+            // On the CPU: the stage's peak resident set.
+            assert!(s["peak_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
             s["stage"].as_str().unwrap()
         })
         .collect();

@@ -135,6 +135,8 @@ pub struct BenchReport {
     /// Bytes of weights each model holds on the device, in load order (text encoder,
     /// transformer, VAE).
     pub weight_bytes: Vec<(&'static str, u64)>,
+    /// Whether the text encoder was offloaded (its weights on the device during its stage only).
+    pub text_encoder: TextEncoderMode,
     /// Device memory the allocator held at its highest reading (sampled after each stage);
     /// `None` where the backend does not report it (the CPU backend).
     pub peak_reserved_bytes: Option<u64>,
@@ -159,15 +161,15 @@ struct Timer<'a> {
 
 impl Timer<'_> {
     /// The current memory reading (see [`Stage::peak_bytes`]), folded into the overall peak.
+    /// The overall peak follows the device allocator only (what `peak_reserved_bytes` means).
     fn sample_memory(&mut self) -> Option<u64> {
-        let now = match self.device.memory_pool_usage() {
-            Some(u) => Some(u.bytes_reserved),
+        match self.device.memory_pool_usage() {
+            Some(u) => {
+                self.peak = Some(self.peak.unwrap_or(0).max(u.bytes_reserved));
+                Some(u.bytes_reserved)
+            }
             None => peak_rss_bytes(),
-        };
-        if let Some(b) = now {
-            self.peak = Some(self.peak.unwrap_or(0).max(b));
         }
-        now
     }
 
     fn time(
@@ -318,6 +320,7 @@ pub fn run(
     Ok(BenchReport {
         stages,
         weight_bytes,
+        text_encoder: spec.text_encoder,
         peak_reserved_bytes: timer.peak,
         step_ops,
         load_time,
@@ -466,6 +469,7 @@ mod tests {
             let v = VaeConfig::load(&dir.join("vae/config.json")).unwrap();
             assert_eq!(4 * v.latent_channels, t.in_channels);
             assert_eq!(v.scale_factor(), 8);
+            let _ = std::fs::remove_dir_all(dir);
         }
         assert!(preset_dir("flux2-klein-7b").is_err());
     }
