@@ -357,8 +357,8 @@ mod tests {
 
     #[test]
     fn reads_bf16_f16_and_f32_and_names_every_failure() {
-        let dir = std::env::temp_dir().join(format!("kleingate-weights-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let f32s: Vec<u8> = [1.5f32, -2.0]
             .iter()
             .flat_map(|x| x.to_le_bytes())
@@ -381,7 +381,7 @@ mod tests {
                 ("d", Dtype::I64, vec![2], i64s),
             ],
         );
-        let w = WeightStore::open(&dir, "m", &Device::flex()).unwrap();
+        let w = WeightStore::open(dir, "m", &Device::flex()).unwrap();
         for (name, shape) in [("a", vec![2]), ("b", vec![2]), ("c", vec![1, 2])] {
             assert_eq!(w.values(name, &shape).unwrap(), vec![1.5, -2.0], "{name}");
         }
@@ -397,13 +397,13 @@ mod tests {
         assert!(e.contains("`d`") && e.contains("I64"), "{e}");
         let e = w.values("zz", &[2]).unwrap_err().to_string();
         assert!(e.contains("`zz`") && e.contains("missing"), "{e}");
-        let e = WeightStore::open(&dir, "nope", &Device::flex())
+        let e = WeightStore::open(dir, "nope", &Device::flex())
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("nope.safetensors"), "{e}");
         std::fs::write(dir.join("bad.safetensors"), b"garbage").unwrap();
-        let e = WeightStore::open(&dir, "bad", &Device::flex())
+        let e = WeightStore::open(dir, "bad", &Device::flex())
             .err()
             .unwrap()
             .to_string();
@@ -416,8 +416,8 @@ mod tests {
     #[test]
     fn tensors_are_made_in_the_store_precision() {
         use burn::tensor::DType;
-        let dir = std::env::temp_dir().join(format!("kleingate-dtypes-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         // 1 + 2^-9 is not a bf16 value (8 significant bits): it rounds to 1 in bf16.
         let vals = [1.5f32, 1.0 + 1.0 / 512.0, -3.0];
         let bf16s: Vec<u8> = vals
@@ -433,7 +433,7 @@ mod tests {
             ],
         );
         let read = |p: Precision, name: &str| {
-            let w = WeightStore::open(&dir, "m", &Device::flex())
+            let w = WeightStore::open(dir, "m", &Device::flex())
                 .unwrap()
                 .in_precision(p);
             let t = w.tensor::<1>(name, [3]).unwrap();
@@ -457,13 +457,12 @@ mod tests {
         );
         assert_eq!(read(Precision::F16, "f"), (DType::F16, vals.to_vec()));
         assert_eq!(read(Precision::F32, "f"), (DType::F32, vals.to_vec()));
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn reads_sharded_checkpoints_through_their_index() {
-        let dir = std::env::temp_dir().join(format!("kleingate-shards-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let one: Vec<u8> = 1f32.to_le_bytes().to_vec();
         let two: Vec<u8> = 2f32.to_le_bytes().to_vec();
         write(
@@ -479,7 +478,7 @@ mod tests {
             r#"{"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}"#,
         )
         .unwrap();
-        let w = WeightStore::open(&dir, "model", &Device::flex()).unwrap();
+        let w = WeightStore::open(dir, "model", &Device::flex()).unwrap();
         assert_eq!(w.values("x", &[1]).unwrap(), vec![1.0]);
         assert_eq!(w.values("y", &[1]).unwrap(), vec![2.0]);
     }

@@ -145,15 +145,18 @@ fn verdicts_match_the_reference() {
         .all(|v| !v.nsfw));
 }
 
-fn copy_fixture(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kleingate-nsfw-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
+/// A copy of the fixture in a temporary directory (removed when the handle drops).
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(&format!("kleingate-nsfw-{name}-"))
+        .tempdir()
+        .unwrap();
     for f in [
         "config.json",
         "preprocessor_config.json",
         "model.safetensors",
     ] {
-        std::fs::copy(dir().join(f), d.join(f)).unwrap();
+        std::fs::copy(dir().join(f), d.path().join(f)).unwrap();
     }
     d
 }
@@ -167,7 +170,8 @@ fn broken_checkpoints_are_errors_naming_what_is_wrong() {
     };
 
     // A config whose sizes do not match the weights names the mis-shaped tensor.
-    let d = copy_fixture("shape");
+    let tmp = copy_fixture("shape");
+    let d = tmp.path().to_path_buf();
     let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
     std::fs::write(
         d.join("config.json"),
@@ -181,13 +185,15 @@ fn broken_checkpoints_are_errors_naming_what_is_wrong() {
     );
 
     // No label the checker could call NSFW.
-    let d = copy_fixture("labels");
+    let tmp = copy_fixture("labels");
+    let d = tmp.path().to_path_buf();
     let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
     std::fs::write(d.join("config.json"), cfg.replace("\"nsfw\"", "\"cat\"")).unwrap();
     assert!(err(&d).contains("no NSFW label"));
 
     // A preprocessor size the model cannot take.
-    let d = copy_fixture("size");
+    let tmp = copy_fixture("size");
+    let d = tmp.path().to_path_buf();
     let pre = std::fs::read_to_string(d.join("preprocessor_config.json")).unwrap();
     std::fs::write(
         d.join("preprocessor_config.json"),
@@ -197,7 +203,8 @@ fn broken_checkpoints_are_errors_naming_what_is_wrong() {
     assert!(err(&d).contains("image_size"));
 
     // Missing weights name the file.
-    let d = copy_fixture("missing");
+    let tmp = copy_fixture("missing");
+    let d = tmp.path().to_path_buf();
     std::fs::remove_file(d.join("model.safetensors")).unwrap();
     assert!(err(&d).contains("model.safetensors"));
 }
