@@ -479,22 +479,17 @@ mod tests {
         let device = Device::flex();
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/data/klein-tiny/pipeline/transformer");
-        let a = crate::weights::WeightStore::open_from(
-            &dir,
-            "x",
-            Source::Random(1),
-            &device,
-            Precision::F32,
-        )
-        .unwrap();
-        let b = crate::weights::WeightStore::open_from(
-            &dir,
-            "x",
-            Source::Random(1),
-            &device,
-            Precision::F32,
-        )
-        .unwrap();
+        let store = || {
+            crate::weights::WeightStore::open_from(
+                &dir,
+                "x",
+                Source::Random(1),
+                &device,
+                Precision::F32,
+            )
+            .unwrap()
+        };
+        let (a, b) = (store(), store());
         let w = a.values("l.weight", &[256, 400]).unwrap();
         assert_eq!(w, b.values("l.weight", &[256, 400]).unwrap());
         assert_ne!(w, a.values("m.weight", &[256, 400]).unwrap());

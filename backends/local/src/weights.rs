@@ -240,45 +240,31 @@ impl WeightStore {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::BF16 => halves(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+            _ => halves(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
         })
     }
 
     /// `name` as tensor data in the store's precision: stored values of that dtype are taken
     /// as they are (no f32 copy of a bf16 checkpoint); other dtypes are rounded to it.
     fn data(&self, name: &str, shape: &[usize]) -> Result<TensorData, EngineError> {
-        let same = match (self.random, self.precision) {
-            (Some(_), _) => None,
-            (None, p) => {
-                let (bytes, dtype) = self.raw(name, shape)?;
-                match (dtype, p) {
-                    (Dtype::BF16, Precision::Bf16) => Some(TensorData::new(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                            .collect::<Vec<_>>(),
+        if self.random.is_none() {
+            let (bytes, dtype) = self.raw(name, shape)?;
+            match (dtype, self.precision) {
+                (Dtype::BF16, Precision::Bf16) => {
+                    return Ok(TensorData::new(
+                        halves(bytes, half::bf16::from_le_bytes),
                         shape.to_vec(),
-                    )),
-                    (Dtype::F16, Precision::F16) => Some(TensorData::new(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                            .collect::<Vec<_>>(),
-                        shape.to_vec(),
-                    )),
-                    _ => None,
+                    ))
                 }
+                (Dtype::F16, Precision::F16) => {
+                    return Ok(TensorData::new(
+                        halves(bytes, half::f16::from_le_bytes),
+                        shape.to_vec(),
+                    ))
+                }
+                _ => {}
             }
-        };
-        if let Some(d) = same {
-            return Ok(d);
         }
         let v = self.values(name, shape)?;
         Ok(match self.precision {
@@ -314,6 +300,11 @@ impl WeightStore {
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>, EngineError> {
         Ok(self.tensor(name, [d_out, d_in])?.transpose())
     }
+}
+
+/// Little-endian 2-byte values, each read by `f`.
+fn halves<T>(bytes: &[u8], f: impl Fn([u8; 2]) -> T) -> Vec<T> {
+    bytes.chunks_exact(2).map(|c| f([c[0], c[1]])).collect()
 }
 
 fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {

@@ -173,3 +173,28 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tol: f32) {
     );
     eprintln!("{what}: relative error {e:.3e} (tolerance {tol:.1e})");
 }
+
+/// PSNR in dB of two 8-bit images (infinite when equal).
+pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    if mse == 0.0 {
+        return f64::INFINITY;
+    }
+    10.0 * (255.0f64 * 255.0 / mse).log10()
+}
+
+/// Largest difference between two 8-bit images, in levels.
+pub fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}

@@ -17,23 +17,10 @@ mod fixture;
 
 use std::time::Instant;
 
-use fixture::Case;
+use fixture::{psnr, Case};
 use kleingate_local::image_io::Rgb8;
 use kleingate_local::pipeline::Pipeline;
 use kleingate_local::precision::Precision;
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    if mse == 0.0 {
-        return f64::INFINITY;
-    }
-    10.0 * (255.0f64 * 255.0 / mse).log10()
-}
 
 /// Collects the validation layer's errors that reach `log` (wgpu forwards the layer's messages
 /// there when its own validation flag is on).
@@ -117,13 +104,7 @@ fn gpu_pipeline_matches_the_reference() {
             let reference = image::open(fixture::root().join("cases").join(file))
                 .unwrap()
                 .to_rgb8();
-            let max = ours
-                .data
-                .iter()
-                .zip(reference.as_raw())
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
+            let max = fixture::max_level_diff(&ours.data, reference.as_raw());
             let p = psnr(&ours.data, reference.as_raw());
             eprintln!(
                 "{name} {precision} {case_name}: PSNR {p:.2} dB, max {max}/255 against the f32 reference ({:.1} s)",

@@ -120,13 +120,7 @@ fn text_to_image_matches_the_reference() {
                 (reference.width() as usize, reference.height() as usize),
                 (w, h)
             );
-            let max = ours
-                .data
-                .iter()
-                .zip(reference.as_raw())
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
+            let max = fixture::max_level_diff(&ours.data, reference.as_raw());
             assert!(max <= 2, "{name} image {bi}: PNG differs by {max}/255");
             eprintln!("{name} image {bi}: largest PNG difference {max}/255, float {worst:.2e}");
         }

@@ -9,27 +9,12 @@
 mod fixture;
 
 use burn::tensor::Device;
-use fixture::Case;
+use fixture::{psnr, Case};
 use kleingate_local::image_io::Rgb8;
 use kleingate_local::pipeline::{LoadOptions, Pipeline, TextEncoderMode};
 use kleingate_local::precision::Precision;
 use kleingate_local::schedule::{model_timestep, Schedule};
 use serde_json::Value;
-
-/// PSNR in dB of two 8-bit images.
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    if mse == 0.0 {
-        return f64::INFINITY;
-    }
-    10.0 * (255.0f64 * 255.0 / mse).log10()
-}
 
 /// Run `case` through `pipe` and return its images as 8-bit RGB, one per prompt.
 fn run(pipe: &Pipeline, case: &Case) -> Vec<Rgb8> {
