@@ -18,7 +18,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
@@ -26,7 +25,7 @@ use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -202,8 +201,7 @@ impl Gate for RateLimiter {
         self.rejected.with_label_values(&["rate_limited"]).inc();
         Admission::Refused(
             ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited,
                 format!(
                     "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
                     wait.as_secs_f64()
@@ -221,7 +219,7 @@ fn client_identity(req: &Request, client_header: &str) -> String {
     if let Some(p) = req.extensions().get::<Arc<Principal>>() {
         return format!("key:{}", p.name);
     }
-    if let Some(c) = crate::http::header_text(req.headers(), client_header) {
+    if let Some(c) = crate::headers::header_text(req.headers(), client_header) {
         return format!("client:{c}");
     }
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
@@ -345,9 +343,7 @@ impl Gate for Shedder {
             Err(_) => {
                 self.rejected.with_label_values(&["overloaded"]).inc();
                 Admission::Refused(
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
+                    ApiError::new(ErrorCode::Overloaded,
                         "the gateway is at its limit of requests in flight (admission.max_inflight); retry shortly",
                     )
                     .with_retry_after(Some(Duration::from_secs(1)))

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kleingate_protocol::Model;
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 pub const COOKIE: &str = "kleingate_key";
 
@@ -414,7 +414,7 @@ fn cookie_allowed(req: &Request) -> bool {
         return site == "same-origin" || (read && site == "none");
     }
     if text("origin").is_some() {
-        return !crate::ui::cross_site(req.headers());
+        return !crate::routes::ui::cross_site(req.headers());
     }
     read
 }
@@ -426,7 +426,7 @@ fn unauthorized(state: &crate::AppState, message: &str) -> Response {
         .rejected
         .with_label_values(&["unauthorized"])
         .inc();
-    let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    let mut r = ApiError::new(ErrorCode::Unauthorized, message).into_response();
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"kleingate\""),
@@ -496,8 +496,7 @@ pub async fn require_experiments(
                 .with_label_values(&["forbidden"])
                 .inc();
             ApiError::new(
-                StatusCode::FORBIDDEN,
-                "experiments_not_allowed",
+                ErrorCode::ExperimentsNotAllowed,
                 format!(
                     "key `{}` may not read experiments (its experiments is false)",
                     p.name

@@ -4,17 +4,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use kleingate_backend::BackendError;
 use kleingate_protocol::GenerateRequest;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::cache::CachedImage;
 use crate::circuit::CircuitState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::state::{AppState, BackendSlot};
 
-pub type DispatchError = ApiError;
+/// No candidate produced an image: the client's error, and the backend whose answer it is (for
+/// the request's metrics and record), if one answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DispatchError {
+    pub error: ApiError,
+    pub backend: Option<Arc<str>>,
+}
 
 /// Why a candidate was left behind without an answer (closed set, for the fallback metric).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,10 +188,12 @@ pub async fn dispatch(
                     BackendError::InvalidRequest { message, field } => (message, field),
                     _ => ("the backend refused the request".to_owned(), None),
                 };
-                let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-                    .with_backend(Some(slot.name.clone()));
-                err.field = field;
-                return Err(err);
+                let mut error = ApiError::new(ErrorCode::InvalidRequest, message);
+                error.field = field;
+                return Err(DispatchError {
+                    error,
+                    backend: Some(slot.name.clone()),
+                });
             }
             Err(e) => {
                 if e.trips_circuit() {
@@ -224,35 +231,35 @@ fn exhausted(
     retry: Option<Duration>,
     deadline: Instant,
     tried: usize,
-) -> ApiError {
+) -> DispatchError {
     if Instant::now() >= deadline {
-        return ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
+        let error = ApiError::new(
+            ErrorCode::Timeout,
             "the request deadline passed before any backend produced an image",
-        )
-        .with_backend(last.map(|(b, _)| b));
+        );
+        return DispatchError {
+            error,
+            backend: last.map(|(b, _)| b),
+        };
     }
     let Some((backend, e)) = last else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_backend_available",
+        let error = ApiError::new(ErrorCode::NoBackendAvailable,
             format!("all {tried} backends serving this model are unavailable (circuit open, busy or at their concurrency limit); try again later"),
         )
         .with_retry_after(retry);
+        return DispatchError {
+            error,
+            backend: None,
+        };
     };
-    let (status, code) = match &e {
-        BackendError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+    let code = match &e {
+        BackendError::Timeout(_) => ErrorCode::Timeout,
         BackendError::Unavailable { .. }
         | BackendError::Connect(_)
-        | BackendError::Unauthorized { .. } => {
-            (StatusCode::SERVICE_UNAVAILABLE, "no_backend_available")
-        }
-        BackendError::Upstream { .. } | BackendError::BadResponse(_) => {
-            (StatusCode::BAD_GATEWAY, "bad_gateway")
-        }
+        | BackendError::Unauthorized { .. } => ErrorCode::NoBackendAvailable,
+        BackendError::Upstream { .. } | BackendError::BadResponse(_) => ErrorCode::BadGateway,
         BackendError::Failed(_) | BackendError::InvalidRequest { .. } => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "generation_failed")
+            ErrorCode::GenerationFailed
         }
     };
     // The detail (an upstream's address, a resolver's or a loader's words, a path) stays in the
@@ -263,13 +270,16 @@ fn exhausted(
     } else {
         format!("backend `{backend}` {what}")
     };
-    ApiError::new(status, code, message)
-        .with_backend(Some(backend))
-        .with_retry_after(if status == StatusCode::SERVICE_UNAVAILABLE {
+    let error =
+        ApiError::new(code, message).with_retry_after(if code == ErrorCode::NoBackendAvailable {
             retry
         } else {
             None
-        })
+        });
+    DispatchError {
+        error,
+        backend: Some(backend),
+    }
 }
 
 /// What a client is told about a backend's failure: one fixed phrase per kind of error.

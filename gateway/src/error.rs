@@ -1,33 +1,35 @@
-//! The API's one error type and its JSON rendering.
+//! The API's one error type and its JSON rendering. The codes and their statuses are
+//! [`ErrorCode`] (in the protocol crate: they are the client contract); this adds the message,
+//! the field to blame and `Retry-After`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+pub use kleingate_protocol::ErrorCode;
 use kleingate_protocol::{ErrorBody, ErrorDetail, ValidationError};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub field: Option<String>,
     pub retry_after: Option<Duration>,
-    /// The backend whose answer this is, when one was involved.
-    pub backend: Option<Arc<str>>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
             code,
             message: message.into(),
             field: None,
             retry_after: None,
-            backend: None,
         }
+    }
+
+    /// The HTTP status: always the code's.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -40,39 +42,33 @@ impl ApiError {
         self
     }
 
-    pub fn with_backend(mut self, b: Option<Arc<str>>) -> Self {
-        self.backend = b;
-        self
-    }
-
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::new(ErrorCode::NotFound, message)
     }
 }
 
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
         ApiError {
-            status: StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
             code: e.code,
             message: e.message,
             field: e.field,
             retry_after: None,
-            backend: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let status = self.status();
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code.as_str().to_owned(),
                 message: self.message,
                 field: self.field,
             },
         };
-        let mut resp = (self.status, axum::Json(body)).into_response();
+        let mut resp = (status, axum::Json(body)).into_response();
         if let Some(d) = self.retry_after {
             // Round up: "retry after 0 s" would invite an immediate retry into the same wall.
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);

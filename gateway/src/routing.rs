@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use kleingate_protocol::GenerateRequest;
 use rand::Rng;
 
 use crate::auth::Principal;
 use crate::config::{Policy, SafetyPolicy};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::state::{AppState, BackendSlot};
 
 /// Candidates for `req`: the forced backend alone when the client named one (no fallback: the
@@ -34,8 +33,7 @@ pub fn candidates(
                 .filter(|n| principal.is_none_or(|p| p.allows_backend(n)))
                 .collect();
             ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "unknown_backend",
+                ErrorCode::UnknownBackend,
                 format!(
                     "X-Kleingate-Backend names `{name}`; configured backends: {}",
                     known.join(", ")
@@ -45,16 +43,13 @@ pub fn candidates(
         })?;
         if !slot.backend.serves(model) {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "backend_cannot_serve",
+                ErrorCode::BackendCannotServe,
                 format!("backend `{name}` does not serve `{model}`"),
             )
             .with_field("X-Kleingate-Backend"));
         }
         if need_checker && !slot.backend.checks_safety() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "safety_checker_unavailable",
+            return Err(ApiError::new(ErrorCode::SafetyCheckerUnavailable,
                 format!("backend `{name}` cannot run the safety checker; send \"enable_safety_checker\": false or let the gateway choose"),
             )
             .with_field("enable_safety_checker"));
@@ -64,17 +59,14 @@ pub fn candidates(
     let mut list: Vec<Arc<BackendSlot>> = state.serving(model).cloned().collect();
     if list.is_empty() {
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_backend",
+            ErrorCode::NoBackend,
             format!("no configured backend serves `{model}`"),
         ));
     }
     if need_checker {
         list.retain(|s| s.backend.checks_safety());
         if list.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_backend",
+            return Err(ApiError::new(ErrorCode::NoBackend,
                 format!("no backend serving `{model}` can run the safety checker; send \"enable_safety_checker\": false, or set routing.safety = \"skip\""),
             ));
         }
@@ -89,8 +81,7 @@ pub fn candidates(
         list.retain(|s| p.allows_backend(&s.name));
         if list.is_empty() {
             return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "backend_not_allowed",
+                ErrorCode::BackendNotAllowed,
                 format!(
                     "none of the backends key `{}` may use serves this request",
                     p.name

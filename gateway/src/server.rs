@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::http::router;
+use crate::routes::router;
 use crate::state::AppState;
 
 pub async fn serve(

@@ -18,9 +18,11 @@ use std::time::Instant;
 use kleingate_protocol::GenerateRequest;
 
 use crate::budget::Verdict;
+use crate::client::Client;
 use crate::dispatch::{dispatch, Patience};
+use crate::error::ErrorCode;
 use crate::experiments::{Record, Variant};
-use crate::http::{store_record, Client, ExperimentRun};
+use crate::generate::experiment::{store_record, ExperimentRun};
 use crate::routing::candidates;
 use crate::state::AppState;
 
@@ -87,7 +89,10 @@ pub(crate) fn start(
                 )
                 .await
             }
-            Err(e) => Err(e),
+            Err(error) => Err(crate::dispatch::DispatchError {
+                error,
+                backend: None,
+            }),
         };
         let (status, backend, cost, image) = match &served {
             Ok(s) => (
@@ -99,11 +104,11 @@ pub(crate) fn start(
                     s.image.bytes.to_vec(),
                 )),
             ),
-            Err(e) => (e.status.as_u16(), "none".to_owned(), 0.0, None),
+            Err(e) => (e.error.code.status(), "none".to_owned(), 0.0, None),
         };
         let outcome = match &served {
             Ok(_) => "ran",
-            Err(e) if e.code == "no_backend_available" => "no_capacity",
+            Err(e) if e.error.code == ErrorCode::NoBackendAvailable => "no_capacity",
             Err(_) => "failed",
         };
         count(&state, &experiment, outcome);

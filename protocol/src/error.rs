@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use crate::ErrorCode;
+
 /// The one error shape of the API: `{"error": {"code": "...", "message": "...", "field": "..."}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -14,13 +16,12 @@ pub struct ErrorDetail {
     pub field: Option<String>,
 }
 
-/// A request that breaks the rules. `status` is 400, except 404 for a model we do not know and
+/// A request that breaks the rules. Its status (its code's) is 400, except 404 for a model we do not know and
 /// 413 for a body part over its size limit.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct ValidationError {
-    pub status: u16,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub field: Option<String>,
     pub message: String,
 }
@@ -28,8 +29,7 @@ pub struct ValidationError {
 impl ValidationError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         ValidationError {
-            status: 400,
-            code: "invalid_request",
+            code: ErrorCode::InvalidRequest,
             field: Some(field.into()),
             message: message.into(),
         }
@@ -37,8 +37,7 @@ impl ValidationError {
 
     pub fn unknown_model(field: Option<&str>, given: &str) -> Self {
         ValidationError {
-            status: 404,
-            code: "unknown_model",
+            code: ErrorCode::UnknownModel,
             field: field.map(str::to_owned),
             message: format!(
                 "unknown model `{given}`; known models: {}",
@@ -49,17 +48,21 @@ impl ValidationError {
 
     pub fn too_large(field: impl Into<String>, message: impl Into<String>) -> Self {
         ValidationError {
-            status: 413,
-            code: "too_large",
+            code: ErrorCode::TooLarge,
             field: Some(field.into()),
             message: message.into(),
         }
     }
 
+    /// The HTTP status of this error (its code's).
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code.as_str().to_owned(),
                 message: self.message.clone(),
                 field: self.field.clone(),
             },

@@ -7,6 +7,7 @@
 
 mod cache_key;
 mod error;
+mod error_code;
 #[doc(hidden)]
 pub mod fuzz_checks;
 pub mod image_check;
@@ -16,6 +17,7 @@ mod response;
 
 pub use cache_key::{CacheKey, CACHE_KEY_VERSION};
 pub use error::{ErrorBody, ErrorDetail, ValidationError};
+pub use error_code::ErrorCode;
 pub use model::Model;
 pub use request::{GenerateRequest, InputImage, Limits, OutputFormat};
 pub use response::ImageJson;

@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::{Model, ValidationError};
+use crate::{ErrorCode, Model, ValidationError};
 
 /// Bounds we add on top of Verda's rules. All configurable; the defaults are DESIGN.md's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -185,15 +185,13 @@ impl GenerateRequest {
         limits: &Limits,
     ) -> Result<GenerateRequest, ValidationError> {
         let value: Value = serde_json::from_slice(body).map_err(|e| ValidationError {
-            status: 400,
-            code: "invalid_json",
+            code: ErrorCode::InvalidJson,
             field: None,
             message: format!("the body is not valid JSON: {e}"),
         })?;
         let Value::Object(obj) = value else {
             return Err(ValidationError {
-                status: 400,
-                code: "invalid_json",
+                code: ErrorCode::InvalidJson,
                 field: None,
                 message: "the body must be a JSON object".into(),
             });
@@ -607,7 +605,7 @@ mod tests {
 
     fn field_of(v: Value) -> (u16, Option<String>, String) {
         let e = parse(v).unwrap_err();
-        (e.status, e.field, e.message)
+        (e.status(), e.field, e.message)
     }
 
     #[test]
@@ -746,17 +744,17 @@ mod tests {
         );
         let e = GenerateRequest::from_json(b"[1,2]", None, Model::Klein4b, &Limits::default())
             .unwrap_err();
-        assert_eq!((e.status, e.code), (400, "invalid_json"));
+        assert_eq!((e.status(), e.code.as_str()), (400, "invalid_json"));
         let e =
             GenerateRequest::from_json(b"{\"prompt\":", None, Model::Klein4b, &Limits::default())
                 .unwrap_err();
-        assert_eq!((e.status, e.code), (400, "invalid_json"));
+        assert_eq!((e.status(), e.code.as_str()), (400, "invalid_json"));
     }
 
     #[test]
     fn model_field_and_path_must_agree() {
         let e = parse(json!({"model": "flux2-klein-99b", "prompt": "x"})).unwrap_err();
-        assert_eq!((e.status, e.code), (404, "unknown_model"));
+        assert_eq!((e.status(), e.code.as_str()), (404, "unknown_model"));
         let e = parse_for(
             Some(Model::Klein9b),
             json!({"model": "flux2-klein-4b", "prompt": "x"}),
@@ -829,7 +827,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            (e.status, e.field.as_deref()),
+            (e.status(), e.field.as_deref()),
             (413, Some("input_images[0]"))
         );
     }

@@ -150,8 +150,8 @@ fn error(status: StatusCode, code: &str, message: &str, field: Option<&str>) -> 
 }
 
 fn validation(e: ValidationError) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
-    error(status, e.code, &e.message, e.field.as_deref())
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    error(status, e.code.as_str(), &e.message, e.field.as_deref())
 }
 
 async fn generate(

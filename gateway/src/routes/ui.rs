@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::{Html, IntoResponse, Response};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 
 /// How many of the newest pairs the page shows.
@@ -45,12 +45,8 @@ pub async fn experiment_page(
     let pairs = match pairs {
         Ok(Some(Ok(p))) => p,
         _ => {
-            return ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "storage_failed",
-                "could not read the experiment",
-            )
-            .into_response()
+            return ApiError::new(ErrorCode::StorageFailed, "could not read the experiment")
+                .into_response()
         }
     };
     let exp = escape(&name);
@@ -172,8 +168,7 @@ pub async fn login(
 ) -> Response {
     if cross_site(&headers) {
         return ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "cross_site_login",
+            ErrorCode::CrossSiteLogin,
             "sign in from this gateway's own page",
         )
         .into_response();
@@ -195,12 +190,7 @@ pub async fn login(
             .rejected
             .with_label_values(&["unauthorized"])
             .inc();
-        return ApiError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the API key is not valid",
-        )
-        .into_response();
+        return ApiError::new(ErrorCode::Unauthorized, "the API key is not valid").into_response();
     }
     let mut resp = axum::response::Redirect::to(&target).into_response();
     // Behind a TLS-terminating proxy the cookie is marked Secure, so it never travels in clear.

@@ -1,0 +1,7 @@
+//! The commands that are not the server: each builds on the gateway library or the local engine
+//! and exits.
+
+pub mod bench_engine;
+pub mod check_config;
+pub mod generate;
+pub mod keys;

@@ -1,0 +1,64 @@
+//! Experiment data: `GET /v1/experiments/{name}` (results per variant) and
+//! `GET /v1/experiments/{name}/images/{id}` (a stored image, for the vote page).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+
+/// `GET /v1/experiments/{name}`: the variants and, per variant, count, mean score, latency, cost.
+pub(super) async fn results(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    let Some(cfg) = state.experiments.configs.get(&name).cloned() else {
+        return ApiError::not_found(format!("no experiment `{name}`")).into_response();
+    };
+    let st = state.clone();
+    let n = name.clone();
+    let results =
+        tokio::task::spawn_blocking(move || st.experiments.store.as_ref().map(|s| s.results(&n)))
+            .await;
+    match results {
+        Ok(Some(Ok(results))) => Json(json!({
+            "experiment": name,
+            "variants": cfg.variants,
+            "results": results,
+        }))
+        .into_response(),
+        _ => ApiError::new(ErrorCode::StorageFailed, "could not read the results").into_response(),
+    }
+}
+
+/// `GET /v1/experiments/{name}/images/{request_id}`: a stored image of an experiment with shadows.
+pub(super) async fn image(
+    State(state): State<Arc<AppState>>,
+    Path((name, id)): Path<(String, String)>,
+) -> Response {
+    if !state.experiments.configs.contains_key(&name) {
+        return ApiError::not_found(format!("no experiment `{name}`")).into_response();
+    }
+    let st = state.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        st.experiments.store.as_ref().map(|s| s.image(&name, &id))
+    })
+    .await;
+    match found {
+        Ok(Some(Ok(Some((content_type, bytes))))) => {
+            let mut r = Response::new(Body::from(bytes));
+            if let Ok(v) = HeaderValue::from_str(&content_type) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        Ok(Some(Ok(None))) => ApiError::not_found("no stored image with that id").into_response(),
+        _ => ApiError::new(ErrorCode::StorageFailed, "could not read the image").into_response(),
+    }
+}

@@ -1,0 +1,100 @@
+//! `POST /v1/feedback`: a vote on an experiment answer.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::json;
+
+use crate::auth::Principal;
+use crate::client::Client;
+use crate::error::{ApiError, ErrorCode};
+use crate::headers::require_json;
+use crate::state::AppState;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Feedback {
+    /// The answer's `X-Kleingate-Result-Id`.
+    #[serde(alias = "result_id")]
+    request_id: String,
+    #[serde(default)]
+    score: Option<f64>,
+    #[serde(default)]
+    thumbs: Option<String>,
+}
+
+/// `POST /v1/feedback {"request_id": "...", "score": 1-5}` or `{"request_id", "thumbs": "up"|"down"}`
+/// (up = 5, down = 1). One vote per result and voter: a later vote replaces the earlier one. The
+/// voter is the key's name, else (auth off) the client header `budget.header`, else one shared
+/// anonymous voter.
+pub(super) async fn feedback(
+    State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Arc<Principal>>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(e) = require_json(&headers) {
+        return e.into_response();
+    }
+    let voter = Client::identify(&state, principal.map(|e| e.0), &headers)
+        .key
+        .unwrap_or_else(|| "anonymous".to_owned());
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidRequest, m);
+    let f: Feedback = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return bad(format!("feedback must be {{\"request_id\": \"...\", \"score\": 1-5}} or {{\"request_id\": \"...\", \"thumbs\": \"up\"|\"down\"}}: {e}")).into_response(),
+    };
+    let score = match (f.score, f.thumbs.as_deref()) {
+        (Some(s), None) if (1.0..=5.0).contains(&s) => s,
+        (Some(s), None) => {
+            return bad(format!("`score` must be between 1 and 5; got {s}"))
+                .with_field("score")
+                .into_response()
+        }
+        (None, Some("up")) => 5.0,
+        (None, Some("down")) => 1.0,
+        (None, Some(t)) => {
+            return bad(format!("`thumbs` must be \"up\" or \"down\"; got `{t}`"))
+                .with_field("thumbs")
+                .into_response()
+        }
+        _ => return bad("give exactly one of `score` and `thumbs`".into()).into_response(),
+    };
+    if state.experiments.store.is_none() {
+        return ApiError::not_found("no experiments are configured").into_response();
+    }
+    let st = state.clone();
+    let id = f.request_id.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        st.experiments
+            .store
+            .as_ref()
+            .map(|s| s.feedback(&id, &voter, score))
+    })
+    .await;
+    match stored {
+        Ok(Some(Ok((experiment, variant, previous)))) => {
+            // Prometheus counts each voter's first vote on a result (counters cannot take a
+            // vote back); `GET /v1/experiments/{name}` reads the current votes from the store.
+            if previous.is_none() {
+                let m = &state.metrics;
+                m.experiment_feedback
+                    .with_label_values(&[&experiment, &variant])
+                    .inc();
+                m.experiment_score_sum
+                    .with_label_values(&[&experiment, &variant])
+                    .inc_by(score);
+            }
+            Json(json!({"request_id": f.request_id, "experiment": experiment, "variant": variant, "score": score})).into_response()
+        }
+        Ok(Some(Err(crate::experiments::StoreError::UnknownRequest(id)))) => {
+            ApiError::not_found(format!("no experiment request with id `{id}`")).into_response()
+        }
+        _ => {
+            ApiError::new(ErrorCode::StorageFailed, "could not store the feedback").into_response()
+        }
+    }
+}
