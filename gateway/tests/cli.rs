@@ -385,7 +385,7 @@ fn bench_engine_times_every_stage_on_random_weights() {
 /// `--compare-diffusers PYTHON` hands the diffusers script the same configs, shapes, threads,
 /// warm-up and iterations, and prints kleingate's time per stage as a ratio to theirs. PyTorch is
 /// a 4 GB install, too much for CI: an interpreter stand-in checks what it was given and answers
-/// as the script does (the real script is run by hand; README: The local engine).
+/// as the script does (the real script is run by hand; docs/engine.md).
 #[test]
 fn bench_engine_compares_with_diffusers_on_the_same_settings() {
     let dir = tempfile::tempdir().unwrap();

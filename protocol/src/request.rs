@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{ErrorCode, Model, ValidationError};
 
-/// Bounds we add on top of Verda's rules. All configurable; the defaults are DESIGN.md's.
+/// Bounds we add on top of Verda's rules. All configurable; the defaults are the API contract's (docs/architecture.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {

@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The JSON answer when a request sets `enable_base64_output`. Verda's exact field names are not
-/// known to us (DESIGN.md section 2), so this is kleingate's own documented shape; the Verda
+/// known to us (docs/architecture.md, API contract), so this is kleingate's own documented shape; the Verda
 /// client parses upstream answers tolerantly instead of relying on it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageJson {

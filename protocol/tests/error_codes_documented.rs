@@ -7,8 +7,13 @@ use kleingate_protocol::ErrorCode;
 fn docs_error_table_lists_every_code_with_its_status() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md");
     let doc = std::fs::read_to_string(path).expect("docs/api.md");
-    let mut lines = doc.lines().skip_while(|l| l.trim() != "| status | code | when |");
-    assert!(lines.next().is_some(), "no `| status | code | when |` table in docs/api.md");
+    let mut lines = doc
+        .lines()
+        .skip_while(|l| l.trim() != "| status | code | when |");
+    assert!(
+        lines.next().is_some(),
+        "no `| status | code | when |` table in docs/api.md"
+    );
     let rows: Vec<(u16, String)> = lines
         .skip(1) // the |---| line
         .take_while(|l| l.starts_with('|'))
@@ -37,5 +42,8 @@ fn docs_error_table_lists_every_code_with_its_status() {
             "`{code}` ({status}) is missing from docs/api.md's error table"
         );
     }
-    assert_eq!(rows, expected, "the table's order differs from ErrorCode::ALL");
+    assert_eq!(
+        rows, expected,
+        "the table's order differs from ErrorCode::ALL"
+    );
 }

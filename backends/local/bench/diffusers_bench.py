@@ -2,8 +2,8 @@
 shapes, dtype, threads, warm-up and iteration count, with random weights. Prints one JSON object:
 {"stages": {"text encoder": ms, ...}, "peak_memory_bytes": n, "versions": {...}}.
 
-Called by `kleingate bench-engine --compare-diffusers PYTHON` (see docs in the README's engine
-section); it can also be run alone:
+Called by `kleingate bench-engine --compare-diffusers PYTHON` (see docs/engine.md,
+side by side with diffusers); it can also be run alone:
 
     python3 diffusers_bench.py --configs backends/local/configs/cpu-mid --width 256 --height 256 \
         --seq-len 128 --threads 2 --device cpu --dtype f32 --warmup 1 --iters 3
