@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::cache::ImageCache;
 use crate::circuit::{CircuitBreaker, CircuitState};
-use crate::config::{BackendKind, Config};
+use crate::config::{Config, Kind};
 use crate::metrics::{EngineMetrics, Metrics};
 use kleingate_local::backend::{LocalBackend, LocalConfig};
 
@@ -238,27 +238,31 @@ impl AppState {
         ));
         let mut built: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         // One CPU thread pool per process, sized before any engine starts (validated to agree).
-        let threads = config.backends.values().find_map(|b| b.threads);
+        let threads = config
+            .backends
+            .values()
+            .find_map(|b| b.local().and_then(|l| l.threads));
         kleingate_local::device::set_cpu_threads(threads).map_err(|e| BuildError::Backend {
             name: "threads".into(),
             message: e.to_string(),
         })?;
         for (name, b) in &config.backends {
-            let backend: Arc<dyn Backend> = match b.kind {
-                BackendKind::Verda => {
-                    let api_key = std::env::var(&b.api_key_env).ok().filter(|k| !k.is_empty());
+            let c = &b.common;
+            let backend: Arc<dyn Backend> = match &b.kind {
+                Kind::Verda(v) => {
+                    let api_key = std::env::var(&v.api_key_env).ok().filter(|k| !k.is_empty());
                     if api_key.is_none() {
-                        tracing::warn!(backend = %name, env = %b.api_key_env, "no API key in the environment; requests go out without Authorization");
+                        tracing::warn!(backend = %name, env = %v.api_key_env, "no API key in the environment; requests go out without Authorization");
                     }
                     Arc::new(
                         VerdaBackend::new(VerdaConfig {
-                            base_url: b.base_url.clone().unwrap_or_default(),
+                            base_url: v.base_url.clone(),
                             api_key: api_key.map(ApiKey::new),
-                            models: b.models.clone(),
-                            connect_timeout: Duration::from_secs_f64(b.connect_timeout_secs),
-                            max_response_bytes: b.max_response_bytes,
-                            cost: b.cost.clone(),
-                            pool_max_idle: b.max_concurrency,
+                            models: c.models.clone(),
+                            connect_timeout: Duration::from_secs_f64(v.connect_timeout_secs),
+                            max_response_bytes: v.max_response_bytes,
+                            cost: c.cost.clone(),
+                            pool_max_idle: c.max_concurrency,
                         })
                         .map_err(|e| BuildError::Backend {
                             name: name.clone(),
@@ -266,37 +270,31 @@ impl AppState {
                         })?,
                     )
                 }
-                BackendKind::Local => Arc::new(LocalBackend::start(
+                Kind::Local(l) => Arc::new(LocalBackend::start(
                     LocalConfig {
-                        weights: b.weights.clone().unwrap_or_default(),
-                        device: b.device.clone().unwrap_or_else(|| "cpu".into()),
-                        precision: b.dtype.unwrap_or_else(|| {
-                            kleingate_local::precision::Precision::default_for(
-                                b.device.as_deref().unwrap_or("cpu"),
-                            )
-                        }),
-                        text_encoder: b.text_encoder.unwrap_or_default(),
-                        models: b.models.clone(),
-                        max_queue: b.max_queue.unwrap_or(16),
-                        max_batch: b.max_batch.unwrap_or(4),
-                        max_sequence_length: b.max_sequence_length.unwrap_or(512),
-                        safety_weights: b.safety_weights.clone(),
-                        safety_threshold: b.safety_threshold.unwrap_or(0.5),
+                        weights: l.weights.clone(),
+                        device: l.device.clone(),
+                        precision: l.precision(),
+                        text_encoder: l.text_encoder,
+                        models: c.models.clone(),
+                        max_queue: l.max_queue,
+                        max_batch: l.max_batch,
+                        max_sequence_length: l.max_sequence_length,
+                        safety_weights: l.safety_weights.clone(),
+                        safety_threshold: l.safety_threshold,
                         limits: config.limits.clone(),
-                        cost: b.cost.clone(),
+                        cost: c.cost.clone(),
                         fetcher: Some(fetcher.clone()),
                         reference_limits: {
                             let d = kleingate_local::reference::DecodeLimits::default();
                             kleingate_local::reference::DecodeLimits {
-                                max_pixels: b.max_reference_pixels.unwrap_or(d.max_pixels),
-                                max_decoded_bytes: b
+                                max_pixels: l.max_reference_pixels.unwrap_or(d.max_pixels),
+                                max_decoded_bytes: l
                                     .max_reference_decode_mib
                                     .map_or(d.max_decoded_bytes, |m| m.saturating_mul(1 << 20)),
                             }
                         },
-                        reference_timeout: Duration::from_secs_f64(
-                            b.reference_timeout_secs.unwrap_or(10.0),
-                        ),
+                        reference_timeout: l.reference_timeout(),
                     },
                     Arc::new(EngineMetrics::new(name, &metrics)),
                 )),
@@ -336,10 +334,12 @@ impl AppState {
                 &name,
                 b,
                 &config,
-                bc.max_concurrency,
-                Duration::from_secs_f64(bc.timeout_secs),
-                bc.weight,
-                bc.latency_objective_secs.map(Duration::from_secs_f64),
+                bc.common.max_concurrency,
+                Duration::from_secs_f64(bc.common.timeout_secs),
+                bc.common.weight,
+                bc.common
+                    .latency_objective_secs
+                    .map(Duration::from_secs_f64),
             )));
         }
         let by_name = backends

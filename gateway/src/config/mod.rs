@@ -6,9 +6,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use kleingate_backend::CostModel;
 use kleingate_protocol::{Limits, Model};
 use serde::{Deserialize, Serialize};
+
+mod backend;
+mod fields;
+
+pub use backend::{BackendConfig, Common, Kind, LocalSettings, VerdaSettings};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -209,113 +213,6 @@ impl Default for CircuitConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    Verda,
-    Local,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendConfig {
-    pub kind: BackendKind,
-    /// verda: the endpoint root; `/{model}/generate` is appended.
-    #[serde(default)]
-    pub base_url: Option<String>,
-    /// verda: the environment variable holding the bearer token. Unset variable = no token sent
-    /// (fine for another kleingate; Verda itself will answer 401 and the gateway falls back).
-    #[serde(default = "default_key_env")]
-    pub api_key_env: String,
-    #[serde(default = "all_models")]
-    pub models: Vec<Model>,
-    /// Per-attempt timeout (the request deadline still applies).
-    #[serde(default = "default_backend_timeout")]
-    pub timeout_secs: f64,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_secs: f64,
-    #[serde(default = "default_concurrency")]
-    pub max_concurrency: usize,
-    /// For `policy = "weighted"`; 0 = used only as a fallback.
-    #[serde(default = "default_weight")]
-    pub weight: u32,
-    #[serde(default = "default_max_response")]
-    pub max_response_bytes: usize,
-    #[serde(default)]
-    pub cost: CostModel,
-    /// local: weights directory or Hugging Face repo id.
-    #[serde(default)]
-    pub weights: Option<String>,
-    /// local: `vulkan`, `wgpu` or `cpu`.
-    #[serde(default)]
-    pub device: Option<String>,
-    /// local: bounded queue in front of the device (default 16).
-    #[serde(default)]
-    pub max_queue: Option<usize>,
-    /// local: most compatible requests run as one batch (default 4).
-    #[serde(default)]
-    pub max_batch: Option<usize>,
-    /// local: prompt tokens (default 512, as the reference pipeline).
-    #[serde(default)]
-    pub max_sequence_length: Option<usize>,
-    /// local: the safety checker, a ViT image classifier checkpoint (directory or Hugging Face
-    /// repo id, e.g. `Falconsai/nsfw_image_detection`). Without it the backend cannot check.
-    #[serde(default)]
-    pub safety_weights: Option<String>,
-    /// For `policy = "cost"`: the p95 latency (seconds) this backend must keep to be preferred.
-    #[serde(default)]
-    pub latency_objective_secs: Option<f64>,
-    /// local: NSFW probability from which an image is flagged (default 0.5).
-    #[serde(default)]
-    pub safety_threshold: Option<f32>,
-    /// local: largest `width * height` of one input image (16 MP by default; the model scales
-    /// references down to 1 MP, so larger ones only cost decoding).
-    #[serde(default)]
-    pub max_reference_pixels: Option<u64>,
-    /// local: what one request's input images may take decoded, in MiB (256 by default): the
-    /// sum of `width * height * bytes per pixel`, read from their headers before decoding.
-    #[serde(default)]
-    pub max_reference_decode_mib: Option<u64>,
-    /// local: longest one request's input images may take to decode (10 s by default).
-    #[serde(default)]
-    pub reference_timeout_secs: Option<f64>,
-    /// local, device `cpu`: threads of the CPU backend (default: one per core). One pool per
-    /// process: local backends that set it must agree.
-    #[serde(default)]
-    pub threads: Option<usize>,
-    /// local: the engine's compute dtype, `f32`, `bf16` or `f16` (default: bf16 on GPU devices,
-    /// f32 on `cpu`). Weights are held on the device in it.
-    #[serde(default)]
-    pub dtype: Option<kleingate_local::precision::Precision>,
-    /// local: `resident` (default) keeps the text encoder on the device; `offload` uploads it
-    /// for each batch's prompts and frees it before the transformer runs (klein 4B in bf16:
-    /// ~6 GB less device memory, one weight upload per batch).
-    #[serde(default)]
-    pub text_encoder: Option<kleingate_local::pipeline::TextEncoderMode>,
-}
-
-fn default_key_env() -> String {
-    "VERDA_API_KEY".into()
-}
-fn all_models() -> Vec<Model> {
-    Model::ALL.to_vec()
-}
-fn default_backend_timeout() -> f64 {
-    120.0
-}
-fn default_connect_timeout() -> f64 {
-    5.0
-}
-fn default_concurrency() -> usize {
-    64
-}
-fn default_weight() -> u32 {
-    1
-}
-fn default_max_response() -> usize {
-    32 * 1024 * 1024
-}
-
 /// The longest span of time any setting may hold.
 const MAX_SPAN_SECS: f64 = 86_400.0;
 
@@ -373,29 +270,6 @@ impl Config {
         }
         b.build()
     }
-
-    /// Top-level keys, the only first segments a `KLEINGATE_*` override may start with.
-    const TOP_LEVEL: [&'static str; 19] = [
-        "listen",
-        "default_model",
-        "request_timeout_secs",
-        "max_body_bytes",
-        "body_timeout_secs",
-        "header_timeout_secs",
-        "shutdown_grace_secs",
-        "shutdown_delay_secs",
-        "limits",
-        "cache",
-        "routing",
-        "circuit",
-        "backends",
-        "budget",
-        "experiments",
-        "storage",
-        "auth",
-        "admission",
-        "fetch",
-    ];
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -459,21 +333,26 @@ impl Config {
             return bad("cache.ttl_secs must be at most a year".into());
         }
         for (name, b) in &self.backends {
+            let c = &b.common;
             spans.push((
                 format!("backends.{name}.timeout_secs"),
-                b.timeout_secs,
+                c.timeout_secs,
                 false,
             ));
-            spans.push((
-                format!("backends.{name}.connect_timeout_secs"),
-                b.connect_timeout_secs,
-                false,
-            ));
-            if let Some(o) = b.latency_objective_secs {
+            if let Some(o) = c.latency_objective_secs {
                 spans.push((format!("backends.{name}.latency_objective_secs"), o, false));
             }
-            if let Some(t) = b.reference_timeout_secs {
-                spans.push((format!("backends.{name}.reference_timeout_secs"), t, false));
+            match &b.kind {
+                Kind::Verda(v) => spans.push((
+                    format!("backends.{name}.connect_timeout_secs"),
+                    v.connect_timeout_secs,
+                    false,
+                )),
+                Kind::Local(l) => spans.push((
+                    format!("backends.{name}.reference_timeout_secs"),
+                    l.reference_timeout_secs,
+                    false,
+                )),
             }
         }
         for (name, v, zero_ok) in spans {
@@ -511,77 +390,53 @@ impl Config {
             return bad("circuit.failure_threshold must be at least 1".into());
         }
         for (name, b) in &self.backends {
-            if b.models.is_empty() {
+            let c = &b.common;
+            if c.models.is_empty() {
                 return bad(format!("backends.{name}.models is empty"));
             }
-            if b.max_concurrency == 0 {
+            if c.max_concurrency == 0 {
                 return bad(format!(
                     "backends.{name}.max_concurrency must be at least 1"
                 ));
             }
-            if let Err(e) = b.cost.validate() {
+            if let Err(e) = c.cost.validate() {
                 return bad(format!("backends.{name}.cost: {e}"));
             }
-            if b.kind != BackendKind::Local && b.cost.gpu_hour_usd > 0.0 {
-                return bad(format!("backends.{name}.cost: gpu_hour_usd is for kind \"local\" (a verda backend is priced per image)"));
-            }
-            if b.kind == BackendKind::Verda && b.base_url.is_none() {
-                return bad(format!("backends.{name}: kind \"verda\" needs base_url"));
-            }
-            if b.kind == BackendKind::Local && b.weights.is_none() {
-                return bad(format!("backends.{name}: kind \"local\" needs weights (a directory or a Hugging Face repo id)"));
-            }
-            if b.max_queue == Some(0) || b.max_batch == Some(0) || b.max_sequence_length == Some(0)
-            {
+            let Kind::Local(l) = &b.kind else {
+                if c.cost.gpu_hour_usd > 0.0 {
+                    return bad(format!("backends.{name}.cost: gpu_hour_usd is for kind \"local\" (a verda backend is priced per image)"));
+                }
+                continue;
+            };
+            if l.max_queue == 0 || l.max_batch == 0 || l.max_sequence_length == 0 {
                 return bad(format!("backends.{name}: max_queue, max_batch and max_sequence_length must be at least 1"));
             }
-            if let Some(t) = b.safety_threshold {
-                if !(t > 0.0 && t <= 1.0) {
-                    return bad(format!(
-                        "backends.{name}: safety_threshold must be in (0, 1]; got {t}"
-                    ));
-                }
-            }
-            if b.threads == Some(0) {
-                return bad(format!("backends.{name}.threads must be at least 1"));
-            }
-            if b.kind != BackendKind::Local && b.threads.is_some() {
-                return bad(format!("backends.{name}: threads is for kind \"local\""));
-            }
-            if b.kind != BackendKind::Local && (b.dtype.is_some() || b.text_encoder.is_some()) {
+            if !(l.safety_threshold > 0.0 && l.safety_threshold <= 1.0) {
                 return bad(format!(
-                    "backends.{name}: dtype and text_encoder are for kind \"local\""
+                    "backends.{name}: safety_threshold must be in (0, 1]; got {}",
+                    l.safety_threshold
                 ));
             }
+            if l.threads == Some(0) {
+                return bad(format!("backends.{name}.threads must be at least 1"));
+            }
             if let (Some(t), Some((other, t2))) = (
-                b.threads,
+                l.threads,
                 self.backends.iter().find_map(|(n, o)| {
-                    o.threads
-                        .filter(|t2| Some(*t2) != b.threads)
+                    o.local()
+                        .and_then(|o| o.threads)
+                        .filter(|t2| Some(*t2) != l.threads)
                         .map(|t2| (n, t2))
                 }),
             ) {
                 return bad(format!("backends.{name}.threads = {t} but backends.{other}.threads = {t2}: the CPU thread pool is one per process"));
             }
-            if b.max_reference_pixels == Some(0) || b.max_reference_decode_mib == Some(0) {
+            if l.max_reference_pixels == Some(0) || l.max_reference_decode_mib == Some(0) {
                 return bad(format!("backends.{name}: max_reference_pixels and max_reference_decode_mib must be at least 1"));
             }
-            if b.kind != BackendKind::Local
-                && (b.max_reference_pixels.is_some()
-                    || b.max_reference_decode_mib.is_some()
-                    || b.reference_timeout_secs.is_some())
-            {
-                return bad(format!("backends.{name}: max_reference_pixels, max_reference_decode_mib and reference_timeout_secs are for kind \"local\" (Verda decodes input images itself)"));
-            }
-            if b.kind != BackendKind::Local
-                && (b.safety_weights.is_some() || b.safety_threshold.is_some())
-            {
-                return bad(format!(
-                    "backends.{name}: safety_weights and safety_threshold are for kind \"local\""
-                ));
-            }
         }
-        if self.routing.policy == Policy::Weighted && self.backends.values().all(|b| b.weight == 0)
+        if self.routing.policy == Policy::Weighted
+            && self.backends.values().all(|b| b.common.weight == 0)
         {
             return bad("policy \"weighted\" needs at least one backend with weight > 0".into());
         }
@@ -600,7 +455,8 @@ impl Config {
     }
 }
 
-/// Keep the `KLEINGATE_*` variables that address a config key. Others that merely share the
+/// Keep the `KLEINGATE_*` variables that address a config key (their first segment is one of
+/// `Config`'s fields, read from the type). Others that merely share the
 /// prefix (a deployment's `KLEINGATE_VERDA_TOKEN` secret, say) are not config and must not fail
 /// start-up; a typo *inside* a section (`KLEINGATE_CACHE__TTL_SEC`) still does.
 fn relevant_env(
@@ -612,7 +468,7 @@ fn relevant_env(
                 return false;
             };
             let first = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
-            Config::TOP_LEVEL.contains(&first.as_str())
+            fields::of::<Config>().contains(&first.as_str())
         })
         .collect()
 }
@@ -691,11 +547,51 @@ mod tests {
         assert_eq!(cfg.cache.ttl_secs, 60);
         assert_eq!(cfg.routing.order, ["other", "verda"]);
         assert_eq!(
-            cfg.backends["other"].models,
+            cfg.backends["other"].common.models,
             [Model::Klein9b, Model::KleinBase9b]
         );
         assert_eq!(cfg.default_model, Model::Klein9b);
         assert_eq!(cfg.backend_order(), ["other", "verda"]);
+    }
+
+    /// Overrides reach every section and each backend kind's own keys: the variables kept are
+    /// decided by `Config`'s fields, not by a list kept by hand.
+    #[test]
+    fn every_section_and_kind_key_can_be_overridden() {
+        let f = file("[backends.l]\nkind = \"local\"\nweights = \"/w\"\n");
+        let mut env = HashMap::from([
+            ("KLEINGATE_FETCH__TIMEOUT_SECS".to_owned(), "3".to_owned()),
+            ("KLEINGATE_BACKENDS__L__DTYPE".to_owned(), "bf16".to_owned()),
+            (
+                "KLEINGATE_BACKENDS__L__MAX_BATCH".to_owned(),
+                "2".to_owned(),
+            ),
+        ]);
+        for field in fields::of::<Config>() {
+            // Each top-level key is addressable: an unknown key under it is an error naming it.
+            env.insert(
+                format!("KLEINGATE_{}__NO_SUCH_KEY", field.to_ascii_uppercase()),
+                "1".to_owned(),
+            );
+            let e = Config::load_with_env(Some(f.path()), Some(env.clone()));
+            env.retain(|k, _| !k.ends_with("__NO_SUCH_KEY"));
+            // A scalar key cannot hold a table, a map of backends/experiments takes any name:
+            // either way the variable was read, which is what this checks.
+            let read = match &e {
+                Err(e) => e.to_string().contains("no_such_key") || e.to_string().contains(*field),
+                Ok(_) => false,
+            };
+            assert!(
+                read,
+                "KLEINGATE_{}__... was not read: {e:?}",
+                field.to_ascii_uppercase()
+            );
+        }
+        let cfg = Config::load_with_env(Some(f.path()), Some(env)).unwrap();
+        assert_eq!(cfg.fetch.timeout_secs, 3.0);
+        let l = cfg.backends["l"].local().unwrap();
+        assert_eq!(l.dtype, Some(kleingate_local::precision::Precision::Bf16));
+        assert_eq!(l.max_batch, 2);
     }
 
     #[test]
@@ -704,11 +600,11 @@ mod tests {
             "[backends.l]\nkind = \"local\"\nweights = \"/w\"\ndtype = \"f16\"\ntext_encoder = \"offload\"\n",
         );
         let cfg = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap();
-        let b = &cfg.backends["l"];
+        let b = cfg.backends["l"].local().unwrap();
         assert_eq!(b.dtype, Some(kleingate_local::precision::Precision::F16));
         assert_eq!(
             b.text_encoder,
-            Some(kleingate_local::pipeline::TextEncoderMode::Offload)
+            kleingate_local::pipeline::TextEncoderMode::Offload
         );
     }
 

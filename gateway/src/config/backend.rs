@@ -1,0 +1,243 @@
+//! One `[backends.NAME]` table: what every kind shares ([`Common`]) and its kind's own settings
+//! ([`Kind`], tagged by `kind`), each with its defaults. A key of another kind is an error that
+//! names the kind it belongs to; an unknown key is an error.
+
+use std::time::Duration;
+
+use kleingate_backend::CostModel;
+use kleingate_local::pipeline::TextEncoderMode;
+use kleingate_local::precision::Precision;
+use kleingate_protocol::Model;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::fields;
+
+/// A backend's settings.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendConfig {
+    #[serde(flatten)]
+    pub common: Common,
+    #[serde(flatten)]
+    pub kind: Kind,
+}
+
+/// What every kind of backend has.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Common {
+    #[serde(default = "all_models")]
+    pub models: Vec<Model>,
+    /// Per-attempt timeout (the request deadline still applies).
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_secs: f64,
+    /// Requests in flight to it at once; the rest wait or go elsewhere.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: usize,
+    /// For `policy = "weighted"`; 0 = used only as a fallback.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub cost: CostModel,
+    /// For `policy = "cost"`: the p95 latency (seconds) this backend must keep to be preferred.
+    #[serde(default)]
+    pub latency_objective_secs: Option<f64>,
+}
+
+/// The kind of backend and its own settings.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Kind {
+    /// A Verda-compatible HTTP endpoint: Verda itself, or another kleingate (a GPU worker).
+    Verda(VerdaSettings),
+    /// The local engine.
+    Local(LocalSettings),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdaSettings {
+    /// The endpoint root; `/{model}/generate` is appended.
+    pub base_url: String,
+    /// The environment variable holding the bearer token. Unset variable = no token sent (fine
+    /// for another kleingate; Verda itself will answer 401 and the gateway falls back).
+    #[serde(default = "default_key_env")]
+    pub api_key_env: String,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: f64,
+    /// Larger answers are refused (502): an upstream must not fill the gateway's memory.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSettings {
+    /// Weights directory or Hugging Face repo id.
+    pub weights: String,
+    /// `vulkan`, `wgpu` or `cpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Bounded queue in front of the device.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Most compatible requests run as one batch.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Prompt tokens (512, as the reference pipeline).
+    #[serde(default = "default_max_sequence_length")]
+    pub max_sequence_length: usize,
+    /// The safety checker, a ViT image classifier checkpoint (directory or Hugging Face repo
+    /// id, e.g. `Falconsai/nsfw_image_detection`). Without it the backend cannot check.
+    #[serde(default)]
+    pub safety_weights: Option<String>,
+    /// NSFW probability from which an image is flagged.
+    #[serde(default = "default_safety_threshold")]
+    pub safety_threshold: f32,
+    /// Largest `width * height` of one input image (16 MP by default; the model scales
+    /// references down to 1 MP, so larger ones only cost decoding).
+    #[serde(default)]
+    pub max_reference_pixels: Option<u64>,
+    /// What one request's input images may take decoded, in MiB (256 by default): the sum of
+    /// `width * height * bytes per pixel`, read from their headers before decoding.
+    #[serde(default)]
+    pub max_reference_decode_mib: Option<u64>,
+    /// Longest one request's input images may take to decode.
+    #[serde(default = "default_reference_timeout")]
+    pub reference_timeout_secs: f64,
+    /// Device `cpu`: threads of the CPU backend (default: one per core). One pool per process:
+    /// local backends that set it must agree.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// The engine's compute dtype, `f32`, `bf16` or `f16` (default: bf16 on GPU devices, f32 on
+    /// `cpu`). Weights are held on the device in it.
+    #[serde(default)]
+    pub dtype: Option<Precision>,
+    /// `resident` (default) keeps the text encoder on the device; `offload` uploads it for each
+    /// batch's prompts and frees it before the transformer runs (klein 4B in bf16: ~6 GB less
+    /// device memory, one weight upload per batch).
+    #[serde(default)]
+    pub text_encoder: TextEncoderMode,
+}
+
+impl LocalSettings {
+    /// The compute dtype: the configured one, else the device's default.
+    pub fn precision(&self) -> Precision {
+        self.dtype
+            .unwrap_or_else(|| Precision::default_for(&self.device))
+    }
+
+    pub fn reference_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.reference_timeout_secs)
+    }
+}
+
+impl BackendConfig {
+    pub fn local(&self) -> Option<&LocalSettings> {
+        match &self.kind {
+            Kind::Local(l) => Some(l),
+            Kind::Verda(_) => None,
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            Kind::Verda(_) => "verda",
+            Kind::Local(_) => "local",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut table = toml::Table::deserialize(d)?;
+        let kind = match table.remove("kind") {
+            Some(toml::Value::String(k)) => k,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "`kind` must be \"verda\" or \"local\"; got {other}"
+                )))
+            }
+            None => return Err(D::Error::missing_field("kind")),
+        };
+        let mut common = toml::Table::new();
+        for f in fields::of::<Common>() {
+            if let Some(v) = table.remove(*f) {
+                common.insert((*f).to_owned(), v);
+            }
+        }
+        let common = Common::deserialize(toml::Value::Table(common)).map_err(D::Error::custom)?;
+        let verda = fields::of::<VerdaSettings>();
+        let local = fields::of::<LocalSettings>();
+        let (own, other, other_name) = match kind.as_str() {
+            "verda" => (verda, local, "local"),
+            "local" => (local, verda, "verda"),
+            k => {
+                return Err(D::Error::custom(format!(
+                    "unknown backend kind `{k}`; kinds: \"verda\", \"local\""
+                )))
+            }
+        };
+        // A key of the other kind: say whose it is (a local setting on a Verda backend is a
+        // misunderstanding, not a typo).
+        let mut foreign: Vec<&str> = table
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !own.contains(k) && other.contains(k))
+            .collect();
+        foreign.sort_unstable();
+        if !foreign.is_empty() {
+            return Err(D::Error::custom(format!(
+                "{} {} for kind \"{other_name}\"",
+                foreign.join(", "),
+                if foreign.len() == 1 { "is" } else { "are" }
+            )));
+        }
+        let rest = toml::Value::Table(table);
+        let kind = match kind.as_str() {
+            "verda" => Kind::Verda(VerdaSettings::deserialize(rest).map_err(D::Error::custom)?),
+            _ => Kind::Local(LocalSettings::deserialize(rest).map_err(D::Error::custom)?),
+        };
+        Ok(BackendConfig { common, kind })
+    }
+}
+
+fn default_key_env() -> String {
+    "VERDA_API_KEY".into()
+}
+fn all_models() -> Vec<Model> {
+    Model::ALL.to_vec()
+}
+fn default_backend_timeout() -> f64 {
+    120.0
+}
+fn default_connect_timeout() -> f64 {
+    5.0
+}
+fn default_concurrency() -> usize {
+    64
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_max_response() -> usize {
+    32 * 1024 * 1024
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_max_queue() -> usize {
+    16
+}
+fn default_max_batch() -> usize {
+    4
+}
+fn default_max_sequence_length() -> usize {
+    512
+}
+fn default_safety_threshold() -> f32 {
+    0.5
+}
+fn default_reference_timeout() -> f64 {
+    10.0
+}
