@@ -25,8 +25,10 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    #[cfg(feature = "local")]
     /// Generate one image with the local engine (no gateway, no network unless weights are a repo id).
     Generate(cli::generate::GenerateArgs),
+    #[cfg(feature = "local")]
     /// Time the local engine's stages (text encoder, transformer step, CFG step, VAE decode and
     /// encode, a whole distilled image) and print them beside the diffusers reference figures.
     BenchEngine(cli::bench_engine::BenchArgs),
@@ -78,7 +80,9 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        #[cfg(feature = "local")]
         Command::Generate(args) => cli::generate::run(args),
+        #[cfg(feature = "local")]
         Command::BenchEngine(args) => cli::bench_engine::run(args),
         Command::Keys { action } => cli::keys::run(action),
         Command::CheckConfig { config } => cli::check_config::run(&config),

@@ -360,6 +360,7 @@ impl Drop for InflightGuard {
     }
 }
 
+#[cfg(feature = "local")]
 /// The local engine's reports, as Prometheus metrics labelled with the backend's name.
 pub struct EngineMetrics {
     pub backend: String,
@@ -369,6 +370,7 @@ pub struct EngineMetrics {
     pub images: IntCounterVec,
 }
 
+#[cfg(feature = "local")]
 impl EngineMetrics {
     pub fn new(backend: &str, m: &Metrics) -> Self {
         EngineMetrics {
@@ -381,6 +383,7 @@ impl EngineMetrics {
     }
 }
 
+#[cfg(feature = "local")]
 impl kleingate_local::backend::EngineObserver for EngineMetrics {
     fn queue_depth(&self, depth: usize) {
         self.queue_depth

@@ -14,7 +14,10 @@ use tokio::sync::Semaphore;
 use crate::cache::ImageCache;
 use crate::circuit::{CircuitBreaker, CircuitState};
 use crate::config::{Config, Kind};
-use crate::metrics::{EngineMetrics, Metrics};
+#[cfg(feature = "local")]
+use crate::metrics::EngineMetrics;
+use crate::metrics::Metrics;
+#[cfg(feature = "local")]
 use kleingate_local::backend::{LocalBackend, LocalConfig};
 
 /// One configured backend and the gateway's bookkeeping around it.
@@ -236,12 +239,18 @@ impl AppState {
         let fetcher = kleingate_backend::SharedFetcher(Arc::new(
             crate::fetch::SafeFetcher::new(config.fetch.clone()).map_err(BuildError::Fetch)?,
         ));
+        // Built (its settings checked) in every build; only the local engine fetches input
+        // images by URL.
+        #[cfg(not(feature = "local"))]
+        drop(fetcher);
         let mut built: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         // One CPU thread pool per process, sized before any engine starts (validated to agree).
+        #[cfg(feature = "local")]
         let threads = config
             .backends
             .values()
             .find_map(|b| b.local().and_then(|l| l.threads));
+        #[cfg(feature = "local")]
         kleingate_local::device::set_cpu_threads(threads).map_err(|e| BuildError::Backend {
             name: "threads".into(),
             message: e.to_string(),
@@ -270,6 +279,7 @@ impl AppState {
                         })?,
                     )
                 }
+                #[cfg(feature = "local")]
                 Kind::Local(l) => Arc::new(LocalBackend::start(
                     LocalConfig {
                         weights: l.weights.clone(),

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// The tiny reference pipeline and its recorded cases.
+#[cfg(feature = "local")]
 const KLEIN_TINY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../backends/local/tests/data/klein-tiny"
@@ -103,6 +104,7 @@ fn a_bad_config_fails_at_start_up_naming_the_problem() {
 
 /// `kleingate generate` end to end on the tiny reference pipeline: the PNG it writes from the
 /// recorded initial noise equals the reference's PNG within 2/255.
+#[cfg(feature = "local")]
 #[test]
 fn generate_reproduces_the_reference_image() {
     let fixtures = KLEIN_TINY;
@@ -194,6 +196,7 @@ fn generate_reproduces_the_reference_image() {
 }
 
 /// Broken checkpoints fail with the file and tensor named.
+#[cfg(feature = "local")]
 #[test]
 fn generate_names_the_broken_weight() {
     let fixtures = &format!("{KLEIN_TINY}/pipeline");
@@ -266,6 +269,7 @@ fn generate_names_the_broken_weight() {
 
 /// Editing from the command line: the size comes from the reference, and the image equals the
 /// reference pipeline's within 2/255.
+#[cfg(feature = "local")]
 #[test]
 fn generate_edits_with_a_reference_image() {
     let fixtures = KLEIN_TINY;
@@ -317,6 +321,7 @@ fn generate_edits_with_a_reference_image() {
     assert!(worst <= 2, "differs by {worst}/255");
 }
 
+#[cfg(feature = "local")]
 #[test]
 fn bench_engine_times_every_stage_on_random_weights() {
     let configs = &format!("{KLEIN_TINY}/pipeline");
@@ -386,6 +391,7 @@ fn bench_engine_times_every_stage_on_random_weights() {
 /// warm-up and iterations, and prints kleingate's time per stage as a ratio to theirs. PyTorch is
 /// a 4 GB install, too much for CI: an interpreter stand-in checks what it was given and answers
 /// as the script does (the real script is run by hand; docs/engine.md).
+#[cfg(feature = "local")]
 #[test]
 fn bench_engine_compares_with_diffusers_on_the_same_settings() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,10 +2,13 @@
 //! ([`Kind`], tagged by `kind`), each with its defaults. A key of another kind is an error that
 //! names the kind it belongs to; an unknown key is an error.
 
+#[cfg(feature = "local")]
 use std::time::Duration;
 
 use kleingate_backend::CostModel;
+#[cfg(feature = "local")]
 use kleingate_local::pipeline::TextEncoderMode;
+#[cfg(feature = "local")]
 use kleingate_local::precision::Precision;
 use kleingate_protocol::Model;
 use serde::de::Error as _;
@@ -51,6 +54,7 @@ pub enum Kind {
     /// A Verda-compatible HTTP endpoint: Verda itself, or another kleingate (a GPU worker).
     Verda(VerdaSettings),
     /// The local engine.
+    #[cfg(feature = "local")]
     Local(LocalSettings),
 }
 
@@ -70,6 +74,7 @@ pub struct VerdaSettings {
     pub max_response_bytes: usize,
 }
 
+#[cfg(feature = "local")]
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalSettings {
@@ -120,7 +125,27 @@ pub struct LocalSettings {
     pub text_encoder: TextEncoderMode,
 }
 
+#[cfg(feature = "local")]
 impl LocalSettings {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_queue == 0 || self.max_batch == 0 || self.max_sequence_length == 0 {
+            return Err(": max_queue, max_batch and max_sequence_length must be at least 1".into());
+        }
+        let t = self.safety_threshold;
+        if !(t > 0.0 && t <= 1.0) {
+            return Err(format!(": safety_threshold must be in (0, 1]; got {t}"));
+        }
+        if self.threads == Some(0) {
+            return Err(".threads must be at least 1".into());
+        }
+        if self.max_reference_pixels == Some(0) || self.max_reference_decode_mib == Some(0) {
+            return Err(
+                ": max_reference_pixels and max_reference_decode_mib must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The compute dtype: the configured one, else the device's default.
     pub fn precision(&self) -> Precision {
         self.dtype
@@ -133,17 +158,33 @@ impl LocalSettings {
 }
 
 impl BackendConfig {
+    /// The rules serde cannot state. An error starts with the key it is about (`.threads ...`)
+    /// or `: `, so that the caller can put `backends.NAME` in front.
+    pub(super) fn validate(&self) -> Result<(), String> {
+        let c = &self.common;
+        if c.models.is_empty() {
+            return Err(".models is empty".into());
+        }
+        if c.max_concurrency == 0 {
+            return Err(".max_concurrency must be at least 1".into());
+        }
+        c.cost.validate().map_err(|e| format!(".cost: {e}"))?;
+        match &self.kind {
+            Kind::Verda(_) if c.cost.gpu_hour_usd > 0.0 => Err(
+                ".cost: gpu_hour_usd is for kind \"local\" (a verda backend is priced per image)"
+                    .into(),
+            ),
+            Kind::Verda(_) => Ok(()),
+            #[cfg(feature = "local")]
+            Kind::Local(l) => l.validate(),
+        }
+    }
+
+    #[cfg(feature = "local")]
     pub fn local(&self) -> Option<&LocalSettings> {
         match &self.kind {
             Kind::Local(l) => Some(l),
             Kind::Verda(_) => None,
-        }
-    }
-
-    pub fn kind_name(&self) -> &'static str {
-        match &self.kind {
-            Kind::Verda(_) => "verda",
-            Kind::Local(_) => "local",
         }
     }
 }
@@ -168,10 +209,20 @@ impl<'de> Deserialize<'de> for BackendConfig {
         }
         let common = Common::deserialize(toml::Value::Table(common)).map_err(D::Error::custom)?;
         let verda = fields::of::<VerdaSettings>();
+        #[cfg(feature = "local")]
         let local = fields::of::<LocalSettings>();
+        #[cfg(not(feature = "local"))]
+        let local: &[&str] = &[];
         let (own, other, other_name) = match kind.as_str() {
             "verda" => (verda, local, "local"),
+            #[cfg(feature = "local")]
             "local" => (local, verda, "verda"),
+            #[cfg(not(feature = "local"))]
+            "local" => {
+                return Err(D::Error::custom(
+                    "kind \"local\" needs the local engine, which this build of kleingate leaves out (built without the `local` feature)",
+                ))
+            }
             k => {
                 return Err(D::Error::custom(format!(
                     "unknown backend kind `{k}`; kinds: \"verda\", \"local\""
@@ -195,8 +246,9 @@ impl<'de> Deserialize<'de> for BackendConfig {
         }
         let rest = toml::Value::Table(table);
         let kind = match kind.as_str() {
-            "verda" => Kind::Verda(VerdaSettings::deserialize(rest).map_err(D::Error::custom)?),
-            _ => Kind::Local(LocalSettings::deserialize(rest).map_err(D::Error::custom)?),
+            #[cfg(feature = "local")]
+            "local" => Kind::Local(LocalSettings::deserialize(rest).map_err(D::Error::custom)?),
+            _ => Kind::Verda(VerdaSettings::deserialize(rest).map_err(D::Error::custom)?),
         };
         Ok(BackendConfig { common, kind })
     }
@@ -223,21 +275,27 @@ fn default_weight() -> u32 {
 fn default_max_response() -> usize {
     32 * 1024 * 1024
 }
+#[cfg(feature = "local")]
 fn default_device() -> String {
     "cpu".into()
 }
+#[cfg(feature = "local")]
 fn default_max_queue() -> usize {
     16
 }
+#[cfg(feature = "local")]
 fn default_max_batch() -> usize {
     4
 }
+#[cfg(feature = "local")]
 fn default_max_sequence_length() -> usize {
     512
 }
+#[cfg(feature = "local")]
 fn default_safety_threshold() -> f32 {
     0.5
 }
+#[cfg(feature = "local")]
 fn default_reference_timeout() -> f64 {
     10.0
 }

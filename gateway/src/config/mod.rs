@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 mod backend;
 mod fields;
 
-pub use backend::{BackendConfig, Common, Kind, LocalSettings, VerdaSettings};
+#[cfg(feature = "local")]
+pub use backend::LocalSettings;
+pub use backend::{BackendConfig, Common, Kind, VerdaSettings};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -348,6 +350,7 @@ impl Config {
                     v.connect_timeout_secs,
                     false,
                 )),
+                #[cfg(feature = "local")]
                 Kind::Local(l) => spans.push((
                     format!("backends.{name}.reference_timeout_secs"),
                     l.reference_timeout_secs,
@@ -390,49 +393,20 @@ impl Config {
             return bad("circuit.failure_threshold must be at least 1".into());
         }
         for (name, b) in &self.backends {
-            let c = &b.common;
-            if c.models.is_empty() {
-                return bad(format!("backends.{name}.models is empty"));
-            }
-            if c.max_concurrency == 0 {
-                return bad(format!(
-                    "backends.{name}.max_concurrency must be at least 1"
-                ));
-            }
-            if let Err(e) = c.cost.validate() {
-                return bad(format!("backends.{name}.cost: {e}"));
-            }
-            let Kind::Local(l) = &b.kind else {
-                if c.cost.gpu_hour_usd > 0.0 {
-                    return bad(format!("backends.{name}.cost: gpu_hour_usd is for kind \"local\" (a verda backend is priced per image)"));
+            b.validate()
+                .map_err(|e| ConfigError::Invalid(format!("backends.{name}{e}")))?;
+        }
+        // One CPU thread pool per process: local backends that size it must agree.
+        #[cfg(feature = "local")]
+        {
+            let mut sized = self
+                .backends
+                .iter()
+                .filter_map(|(n, b)| b.local().and_then(|l| l.threads).map(|t| (n, t)));
+            if let Some((name, t)) = sized.next() {
+                if let Some((other, t2)) = sized.find(|(_, t2)| *t2 != t) {
+                    return bad(format!("backends.{name}.threads = {t} but backends.{other}.threads = {t2}: the CPU thread pool is one per process"));
                 }
-                continue;
-            };
-            if l.max_queue == 0 || l.max_batch == 0 || l.max_sequence_length == 0 {
-                return bad(format!("backends.{name}: max_queue, max_batch and max_sequence_length must be at least 1"));
-            }
-            if !(l.safety_threshold > 0.0 && l.safety_threshold <= 1.0) {
-                return bad(format!(
-                    "backends.{name}: safety_threshold must be in (0, 1]; got {}",
-                    l.safety_threshold
-                ));
-            }
-            if l.threads == Some(0) {
-                return bad(format!("backends.{name}.threads must be at least 1"));
-            }
-            if let (Some(t), Some((other, t2))) = (
-                l.threads,
-                self.backends.iter().find_map(|(n, o)| {
-                    o.local()
-                        .and_then(|o| o.threads)
-                        .filter(|t2| Some(*t2) != l.threads)
-                        .map(|t2| (n, t2))
-                }),
-            ) {
-                return bad(format!("backends.{name}.threads = {t} but backends.{other}.threads = {t2}: the CPU thread pool is one per process"));
-            }
-            if l.max_reference_pixels == Some(0) || l.max_reference_decode_mib == Some(0) {
-                return bad(format!("backends.{name}: max_reference_pixels and max_reference_decode_mib must be at least 1"));
             }
         }
         if self.routing.policy == Policy::Weighted
@@ -506,7 +480,13 @@ mod tests {
     /// The configs inside the Kubernetes ConfigMaps are real kleingate configs.
     #[test]
     fn the_kubernetes_configmaps_hold_valid_configs() {
-        for f in ["gateway-configmap.yaml", "gpu-worker-configmap.yaml"] {
+        // The GPU worker's config has a local backend: a build without the engine refuses it.
+        let files: &[&str] = if cfg!(feature = "local") {
+            &["gateway-configmap.yaml", "gpu-worker-configmap.yaml"]
+        } else {
+            &["gateway-configmap.yaml"]
+        };
+        for f in files {
             let path = format!("{}/../k8s/base/{f}", env!("CARGO_MANIFEST_DIR"));
             let yaml = std::fs::read_to_string(&path).unwrap();
             let toml: String = yaml
@@ -556,6 +536,7 @@ mod tests {
 
     /// Overrides reach every section and each backend kind's own keys: the variables kept are
     /// decided by `Config`'s fields, not by a list kept by hand.
+    #[cfg(feature = "local")]
     #[test]
     fn every_section_and_kind_key_can_be_overridden() {
         let f = file("[backends.l]\nkind = \"local\"\nweights = \"/w\"\n");
@@ -594,6 +575,19 @@ mod tests {
         assert_eq!(l.max_batch, 2);
     }
 
+    /// A gateway built without the engine refuses a local backend by name, at start-up.
+    #[cfg(not(feature = "local"))]
+    #[test]
+    fn a_build_without_the_engine_refuses_local_backends() {
+        let f = file("[backends.l]\nkind = \"local\"\nweights = \"/w\"\n");
+        let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(e.to_string().contains("`local` feature"), "{e}");
+        let f = file("[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\nthreads = 2\n");
+        let e = Config::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(e.to_string().contains("threads"), "{e}");
+    }
+
+    #[cfg(feature = "local")]
     #[test]
     fn a_local_backend_takes_its_dtype_and_text_encoder_mode() {
         let f = file(
@@ -608,6 +602,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "local")]
     #[test]
     fn typos_and_inconsistencies_are_errors() {
         let f = file(&format!("{BASIC}\n[cache]\nmax_byte = 5\n"));
