@@ -20,5 +20,6 @@ pub mod tokenizer;
 pub mod transformer;
 pub mod vae;
 pub mod weights;
+mod worker;
 
 pub use error::EngineError;
