@@ -282,11 +282,11 @@ pub fn run(
     let mut stages = vec![
         timer.time("text encoder", || encode().map(drop))?,
         timer.time("transformer step", || {
-            tr.forward(x.clone(), ctx.clone(), t, &txt_ids, &img_ids, None)
+            tr.forward(x.clone(), ctx.clone(), t, &txt_ids, &img_ids)
                 .map(drop)
         })?,
         timer.time("CFG step (batch 2)", || {
-            tr.forward(x2.clone(), ctx2.clone(), t, &txt_ids, &img_ids, None)
+            tr.forward(x2.clone(), ctx2.clone(), t, &txt_ids, &img_ids)
                 .map(drop)
         })?,
         timer.time("VAE decode", || {
@@ -308,7 +308,6 @@ pub fn run(
                 model_timestep(sched.timesteps[i], p),
                 &txt_ids,
                 &img_ids,
-                None,
             )?;
             z = euler_step(z, v, sched.sigmas[i], sched.sigmas[i + 1], p);
         }

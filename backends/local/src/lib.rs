@@ -17,6 +17,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod trace;
 pub mod transformer;
 pub mod vae;
 pub mod weights;

@@ -384,7 +384,6 @@ impl Pipeline {
                         t,
                         &txt_ids,
                         &img_ids,
-                        None,
                     )?
                     .narrow(1, 0, n_img);
                 let mut halves = both.chunk(2, 0);
@@ -393,14 +392,7 @@ impl Pipeline {
                 guide(cond, uncond, req.guidance)
             } else {
                 self.transformer
-                    .forward(
-                        with_refs(x.clone()),
-                        ctx.clone(),
-                        t,
-                        &txt_ids,
-                        &img_ids,
-                        None,
-                    )?
+                    .forward(with_refs(x.clone()), ctx.clone(), t, &txt_ids, &img_ids)?
                     .narrow(1, 0, n_img)
             };
             if req.keep_intermediates {

@@ -4,7 +4,7 @@ mod fixture;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use fixture::Case;
-use kleingate_local::transformer::{Trace, Transformer};
+use kleingate_local::transformer::Transformer;
 
 fn tensor3(case: &Case, name: &str, device: &Device) -> Tensor<3> {
     let (v, s) = case.tensor(name);
@@ -41,15 +41,16 @@ fn transformer_forward_matches_the_reference() {
         }
         let txt_ids = ids(&case, "text.text_ids");
         let t = case.tensor("step0.cond.in.timestep").0[0] * 1000.0;
-        let mut trace = Trace::new();
+        // (name, values, shape) of every intermediate value the forward hands out.
+        let mut trace: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
         let out = model
-            .forward(
+            .forward_traced(
                 x.clone(),
                 tensor3(&case, "text.prompt_embeds", &device),
                 t,
                 &txt_ids,
                 &img_ids,
-                Some(&mut trace),
+                &mut |name, value| trace.push((name.to_owned(), value.to_f32_vec(), value.dims())),
             )
             .unwrap();
         for (tname, values, dims) in &trace {
@@ -75,7 +76,6 @@ fn transformer_forward_matches_the_reference() {
                     t,
                     &txt_ids,
                     &img_ids,
-                    None,
                 )
                 .unwrap();
             let got = out.into_data().try_to_vec::<f32>().unwrap();
@@ -98,7 +98,7 @@ fn mismatched_inputs_are_errors_not_panics() {
     let x = Tensor::<3>::zeros([1, 4, cin + 1], &device);
     let ctx = Tensor::<3>::zeros([1, 2, cj], &device);
     let e = model
-        .forward(x, ctx, 1000.0, &[[0; 4]; 2], &[[0; 4]; 4], None)
+        .forward(x, ctx, 1000.0, &[[0; 4]; 2], &[[0; 4]; 4])
         .unwrap_err();
     assert!(e.to_string().contains(&format!("in_channels {cin}")), "{e}");
 }
