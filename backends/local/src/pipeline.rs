@@ -12,6 +12,7 @@ use crate::sampler::{euler_step, grid_ids, guide, pack, seeded_noise, text_ids, 
 use crate::schedule::{model_timestep, Schedule};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::PromptTokenizer;
+use crate::trace::{Hook, Taps};
 use crate::transformer::Transformer;
 use crate::vae::Vae;
 
@@ -90,8 +91,9 @@ pub struct Request {
     pub init_noise: Option<Tensor<4>>,
     /// Reference images for editing / multi-reference generation, decoded ([`reference::load`]).
     pub references: Vec<reference::RgbImage>,
-    /// Keep every step's noise prediction and latents in [`Generated`] (the parity tests compare
-    /// them step by step); serving leaves it off, so no per-step tensor outlives its step.
+    /// Not read any more: a run's intermediate values (per step, per reference, before the
+    /// decoder) go to the hook of [`Pipeline::generate_traced`], and [`Generated`] holds none.
+    /// Kept so that existing struct literals (the gateway's `generate` command) still build.
     pub keep_intermediates: bool,
 }
 
@@ -104,19 +106,13 @@ pub struct Timings {
     pub vae_decode: Duration,
 }
 
-/// Everything a run produced; the intermediate values are kept for parity checks and metrics.
+/// What a run produced: the images, whether each prompt was truncated, and the stage timings
+/// (for metrics). Intermediate values are not kept: see [`Pipeline::generate_traced`].
 pub struct Generated {
     pub timings: Timings,
     /// `(B, H, W, 3)` in [0, 1].
     pub images: Tensor<4>,
     pub truncated: Vec<bool>,
-    /// Per step, with `keep_intermediates` (else empty).
-    pub noise_preds: Vec<Tensor<3>>,
-    pub latents: Vec<Tensor<3>>,
-    pub final_unpacked: Tensor<4>,
-    pub vae_input: Tensor<4>,
-    /// Per reference: the prepared pixels, the VAE posterior mean and the normalised latents.
-    pub references: Vec<(Tensor<4>, Tensor<4>, Tensor<4>)>,
 }
 
 enum TextEncoderRef<'a> {
@@ -227,36 +223,30 @@ impl Pipeline {
     }
 
     /// Prepare and encode the references: their tokens `(1, sum h_k w_k, C)` and position ids.
-    #[allow(clippy::type_complexity)]
     fn encode_references(
         &self,
         refs: &[reference::RgbImage],
-    ) -> Result<
-        (
-            Option<Tensor<3>>,
-            Vec<[i64; 4]>,
-            Vec<(Tensor<4>, Tensor<4>, Tensor<4>)>,
-        ),
-        EngineError,
-    > {
+        taps: &mut Taps<'_>,
+    ) -> Result<(Option<Tensor<3>>, Vec<[i64; 4]>), EngineError> {
         let mut tokens = Vec::new();
         let mut ids = Vec::new();
-        let mut stages = Vec::new();
         for (k, rgb) in refs.iter().enumerate() {
             let p = reference::prepare(rgb, self.size_multiple(), &self.device);
-            let (mean, _) = self.vae.encode(p.pixels.clone())?;
-            let latents = self.vae.normalize(Vae::patchify(mean.clone()));
+            taps.tap(format_args!("ref.{k}.pixels"), &p.pixels);
+            let (mean, _) = self.vae.encode(p.pixels)?;
+            taps.tap(format_args!("ref.{k}.vae_mean"), &mean);
+            let latents = self.vae.normalize(Vae::patchify(mean));
+            taps.tap(format_args!("ref.{k}.latents"), &latents);
             let [_, _, h, w] = latents.dims();
-            tokens.push(pack(latents.clone()));
+            tokens.push(pack(latents));
             ids.extend(grid_ids(10 + 10 * k as i64, h, w));
-            stages.push((p.pixels, mean, latents));
         }
         let tokens = if tokens.is_empty() {
             None
         } else {
             Some(Tensor::cat(tokens, 1))
         };
-        Ok((tokens, ids, stages))
+        Ok((tokens, ids))
     }
 
     fn embed(
@@ -293,6 +283,30 @@ impl Pipeline {
         &self,
         req: &Request,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Generated, EngineError> {
+        self.run(req, on_step, &mut Taps::off())
+    }
+
+    /// [`generate`](Self::generate), handing the intermediate values to `hook` as they are
+    /// computed, under the reference's names: per reference `k`, `ref.{k}.pixels` (prepared),
+    /// `ref.{k}.vae_mean` and `ref.{k}.latents` (normalised); per step `i`,
+    /// `steps.{i}.noise_pred` (after guidance) and `steps.{i}.latents` (after the Euler step);
+    /// then `final.latents_unpacked` and `final.vae_input`. For parity tests (see
+    /// [`crate::trace`]); the serving path never calls it.
+    pub fn generate_traced(
+        &self,
+        req: &Request,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        hook: &mut Hook<'_>,
+    ) -> Result<Generated, EngineError> {
+        self.run(req, on_step, &mut Taps::to(hook))
+    }
+
+    fn run(
+        &self,
+        req: &Request,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        taps: &mut Taps<'_>,
     ) -> Result<Generated, EngineError> {
         let m = self.size_multiple();
         if req.prompts.is_empty() {
@@ -355,7 +369,7 @@ impl Pipeline {
         let mut x = pack(noise).cast(self.precision.float());
         let mut img_ids = grid_ids(0, h, w);
         let n_img = img_ids.len();
-        let (ref_tokens, ref_ids, ref_stages) = self.encode_references(&req.references)?;
+        let (ref_tokens, ref_ids) = self.encode_references(&req.references, taps)?;
         timings.vae_encode = self.lap(&mut clock);
         img_ids.extend(ref_ids);
         // The transformer input at every step: the noisy tokens, then the clean reference tokens.
@@ -371,8 +385,6 @@ impl Pipeline {
         };
         let txt_ids = text_ids(l);
         let sched = Schedule::new(req.steps, h * w);
-        let mut noise_preds = Vec::with_capacity(req.steps);
-        let mut latents = Vec::with_capacity(req.steps);
         for i in 0..req.steps {
             let t = model_timestep(sched.timesteps[i], self.precision);
             let v = if req.cfg {
@@ -395,13 +407,9 @@ impl Pipeline {
                     .forward(with_refs(x.clone()), ctx.clone(), t, &txt_ids, &img_ids)?
                     .narrow(1, 0, n_img)
             };
-            if req.keep_intermediates {
-                noise_preds.push(v.clone());
-            }
+            taps.tap(format_args!("steps.{i}.noise_pred"), &v);
             x = euler_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], self.precision);
-            if req.keep_intermediates {
-                latents.push(x.clone());
-            }
+            taps.tap(format_args!("steps.{i}.latents"), &x);
             timings.steps.push(self.lap(&mut clock));
             if !on_step(i + 1, req.steps) {
                 return Err(EngineError::Cancelled);
@@ -409,8 +417,10 @@ impl Pipeline {
         }
 
         let final_unpacked = unpack(x, h, w);
-        let vae_input = Vae::unpatchify(self.vae.denormalize(final_unpacked.clone()));
-        let decoded = self.vae.decode(vae_input.clone());
+        taps.tap("final.latents_unpacked", &final_unpacked);
+        let vae_input = Vae::unpatchify(self.vae.denormalize(final_unpacked));
+        taps.tap("final.vae_input", &vae_input);
+        let decoded = self.vae.decode(vae_input);
         // In the compute dtype, as diffusers' postprocess, then widened for the caller.
         let images = decoded
             .mul_scalar(0.5)
@@ -423,11 +433,6 @@ impl Pipeline {
             timings,
             images,
             truncated,
-            noise_preds,
-            latents,
-            final_unpacked,
-            vae_input,
-            references: ref_stages,
         })
     }
 }

@@ -1,6 +1,7 @@
-//! Intermediate values for parity tests. The serving entry point
-//! [`Transformer::forward`](crate::transformer::Transformer::forward) neither takes nor returns
-//! them; its `*_traced` twin runs the same computation and hands each named intermediate value to a
+//! Intermediate values for parity tests. The serving entry points
+//! ([`Transformer::forward`](crate::transformer::Transformer::forward),
+//! [`Pipeline::generate`](crate::pipeline::Pipeline::generate)) neither take nor return them;
+//! their `*_traced` twins run the same computation and hand each named intermediate value to a
 //! hook as it is computed, so a test can compare it with the reference's, stage by stage. The
 //! serving path never calls the traced entry points; a hook sees borrowed tensors and reads only
 //! what it wants (see [`TensorView::to_f32_vec`]).

@@ -106,7 +106,8 @@ impl Case {
     }
 
     /// The pipeline request the case recorded: prompts, size, steps, guidance, its reference
-    /// images and its initial noise (every step's tensors kept for comparison).
+    /// images and its initial noise (the intermediate values to compare come through
+    /// `Pipeline::generate_traced`).
     pub fn request(&self, device: &Device) -> Request {
         let j = &self.json;
         let prompts: Vec<String> = match &j["prompt"] {
