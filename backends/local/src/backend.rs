@@ -5,7 +5,7 @@
 //!
 //! This module is the adapter: configuration, loading and checking the models, decoding
 //! references, health, cost and the mapping of engine errors to backend errors. The queue, the
-//! batching worker, the safety check and image encoding are in [`crate::worker`].
+//! batching worker, the safety check and image encoding are in `worker.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
