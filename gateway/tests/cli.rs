@@ -456,3 +456,58 @@ fn bench_engine_compares_with_diffusers_on_the_same_settings() {
     assert_eq!(cells[4], format!("{:.2}x", ours / 1000.0));
     assert!(text.contains("diffusers 1.00 GiB"), "{text}");
 }
+
+/// `kleingate generate` checks its request by the API's own rules before loading anything, and
+/// names the flag to blame.
+#[cfg(feature = "local")]
+#[test]
+fn generate_checks_the_request_by_the_protocols_rules() {
+    let png = format!("{KLEIN_TINY}/cases/edit_1ref.ref0.png");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--width", "65"], "multiple of 16"),
+        (
+            &["--model", "flux2-klein-9b", "--guidance", "3.5"],
+            "guidance 1.0",
+        ),
+        (
+            &[
+                "--input-image",
+                &png,
+                "--input-image",
+                &png,
+                "--input-image",
+                &png,
+                "--input-image",
+                &png,
+                "--input-image",
+                &png,
+            ],
+            "at most 4",
+        ),
+    ];
+    for (args, needle) in cases {
+        let run = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+            .args([
+                "generate",
+                "--weights",
+                "/nonexistent/klein",
+                "--prompt",
+                "x",
+            ])
+            .args(args)
+            .args(["-o", "/tmp/never.png"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        // Refused before the weights are looked at.
+        assert!(!err.contains("/nonexistent/klein"), "{args:?}: {err}");
+        let flag = if args[0] == "--model" {
+            "--guidance"
+        } else {
+            args[0]
+        };
+        assert!(err.contains(flag), "{args:?} names no flag: {err}");
+    }
+}

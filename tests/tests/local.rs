@@ -480,7 +480,6 @@ async fn a_local_backend_computes_in_its_configured_dtype() {
             seed: 5,
             init_noise: None,
             references: vec![],
-            keep_intermediates: false,
         };
         let out = pipe.generate(&req, &mut |_, _| true).unwrap();
         let v = out.images.into_data().try_to_vec::<f32>().unwrap();

@@ -91,10 +91,33 @@ pub struct Request {
     pub init_noise: Option<Tensor<4>>,
     /// Reference images for editing / multi-reference generation, decoded ([`reference::load`]).
     pub references: Vec<reference::RgbImage>,
-    /// Not read any more: a run's intermediate values (per step, per reference, before the
-    /// decoder) go to the hook of [`Pipeline::generate_traced`], and [`Generated`] holds none.
-    /// Kept so that existing struct literals (the gateway's `generate` command) still build.
-    pub keep_intermediates: bool,
+}
+
+impl Request {
+    /// The run of a protocol request: its steps and guidance, and the protocol's rule for
+    /// classifier-free guidance (base models, with a scale above 1, as the reference pipeline).
+    /// `prompts` share the request's settings (a batch); the size is the one the pipeline
+    /// decided ([`Pipeline::output_size`]).
+    pub fn for_protocol(
+        req: &kleingate_protocol::GenerateRequest,
+        prompts: Vec<String>,
+        (width, height): (usize, usize),
+        max_sequence_length: usize,
+        references: Vec<reference::RgbImage>,
+    ) -> Request {
+        Request {
+            prompts,
+            width,
+            height,
+            steps: req.num_steps as usize,
+            guidance: req.guidance as f32,
+            cfg: !req.model.is_distilled() && req.guidance > 1.0,
+            max_sequence_length,
+            seed: req.seed.unwrap_or(0),
+            init_noise: None,
+            references,
+        }
+    }
 }
 
 /// Wall time of each stage (the device is synchronised before each reading).

@@ -403,17 +403,15 @@ impl Worker {
             0,
         );
         let req = Request {
-            prompts: batch.iter().map(|j| j.req.prompt.clone()).collect(),
-            width: w,
-            height: h,
-            steps: r0.num_steps as usize,
-            guidance: r0.guidance as f32,
-            cfg: !r0.model.is_distilled() && r0.guidance > 1.0,
-            max_sequence_length: self.cfg.max_sequence_length,
-            seed: 0,
+            // One noise tensor per request (above): the batch's seed is not used.
             init_noise: Some(noise),
-            references: batch[0].references.clone(),
-            keep_intermediates: false,
+            ..Request::for_protocol(
+                r0,
+                batch.iter().map(|j| j.req.prompt.clone()).collect(),
+                (w, h),
+                self.cfg.max_sequence_length,
+                batch[0].references.clone(),
+            )
         };
         let out = self.pipe.generate(&req, &mut |_, _| {
             let wanted = batch.iter().any(|j| !j.reply.is_closed());

@@ -141,7 +141,6 @@ impl Case {
                 TensorData::new(noise, [s[0], s[1], s[2], s[3]]),
                 device,
             )),
-            keep_intermediates: true,
         }
     }
 

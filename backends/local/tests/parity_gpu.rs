@@ -93,8 +93,7 @@ fn gpu_pipeline_matches_the_reference() {
         let pipe = Pipeline::load_in(&fixture::pipeline(), &device, precision).unwrap();
         for case_name in ["t2i_distilled", "t2i_base_cfg", "edit_1ref"] {
             let case = Case::load(case_name);
-            let mut req = case.request(&device);
-            req.keep_intermediates = false;
+            let req = case.request(&device);
             let t = Instant::now();
             let out = pipe.generate(&req, &mut |_, _| true).unwrap();
             let [_, h, w, _] = out.images.dims();

@@ -157,7 +157,6 @@ fn bad_requests_are_errors() {
         seed: 1,
         init_noise: None,
         references: vec![],
-        keep_intermediates: true,
     };
     let err = |r: &Request| {
         pipe.generate(r, &mut |_, _| true)

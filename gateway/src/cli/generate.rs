@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use base64::Engine as _;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kleingate_local::image_io::{Format, Rgb8};
 use kleingate_local::pipeline::{Pipeline, Request};
-use kleingate_protocol::Model;
+use kleingate_protocol::{GenerateRequest, Limits, Model};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -68,29 +69,10 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let (steps, guidance, cfg) = if a.model.is_distilled() {
-        if a.steps.is_some_and(|s| s != 4) {
-            bail!(
-                "{} is distilled and runs exactly 4 steps; drop --steps or use a base model",
-                a.model
-            );
-        }
-        if a.guidance.is_some_and(|g| g != 1.0) {
-            bail!(
-                "{} is distilled and runs with guidance 1.0; drop --guidance or use a base model",
-                a.model
-            );
-        }
-        (4, 1.0, false)
-    } else {
-        let g = a.guidance.unwrap_or(a.model.default_guidance() as f32);
-        // As the reference: guidance only when the scale is above 1.
-        (
-            a.steps.unwrap_or(a.model.default_steps() as usize),
-            g,
-            g > 1.0,
-        )
-    };
+    // The same request the API takes, checked by the same rules (distilled models' fixed steps
+    // and guidance, sizes, at most 4 references, their byte limit), so the command line and the
+    // gateway cannot disagree on what a model runs.
+    let gen = protocol_request(&a)?;
     let format = match a.format {
         Some(f) => f,
         None => a
@@ -123,7 +105,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         Some(p) => Some(kleingate_local::sampler::load_noise(p, &device)?),
         None => None,
     };
-    let seed = a.seed.unwrap_or_else(rand::random);
+    let seed = gen.seed.unwrap_or_else(rand::random);
     let tokens = pipe.tokenizer.encode(&a.prompt, a.max_sequence_length)?;
     if tokens.truncated {
         eprintln!(
@@ -131,18 +113,14 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             tokens.n_tokens, a.max_sequence_length
         );
     }
-    if a.input_images.len() > 4 {
-        bail!(
-            "at most 4 --input-image references are allowed; got {}",
-            a.input_images.len()
-        );
-    }
-    let references = a
+    let references = gen
         .input_images
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        .map(|(i, img)| {
+            let bytes = img
+                .decoded_bytes()
+                .ok_or_else(|| anyhow::anyhow!("--input-image {i} could not be read back"))?;
             Ok(kleingate_local::reference::load(
                 &bytes,
                 i,
@@ -150,20 +128,23 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             )?)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (width, height) = pipe.output_size(a.width, a.height, &references)?;
+    let size = pipe.output_size(
+        gen.width_given.then_some(gen.width as usize),
+        gen.height_given.then_some(gen.height as usize),
+        &references,
+    )?;
     let req = Request {
-        prompts: vec![a.prompt.clone()],
-        width,
-        height,
-        steps,
-        guidance,
-        cfg,
-        max_sequence_length: a.max_sequence_length,
-        seed,
         init_noise,
-        references,
-        keep_intermediates: false,
+        seed,
+        ..Request::for_protocol(
+            &gen,
+            vec![a.prompt.clone()],
+            size,
+            a.max_sequence_length,
+            references,
+        )
     };
+    let steps = req.steps;
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -197,4 +178,47 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         t1.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The command line as an API request, validated by the protocol's rules.
+fn protocol_request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("prompt".into(), a.prompt.clone().into());
+    let optional = [
+        ("width", a.width.map(|v| v as u64)),
+        ("height", a.height.map(|v| v as u64)),
+        ("num_steps", a.steps.map(|v| v as u64)),
+        ("seed", a.seed),
+    ];
+    for (k, v) in optional {
+        if let Some(v) = v {
+            obj.insert(k.into(), v.into());
+        }
+    }
+    if let Some(g) = a.guidance {
+        obj.insert("guidance".into(), f64::from(g).into());
+    }
+    if !a.input_images.is_empty() {
+        let images = a
+            .input_images
+            .iter()
+            .map(|p| {
+                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                Ok(base64::engine::general_purpose::STANDARD
+                    .encode(bytes)
+                    .into())
+            })
+            .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
+        obj.insert("input_images".into(), images.into());
+    }
+    GenerateRequest::from_object(&obj, Some(a.model), a.model, &Limits::default()).map_err(|e| {
+        // Name the flag, not the JSON field.
+        let flag = match e.field.as_deref() {
+            Some("num_steps") => "--steps".to_owned(),
+            Some(f) if f.starts_with("input_images") => "--input-image".to_owned(),
+            Some(f) => format!("--{}", f.replace('_', "-")),
+            None => "the request".to_owned(),
+        };
+        anyhow::anyhow!("{flag}: {}", e.message)
+    })
 }
