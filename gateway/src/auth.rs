@@ -414,7 +414,7 @@ fn cookie_allowed(req: &Request) -> bool {
         return site == "same-origin" || (read && site == "none");
     }
     if text("origin").is_some() {
-        return !crate::routes::ui::cross_site(req.headers());
+        return !crate::headers::cross_site(req.headers());
     }
     read
 }

@@ -13,8 +13,6 @@ use kleingate_protocol::CacheKey;
 use moka::notification::RemovalCause;
 use prometheus::IntCounter;
 
-use crate::dispatch::DispatchError;
-
 /// A finished image and who made it.
 #[derive(Clone, Debug)]
 pub struct CachedImage {
@@ -72,13 +70,11 @@ impl ImageCache {
     }
 
     /// Return the cached value, or run `make` once for all concurrent callers of this key.
-    pub async fn get_or_generate<F>(
-        &self,
-        key: CacheKey,
-        make: F,
-    ) -> Result<Lookup, Arc<DispatchError>>
+    /// An error reaches every waiter (shared: `Arc<E>`) and is not cached.
+    pub async fn get_or_generate<F, E>(&self, key: CacheKey, make: F) -> Result<Lookup, Arc<E>>
     where
-        F: Future<Output = Result<CachedImage, DispatchError>>,
+        F: Future<Output = Result<CachedImage, E>>,
+        E: Send + Sync + 'static,
     {
         let entry = self.inner.entry(key).or_try_insert_with(make).await?;
         let fresh = entry.is_fresh();

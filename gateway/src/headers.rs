@@ -75,3 +75,20 @@ impl CacheDirectives {
         out
     }
 }
+
+/// A sign-in posted from another site (a form there planting its own key in this browser) is
+/// refused: browsers say where a request comes from in `Sec-Fetch-Site` and `Origin`.
+pub(crate) fn cross_site(headers: &HeaderMap) -> bool {
+    let text = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    // Without Sec-Fetch-Site (plain http to a non-local host): the Origin must name this host,
+    // as the client saw it (a proxy may have rewritten Host and kept it in X-Forwarded-Host).
+    let Some(origin) = text("origin") else {
+        return false;
+    };
+    let origin_host = origin.split_once("://").map(|(_, h)| h);
+    let ours = [text("x-forwarded-host"), text("host")];
+    !ours.iter().flatten().any(|h| Some(*h) == origin_host)
+}

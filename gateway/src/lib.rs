@@ -26,7 +26,6 @@ pub mod metrics;
 pub mod routes;
 pub mod routing;
 pub mod server;
-mod shadow;
 pub mod state;
 
 pub use config::Config;

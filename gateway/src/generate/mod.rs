@@ -6,6 +6,7 @@
 
 pub(crate) mod budget;
 pub(crate) mod experiment;
+mod shadow;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -449,7 +450,7 @@ pub async fn settle(state: &Arc<AppState>, client: &Client, answer: &Answer, sta
     if let Some((sreq, variant)) =
         experiment::shadow_request(state, joined, served.image.image.seed)
     {
-        crate::shadow::start(
+        shadow::start(
             state,
             client,
             served.over_budget,

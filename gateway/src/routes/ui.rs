@@ -120,23 +120,6 @@ fn safe_next(next: Option<&str>) -> &str {
     }
 }
 
-/// A sign-in posted from another site (a form there planting its own key in this browser) is
-/// refused: browsers say where a request comes from in `Sec-Fetch-Site` and `Origin`.
-pub(crate) fn cross_site(headers: &axum::http::HeaderMap) -> bool {
-    let text = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if let Some(site) = text("sec-fetch-site") {
-        return !matches!(site, "same-origin" | "none");
-    }
-    // Without Sec-Fetch-Site (plain http to a non-local host): the Origin must name this host,
-    // as the client saw it (a proxy may have rewritten Host and kept it in X-Forwarded-Host).
-    let Some(origin) = text("origin") else {
-        return false;
-    };
-    let origin_host = origin.split_once("://").map(|(_, h)| h);
-    let ours = [text("x-forwarded-host"), text("host")];
-    !ours.iter().flatten().any(|h| Some(*h) == origin_host)
-}
-
 /// `GET /ui/login?next=...`: a form for the API key, since a browser cannot send a bearer token
 /// with `<img>` and page loads.
 pub async fn login_page(axum::extract::RawQuery(q): axum::extract::RawQuery) -> Response {
@@ -166,7 +149,7 @@ pub async fn login(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if cross_site(&headers) {
+    if crate::headers::cross_site(&headers) {
         return ApiError::new(
             ErrorCode::CrossSiteLogin,
             "sign in from this gateway's own page",

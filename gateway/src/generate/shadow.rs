@@ -17,12 +17,12 @@ use std::time::Instant;
 
 use kleingate_protocol::GenerateRequest;
 
+use super::experiment::{store_record, ExperimentRun};
 use crate::budget::Verdict;
 use crate::client::Client;
 use crate::dispatch::{dispatch, Patience};
 use crate::error::ErrorCode;
 use crate::experiments::{Record, Variant};
-use crate::generate::experiment::{store_record, ExperimentRun};
 use crate::routing::candidates;
 use crate::state::AppState;
 
