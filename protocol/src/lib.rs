@@ -8,7 +8,7 @@
 mod cache_key;
 mod error;
 mod error_code;
-#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz_checks;
 pub mod image_check;
 mod model;

@@ -397,7 +397,7 @@ fn upstream_cost(headers: &HeaderMap) -> Option<f64> {
 /// `tests/fuzz_regressions.rs`): an upstream answer of any shape never panics the parser, a
 /// success holds a real image, and what an error carries to clients is bounded. Panics on a
 /// violation. Input: one byte choosing the status, header lines up to an empty line, the body.
-#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz_checks {
     use super::*;
     use reqwest::header::HeaderName;
