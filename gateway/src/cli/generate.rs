@@ -196,7 +196,11 @@ fn protocol_request(a: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         }
     }
     if let Some(g) = a.guidance {
-        obj.insert("guidance".into(), f64::from(g).into());
+        // NaN and infinities have no JSON form: refused here, not dropped (an absent
+        // guidance would mean the model's default).
+        let n = serde_json::Number::from_f64(f64::from(g))
+            .ok_or_else(|| anyhow::anyhow!("--guidance: must be a finite number; got {g}"))?;
+        obj.insert("guidance".into(), n.into());
     }
     if !a.input_images.is_empty() {
         let images = a

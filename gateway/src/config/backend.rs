@@ -191,23 +191,21 @@ impl BackendConfig {
 
 impl<'de> Deserialize<'de> for BackendConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut table = toml::Table::deserialize(d)?;
+        // Through the config crate's own values, which coerce as the rest of the config does
+        // (`timeout_secs = "30"`, numbers from environment variables).
+        let mut table = config::Map::<String, config::Value>::deserialize(d)?;
         let kind = match table.remove("kind") {
-            Some(toml::Value::String(k)) => k,
-            Some(other) => {
-                return Err(D::Error::custom(format!(
-                    "`kind` must be \"verda\" or \"local\"; got {other}"
-                )))
-            }
+            Some(k) => k.into_string().map_err(D::Error::custom)?,
             None => return Err(D::Error::missing_field("kind")),
         };
-        let mut common = toml::Table::new();
+        let mut common = config::Map::new();
         for f in fields::of::<Common>() {
             if let Some(v) = table.remove(*f) {
                 common.insert((*f).to_owned(), v);
             }
         }
-        let common = Common::deserialize(toml::Value::Table(common)).map_err(D::Error::custom)?;
+        let value = |m| config::Value::new(None, config::ValueKind::Table(m));
+        let common = Common::deserialize(value(common)).map_err(D::Error::custom)?;
         let verda = fields::of::<VerdaSettings>();
         #[cfg(feature = "local")]
         let local = fields::of::<LocalSettings>();
@@ -244,7 +242,7 @@ impl<'de> Deserialize<'de> for BackendConfig {
                 if foreign.len() == 1 { "is" } else { "are" }
             )));
         }
-        let rest = toml::Value::Table(table);
+        let rest = value(table);
         let kind = match kind.as_str() {
             #[cfg(feature = "local")]
             "local" => Kind::Local(LocalSettings::deserialize(rest).map_err(D::Error::custom)?),

@@ -503,6 +503,22 @@ mod tests {
         }
     }
 
+    /// A backend's values are coerced as every other section's (quoted numbers, environment
+    /// variables' text).
+    #[test]
+    fn backend_values_coerce_like_the_rest_of_the_config() {
+        let f = file(
+            "[backends.v]\nkind = \"verda\"\nbase_url = \"http://x\"\ntimeout_secs = \"30\"\n",
+        );
+        let env = HashMap::from([(
+            "KLEINGATE_BACKENDS__V__MAX_CONCURRENCY".to_owned(),
+            "8".to_owned(),
+        )]);
+        let cfg = Config::load_with_env(Some(f.path()), Some(env)).unwrap();
+        assert_eq!(cfg.backends["v"].common.timeout_secs, 30.0);
+        assert_eq!(cfg.backends["v"].common.max_concurrency, 8);
+    }
+
     #[test]
     fn environment_overrides_file_values_and_lists() {
         let f = file(BASIC);

@@ -56,6 +56,15 @@ async fn handle(
     let _inflight = InflightGuard::new(&state.metrics.inflight);
     let client = Client::identify(&state, principal, &headers);
     let answer = generate::run(&state, &client, path_model, &headers, body, start).await;
+    // The gateway's own time: the request path, before the record is written.
+    let own = answer
+        .result
+        .as_ref()
+        .ok()
+        .and_then(|s| s.own_time(start.elapsed()));
+    if let Some(own) = own {
+        state.metrics.overhead.observe(own.as_secs_f64());
+    }
     generate::settle(&state, &client, &answer, start).await;
     respond(&state, answer, start)
 }
@@ -69,12 +78,7 @@ fn respond(state: &AppState, answer: Answer, start: Instant) -> Response {
     let model = answer.model_label();
     let m = &state.metrics;
     let mut resp = match &answer.result {
-        Ok(served) => {
-            if let Some(own) = served.own_time(start.elapsed()) {
-                m.overhead.observe(own.as_secs_f64());
-            }
-            image_response(served)
-        }
+        Ok(served) => image_response(served),
         Err(failed) => {
             if failed.error.code.status() == 403 {
                 m.rejected.with_label_values(&["forbidden"]).inc();
