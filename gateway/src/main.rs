@@ -39,6 +39,9 @@ enum Command {
         #[command(subcommand)]
         action: cli::keys::KeysAction,
     },
+    /// Print the API's OpenAPI 3.1 document (default limits); `-o FILE` writes it, `--check FILE`
+    /// fails when FILE is not current.
+    Openapi(cli::openapi::OpenApiArgs),
     /// Load and validate a config file, print the effective settings (no secrets) and exit.
     CheckConfig {
         #[arg(long, short)]
@@ -85,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         #[cfg(feature = "local")]
         Command::BenchEngine(args) => cli::bench_engine::run(args),
         Command::Keys { action } => cli::keys::run(action),
+        Command::Openapi(args) => cli::openapi::run(args),
         Command::CheckConfig { config } => cli::check_config::run(&config),
     }
 }

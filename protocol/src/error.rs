@@ -3,13 +3,16 @@ use serde::{Deserialize, Serialize};
 use crate::ErrorCode;
 
 /// The one error shape of the API: `{"error": {"code": "...", "message": "...", "field": "..."}}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorDetail {
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::ErrorCode))]
     pub code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

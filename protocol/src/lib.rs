@@ -14,6 +14,8 @@ pub mod image_check;
 mod model;
 mod request;
 mod response;
+#[cfg(feature = "openapi")]
+pub mod schema;
 
 pub use cache_key::{CacheKey, CACHE_KEY_VERSION};
 pub use error::{ErrorBody, ErrorDetail, ValidationError};

@@ -1,6 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The FLUX.2 [klein] variants the API serves. The id strings are Verda's endpoint names.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Model {
     #[serde(rename = "flux2-klein-4b")]

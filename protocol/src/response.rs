@@ -3,6 +3,7 @@ use serde::{Deserialize, Serialize};
 /// The JSON answer when a request sets `enable_base64_output`. Verda's exact field names are not
 /// known to us (docs/architecture.md, API contract), so this is kleingate's own documented shape; the Verda
 /// client parses upstream answers tolerantly instead of relying on it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageJson {
     /// The encoded image, standard base64 with padding, no data-URL prefix.

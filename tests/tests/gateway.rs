@@ -1337,3 +1337,56 @@ async fn shadow_experiments_store_pairs_without_delaying_the_client() {
     }
     assert!(page.contains("&lt;script&gt;x&lt;/script&gt;") && !page.contains("<script>x"));
 }
+
+/// `GET /openapi.json` describes every route the gateway serves (each documented path and method
+/// reaches a handler, not the router's 404/405), names every error code, and states the limits
+/// this gateway is configured with.
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes_and_the_config() {
+    let a = FakeVerda::start().await;
+    let gw = Gateway::start(&format!(
+        "[limits]\nmax_side = 512\n{}",
+        backend("verda", &a, "")
+    ))
+    .await;
+    let doc = get_json(&gw, "/openapi.json").await;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let body = &doc["components"]["schemas"]["GenerateBody"]["properties"];
+    assert_eq!(body["width"]["maximum"], 512.0);
+    assert_eq!(body["height"]["minimum"], 64.0);
+    let text = doc.to_string();
+    for code in kleingate_protocol::ErrorCode::ALL {
+        assert!(
+            text.contains(&format!("`{code}`")),
+            "{code} is not documented"
+        );
+    }
+    // The answer itself, not where a redirect leads.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 12, "{:?}", paths.keys());
+    for (path, item) in paths {
+        let url = path
+            .replace("{model}", "flux2-klein-4b")
+            .replace("{name}", "none")
+            .replace("{id}", "none");
+        for method in item.as_object().unwrap().keys() {
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let resp = client.request(m, gw.url(&url)).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            assert!(
+                status != 405 && !text.contains("no such route"),
+                "{method} {path}: {status} {text}"
+            );
+            // Every status answered is one the document lists for the operation.
+            assert!(
+                item[method]["responses"][status.to_string()].is_object(),
+                "{method} {path}: {status} is not documented"
+            );
+        }
+    }
+}

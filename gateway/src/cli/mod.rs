@@ -7,3 +7,4 @@ pub mod check_config;
 #[cfg(feature = "local")]
 pub mod generate;
 pub mod keys;
+pub mod openapi;

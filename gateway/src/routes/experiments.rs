@@ -8,10 +8,20 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::experiments::{Variant, VariantResult};
 use crate::state::AppState;
+
+/// An experiment's variants and, per variant, its results.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Results {
+    experiment: String,
+    variants: Vec<Variant>,
+    results: Vec<VariantResult>,
+}
 
 /// `GET /v1/experiments/{name}`: the variants and, per variant, count, mean score, latency, cost.
 pub(super) async fn results(
@@ -27,11 +37,11 @@ pub(super) async fn results(
         tokio::task::spawn_blocking(move || st.experiments.store.as_ref().map(|s| s.results(&n)))
             .await;
     match results {
-        Ok(Some(Ok(results))) => Json(json!({
-            "experiment": name,
-            "variants": cfg.variants,
-            "results": results,
-        }))
+        Ok(Some(Ok(results))) => Json(Results {
+            experiment: name,
+            variants: cfg.variants,
+            results,
+        })
         .into_response(),
         _ => ApiError::new(ErrorCode::StorageFailed, "could not read the results").into_response(),
     }

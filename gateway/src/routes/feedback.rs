@@ -6,7 +6,8 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::auth::Principal;
 use crate::client::Client;
@@ -14,16 +15,30 @@ use crate::error::{ApiError, ErrorCode};
 use crate::headers::require_json;
 use crate::state::AppState;
 
-#[derive(serde::Deserialize)]
+/// A vote: exactly one of `score` and `thumbs`.
+#[derive(serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Feedback {
-    /// The answer's `X-Kleingate-Result-Id`.
+pub(crate) struct Feedback {
+    /// The answer's `X-Kleingate-Result-Id` (also accepted as `result_id`).
     #[serde(alias = "result_id")]
     request_id: String,
+    /// 1 to 5.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 5)]
     score: Option<f64>,
+    /// `up` (= 5) or `down` (= 1).
     #[serde(default)]
+    #[schema(pattern = "^(up|down)$")]
     thumbs: Option<String>,
+}
+
+/// The vote as recorded.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Recorded {
+    request_id: String,
+    experiment: String,
+    variant: String,
+    score: f64,
 }
 
 /// `POST /v1/feedback {"request_id": "...", "score": 1-5}` or `{"request_id", "thumbs": "up"|"down"}`
@@ -88,7 +103,13 @@ pub(super) async fn feedback(
                     .with_label_values(&[&experiment, &variant])
                     .inc_by(score);
             }
-            Json(json!({"request_id": f.request_id, "experiment": experiment, "variant": variant, "score": score})).into_response()
+            Json(Recorded {
+                request_id: f.request_id,
+                experiment,
+                variant,
+                score,
+            })
+            .into_response()
         }
         Ok(Some(Err(crate::experiments::StoreError::UnknownRequest(id)))) => {
             ApiError::not_found(format!("no experiment request with id `{id}`")).into_response()

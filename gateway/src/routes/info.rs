@@ -7,39 +7,91 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use kleingate_backend::Health;
 use kleingate_protocol::Model;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::auth::Principal;
+use crate::circuit::CircuitState;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
+
+/// `GET /v1/models`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ModelList {
+    models: Vec<ModelInfo>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ModelInfo {
+    id: Model,
+    distilled: bool,
+    default_steps: u32,
+    default_guidance: f64,
+    steps_configurable: bool,
+    /// The backends serving it (with auth on: those the key may use).
+    backends: Vec<String>,
+    /// The gateway's `default_model`.
+    default: bool,
+}
 
 /// The models and, with auth on, only the backends the key may use.
 pub(super) async fn models(
     State(state): State<Arc<AppState>>,
     principal: Option<Extension<Arc<Principal>>>,
-) -> Json<serde_json::Value> {
+) -> Json<ModelList> {
     let visible = |name: &str| principal.as_ref().is_none_or(|p| p.allows_backend(name));
-    let models: Vec<_> = Model::ALL
+    let models = Model::ALL
         .iter()
-        .map(|m| {
-            let backends: Vec<&str> = state
+        .map(|m| ModelInfo {
+            id: *m,
+            distilled: m.is_distilled(),
+            default_steps: m.default_steps(),
+            default_guidance: m.default_guidance(),
+            steps_configurable: !m.is_distilled(),
+            backends: state
                 .serving(*m)
-                .map(|s| &*s.name)
+                .map(|s| s.name.to_string())
                 .filter(|n| visible(n))
-                .collect();
-            json!({
-                "id": m.id(),
-                "distilled": m.is_distilled(),
-                "default_steps": m.default_steps(),
-                "default_guidance": m.default_guidance(),
-                "steps_configurable": !m.is_distilled(),
-                "backends": backends,
-                "default": *m == state.config.default_model,
-            })
+                .collect(),
+            default: *m == state.config.default_model,
         })
         .collect();
-    Json(json!({ "models": models }))
+    Json(ModelList { models })
+}
+
+/// `GET /v1/backends`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BackendList {
+    backends: Vec<BackendInfo>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BackendInfo {
+    name: String,
+    /// `verda` or `local`.
+    kind: String,
+    models: Vec<Model>,
+    health: HealthInfo,
+    circuit: CircuitState,
+    consecutive_failures: u32,
+    circuit_retry_in_secs: Option<f64>,
+    busy_for_secs: Option<f64>,
+    in_flight: usize,
+    max_concurrency: usize,
+    weight: u32,
+    /// The last failure's detail: only for keys with `operations` (or with auth off).
+    last_error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct HealthInfo {
+    /// `ready`, `loading` or `down`.
+    state: String,
+    /// Why (loading, down): only for keys with `operations` (or with auth off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
 }
 
 /// The backends' state. With auth on: only the backends the key may use, and the operations
@@ -48,45 +100,54 @@ pub(super) async fn models(
 pub(super) async fn backends(
     State(state): State<Arc<AppState>>,
     principal: Option<Extension<Arc<Principal>>>,
-) -> Json<serde_json::Value> {
+) -> Json<BackendList> {
     let detail = principal.as_ref().is_none_or(|p| p.operations);
-    let list: Vec<_> = state
+    let backends = state
         .backends
         .iter()
         .filter(|s| principal.as_ref().is_none_or(|p| p.allows_backend(&s.name)))
         .map(|s| {
-            let mut health = serde_json::to_value(s.backend.health()).unwrap_or_default();
-            if !detail {
-                if let Some(h) = health.as_object_mut() {
-                    h.remove("message");
-                }
+            let (health_state, message) = match s.backend.health() {
+                Health::Ready => ("ready", None),
+                Health::Loading { message } => ("loading", Some(message)),
+                Health::Down { message } => ("down", Some(message)),
+            };
+            BackendInfo {
+                name: s.name.to_string(),
+                kind: s.backend.kind().to_owned(),
+                models: s.backend.models().to_vec(),
+                health: HealthInfo {
+                    state: health_state.to_owned(),
+                    message: message.filter(|_| detail),
+                },
+                circuit: s.breaker.state(),
+                consecutive_failures: s.breaker.consecutive_failures(),
+                circuit_retry_in_secs: s.breaker.retry_in().map(|d| d.as_secs_f64()),
+                busy_for_secs: s.busy_for().map(|d| d.as_secs_f64()),
+                in_flight: s.inflight(),
+                max_concurrency: s.max_concurrency,
+                weight: s.weight,
+                last_error: if detail { s.last_error() } else { None },
             }
-            json!({
-                "name": &*s.name,
-                "kind": s.backend.kind(),
-                "models": s.backend.models(),
-                "health": health,
-                "circuit": s.breaker.state(),
-                "consecutive_failures": s.breaker.consecutive_failures(),
-                "circuit_retry_in_secs": s.breaker.retry_in().map(|d| d.as_secs_f64()),
-                "busy_for_secs": s.busy_for().map(|d| d.as_secs_f64()),
-                "in_flight": s.inflight(),
-                "max_concurrency": s.max_concurrency,
-                "weight": s.weight,
-                "last_error": if detail { s.last_error() } else { None },
-            })
         })
         .collect();
-    Json(json!({ "backends": list }))
+    Json(BackendList { backends })
 }
 
-pub(super) async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /healthz`, `GET /readyz`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Status {
+    /// `ok` (alive) or `ready`.
+    status: &'static str,
+}
+
+pub(super) async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok" })
 }
 
 pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.is_ready() {
-        Json(json!({"status": "ready"})).into_response()
+        Json(Status { status: "ready" }).into_response()
     } else {
         let why = if state.is_draining() {
             "shutting down"

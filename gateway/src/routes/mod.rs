@@ -5,6 +5,7 @@ mod experiments;
 mod feedback;
 mod generate;
 mod info;
+pub mod openapi;
 pub mod ui;
 
 use std::sync::Arc;
@@ -61,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(info::healthz))
         .route("/readyz", get(info::readyz))
         .route("/metrics", get(info::metrics))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
