@@ -1,7 +1,7 @@
 //! Daily spending budgets per client key.
 //!
 //! The client key is a request header (`budget.header`, `X-Kleingate-Client` by default); with
-//! client auth it will be the authenticated key. What a request cost (`X-Kleingate-Cost`) is added
+//! auth on, it is the API key's name. What a request cost (`X-Kleingate-Cost`) is added
 //! to its key's spend for the current UTC day. A key at or over its budget is refused with 429, or
 //! routed to the cheapest backend only (`on_exceed`). Requests without the header are not
 //! budgeted. Spend is kept in memory: a restart forgives the day (budgets are a guard rail, not

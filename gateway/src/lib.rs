@@ -2,7 +2,7 @@
 //! with routing, fallback, circuit breaking, a cache with request coalescing, and metrics.
 //!
 //! Request path (docs/architecture.md): [`routes`] (paths and layers) → [`auth`] (API key) →
-//! [`admission`] (rate limit, load shedding) → `routes::generate` → [`generate`] (read and
+//! [`admission`] (rate limit, load shedding) → `routes::generate` → `generate` (read and
 //! validate, the key's scope, an experiment's variant, then [`cache`] lookup / coalescing,
 //! [`routing`] candidates in order, the budget, [`dispatch`]: attempts with breaker, limits,
 //! deadline) → backend; the answer comes back as data and `routes::generate` writes the HTTP
