@@ -92,3 +92,23 @@ pub(crate) fn cross_site(headers: &HeaderMap) -> bool {
     let ours = [text("x-forwarded-host"), text("host")];
     !ours.iter().flatten().any(|h| Some(*h) == origin_host)
 }
+
+/// A small JSON or form body (axum's 2 MB limit) as bytes, its rejection as one of our errors: the
+/// extractor's own answer would be `text/plain`, outside the API's one error shape.
+pub(crate) fn read_body(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::TooLarge,
+                "the request body is over the 2 MB limit",
+            )
+        } else {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "the request body could not be read",
+            )
+        }
+    })
+}

@@ -12,6 +12,7 @@ pub struct ImageJson {
     pub output_format: String,
     /// The seed the image was generated with; absent only if the backend did not report it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(format = "uint64"))]
     pub seed: Option<u64>,
     pub has_nsfw_content: bool,
 }

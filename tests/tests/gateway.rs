@@ -1390,3 +1390,27 @@ async fn the_openapi_document_matches_the_routes_and_the_config() {
         }
     }
 }
+
+/// A feedback or sign-in body over axum's 2 MB limit is refused in the API's own error shape
+/// (JSON `too_large`), not the extractor's plain-text answer.
+#[tokio::test]
+async fn oversized_small_bodies_get_the_apis_error_shape() {
+    let a = FakeVerda::start().await;
+    let gw = Gateway::start(&backend("verda", &a, "")).await;
+    let big = format!("{{\"request_id\": \"{}\"}}", "x".repeat(3 << 20));
+    let client = reqwest::Client::new();
+    for (path, ct) in [
+        ("/v1/feedback", "application/json"),
+        ("/ui/login", "application/x-www-form-urlencoded"),
+    ] {
+        let resp = client
+            .post(gw.url(path))
+            .header("content-type", ct)
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        let (s, e) = error_of(resp).await;
+        assert_eq!((s, e["code"].as_str()), (413, Some("too_large")), "{path}");
+    }
+}

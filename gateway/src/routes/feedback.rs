@@ -49,11 +49,15 @@ pub(super) async fn feedback(
     State(state): State<Arc<AppState>>,
     principal: Option<Extension<Arc<Principal>>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     if let Err(e) = require_json(&headers) {
         return e.into_response();
     }
+    let body = match crate::headers::read_body(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let voter = Client::identify(&state, principal.map(|e| e.0), &headers)
         .key
         .unwrap_or_else(|| "anonymous".to_owned());

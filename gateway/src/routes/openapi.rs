@@ -156,6 +156,7 @@ pub fn document(limits: &Limits) -> Value {
             &[
                 InvalidRequest,
                 UnsupportedMediaType,
+                TooLarge,
                 NotFound,
                 RateLimited,
                 StorageFailed,
@@ -201,7 +202,12 @@ pub fn document(limits: &Limits) -> Value {
             Access::Experiments,
             vec![name],
             None,
-            html_answer(),
+            {
+                // A browser without a key or the sign-in cookie is sent to the sign-in page.
+                let mut ok = html_answer();
+                ok["303"] = json!({"description": "No key: a redirect to `/ui/login?next=...`", "headers": {"location": {"required": true, "schema": {"type": "string"}}}});
+                ok
+            },
             &[NotFound, StorageFailed],
         ),
     );
@@ -244,6 +250,7 @@ pub fn document(limits: &Limits) -> Value {
                 Unauthorized,
                 CrossSiteLogin,
                 InvalidRequest,
+                TooLarge,
                 MethodNotAllowed,
             ],
         ),

@@ -147,8 +147,12 @@ pub async fn login_page(axum::extract::RawQuery(q): axum::extract::RawQuery) -> 
 pub async fn login(
     State(state): State<Arc<AppState>>,
     headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let body = match crate::headers::read_body(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     if crate::headers::cross_site(&headers) {
         return ApiError::new(
             ErrorCode::CrossSiteLogin,
