@@ -258,7 +258,7 @@ def main():
     ap.add_argument("--fake-verda", default=BIN / "fake-verda", type=pathlib.Path)
     ap.add_argument("--schemathesis", help="the schemathesis executable (default: beside this Python, "
                     "else on PATH)")
-    ap.add_argument("--max-examples", type=int, default=25,
+    ap.add_argument("--max-examples", type=int, default=100,
                     help="fuzzed test cases per operation (the coverage phase is bounded by the document)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--request-timeout", type=float, default=90.0,
