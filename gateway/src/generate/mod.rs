@@ -147,12 +147,9 @@ impl Answer {
         self.result.as_ref().map_or(0.0, Served::cost_usd)
     }
 
-    /// The seed of the image served, else the request's.
+    /// The seed of the image served (`None` without an image, or when an upstream did not say).
     pub fn seed(&self) -> Option<u64> {
-        match &self.result {
-            Ok(s) => s.image.image.seed,
-            Err(_) => None,
-        }
+        self.result.as_ref().ok().and_then(|s| s.image.image.seed)
     }
 }
 
