@@ -1,4 +1,6 @@
-# The kleingate image. Gateway (CPU):   docker build -t ghcr.io/kleingate/kleingate:0.1.0 .
+# The kleingate image. Gateway (no engine: it routes to Verda and the GPU workers; burn is neither
+# compiled nor linked, see docs/operations.md):   docker build -t ghcr.io/kleingate/kleingate:0.1.0 .
+# A CPU engine: --build-arg FEATURES=local.
 # GPU worker (local engine on Vulkan):  docker build --build-arg FEATURES=vulkan \
 #   --build-arg RUNTIME_PACKAGES="ca-certificates libvulkan1" -t ghcr.io/kleingate/kleingate-gpu:0.1.0 .
 # (the NVIDIA container toolkit mounts the driver's Vulkan ICD when NVIDIA_DRIVER_CAPABILITIES
@@ -7,8 +9,8 @@ FROM rust:1.95-bookworm AS build
 ARG FEATURES=""
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p kleingate-gateway --bin kleingate \
-      ${FEATURES:+--features "$FEATURES"} \
+RUN if [ -n "$FEATURES" ]; then set -- --features "$FEATURES"; else set -- --no-default-features; fi \
+ && cargo build --release --locked -p kleingate-gateway --bin kleingate "$@" \
  && strip target/release/kleingate
 
 FROM debian:bookworm-slim
