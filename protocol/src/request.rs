@@ -23,6 +23,42 @@ pub struct Limits {
     pub max_input_image_bytes: usize,
 }
 
+impl Limits {
+    /// Limits a request can meet: each range the right way round, sides on the 16-pixel grid,
+    /// the smallest image within the pixel limit, finite guidance.
+    pub fn validate(&self) -> Result<(), String> {
+        let sides = self.min_side >= 16
+            && self.min_side.is_multiple_of(16)
+            && self.max_side >= self.min_side
+            && u64::from(self.min_side) * u64::from(self.min_side) <= self.max_pixels;
+        if !sides {
+            return Err(format!(
+                "limits: min_side ({}) must be a multiple of 16, at most max_side ({}), and its square at most max_pixels ({})",
+                self.min_side, self.max_side, self.max_pixels
+            ));
+        }
+        if self.min_steps == 0 || self.max_steps < self.min_steps {
+            return Err(format!(
+                "limits: steps must satisfy 1 <= min_steps ({}) <= max_steps ({})",
+                self.min_steps, self.max_steps
+            ));
+        }
+        let g = (self.min_guidance, self.max_guidance);
+        if !(g.0.is_finite() && g.1.is_finite() && g.0 >= 0.0 && g.0 <= g.1) {
+            return Err(format!(
+                "limits: guidance must satisfy 0 <= min_guidance ({}) <= max_guidance ({}), both finite",
+                g.0, g.1
+            ));
+        }
+        if self.max_prompt_bytes == 0 || self.max_input_image_bytes == 0 {
+            return Err(
+                "limits: max_prompt_bytes and max_input_image_bytes must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -589,6 +625,50 @@ fn input_image(index: usize, v: &Value, limits: &Limits) -> Result<InputImage, V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_that_no_request_can_meet_are_refused() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        for bad in [
+            Limits {
+                min_side: 65,
+                ..Limits::default()
+            },
+            Limits {
+                min_side: 512,
+                max_side: 256,
+                ..Limits::default()
+            },
+            Limits {
+                max_pixels: 100,
+                ..Limits::default()
+            },
+            Limits {
+                min_steps: 0,
+                ..Limits::default()
+            },
+            Limits {
+                min_steps: 9,
+                max_steps: 4,
+                ..Limits::default()
+            },
+            Limits {
+                max_guidance: f64::NAN,
+                ..Limits::default()
+            },
+            Limits {
+                min_guidance: 5.0,
+                max_guidance: 1.0,
+                ..Limits::default()
+            },
+            Limits {
+                max_prompt_bytes: 0,
+                ..Limits::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
     use serde_json::json;
 
     fn parse(v: Value) -> Result<GenerateRequest, ValidationError> {

@@ -1414,3 +1414,24 @@ async fn oversized_small_bodies_get_the_apis_error_shape() {
         assert_eq!((s, e["code"].as_str()), (413, Some("too_large")), "{path}");
     }
 }
+
+/// Path segments that are not valid UTF-8 once decoded get the API's JSON errors, not axum's
+/// plain-text rejection.
+#[tokio::test]
+async fn undecodable_paths_get_the_apis_error_shape() {
+    let a = FakeVerda::start().await;
+    let gw = Gateway::start(&backend("verda", &a, "")).await;
+    let r = reqwest::Client::new()
+        .post(gw.url("/%FF/generate"))
+        .header("content-type", "application/json")
+        .body("{\"prompt\": \"x\"}")
+        .send()
+        .await
+        .unwrap();
+    let (s, e) = error_of(r).await;
+    assert_eq!((s, e["code"].as_str()), (404, Some("unknown_model")));
+    for path in ["/v1/experiments/%FF", "/v1/experiments/x/images/%FF"] {
+        let (s, e) = error_of(reqwest::get(gw.url(path)).await.unwrap()).await;
+        assert_eq!((s, e["code"].as_str()), (404, Some("not_found")), "{path}");
+    }
+}

@@ -18,6 +18,7 @@ pub enum KeysAction {
         #[arg(long)]
         entry_file: Option<PathBuf>,
     },
+    /// Print the digest of a key read from stdin.
     Hash,
 }
 
@@ -28,6 +29,9 @@ pub fn run(action: KeysAction) -> anyhow::Result<()> {
             key_file,
             entry_file,
         } => {
+            if name.trim().is_empty() {
+                anyhow::bail!("--name must not be empty");
+            }
             let key = kleingate_gateway::auth::new_key();
             let entry = format!(
                 "[[keys]]\nname = {}\nsha256 = \"{}\"\n",
@@ -59,6 +63,9 @@ pub fn run(action: KeysAction) -> anyhow::Result<()> {
         KeysAction::Hash => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
+            if line.trim().is_empty() {
+                anyhow::bail!("no key on stdin");
+            }
             println!("{}", kleingate_gateway::auth::hash_key(line.trim()));
             Ok(())
         }

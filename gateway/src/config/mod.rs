@@ -281,6 +281,9 @@ impl Config {
         if let Err(e) = self.budget.validate() {
             return bad(e);
         }
+        if let Err(e) = self.limits.validate() {
+            return bad(e);
+        }
         // Every span of time: a number of seconds a Duration and `Instant + Duration` can hold
         // (a huge value would panic per request, not just look odd).
         let mut spans: Vec<(String, f64, bool)> = vec![

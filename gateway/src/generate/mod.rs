@@ -209,11 +209,23 @@ async fn read(
                 ),
             )
         })?
-        .map_err(|_| {
-            ApiError::new(
-                ErrorCode::TooLarge,
-                format!("the request body is over the limit of {max} bytes"),
-            )
+        .map_err(|e| {
+            // Over the limit, or the client went away / sent a broken body.
+            let over = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|e| e.is::<http_body_util::LengthLimitError>());
+            if over {
+                ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!("the request body is over the limit of {max} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "the request body could not be read",
+                )
+            }
         })?;
     let req = GenerateRequest::from_json(&bytes, path_model, cfg.default_model, &cfg.limits)?;
     Ok((bytes, req))

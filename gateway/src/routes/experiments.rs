@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -26,8 +27,11 @@ pub(crate) struct Results {
 /// `GET /v1/experiments/{name}`: the variants and, per variant, count, mean score, latency, cost.
 pub(super) async fn results(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Response {
+    let Ok(Path(name)) = name else {
+        return ApiError::not_found("no such experiment").into_response();
+    };
     let Some(cfg) = state.experiments.configs.get(&name).cloned() else {
         return ApiError::not_found(format!("no experiment `{name}`")).into_response();
     };
@@ -50,8 +54,11 @@ pub(super) async fn results(
 /// `GET /v1/experiments/{name}/images/{request_id}`: a stored image of an experiment with shadows.
 pub(super) async fn image(
     State(state): State<Arc<AppState>>,
-    Path((name, id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
+    let Ok(Path((name, id))) = path else {
+        return ApiError::not_found("no stored image with that id").into_response();
+    };
     if !state.experiments.configs.contains_key(&name) {
         return ApiError::not_found(format!("no experiment `{name}`")).into_response();
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -22,10 +23,13 @@ use crate::state::AppState;
 pub(super) async fn for_model(
     State(state): State<Arc<AppState>>,
     principal: Option<Extension<Arc<Principal>>>,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // A path that is not valid UTF-8 once decoded names no model either (axum's own answer
+    // would be plain text).
+    let model = model.map_or_else(|_| "(not valid UTF-8)".to_owned(), |Path(m)| m);
     match Model::from_id(&model) {
         Some(m) => handle(state, principal.map(|e| e.0), Some(m), headers, body).await,
         None => {

@@ -31,8 +31,11 @@ fn escape(s: &str) -> String {
 
 pub async fn experiment_page(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
+    let Ok(Path(name)) = name else {
+        return ApiError::not_found("no such experiment").into_response();
+    };
     if !state.experiments.configs.contains_key(&name) {
         return ApiError::not_found(format!("no experiment `{name}`")).into_response();
     }
