@@ -45,6 +45,13 @@ impl ApiError {
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError::new(ErrorCode::NotFound, message)
     }
+
+    /// The experiment store failed: the cause goes to the log (it can name the database file),
+    /// the client gets `what`.
+    pub fn storage_failed(what: &str, cause: impl std::fmt::Debug) -> Self {
+        tracing::error!(cause = ?cause, "{what}");
+        ApiError::new(ErrorCode::StorageFailed, what)
+    }
 }
 
 impl From<ValidationError> for ApiError {

@@ -12,7 +12,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ErrorCode};
+use crate::error::ApiError;
 use crate::experiments::{Variant, VariantResult};
 use crate::state::AppState;
 
@@ -47,7 +47,11 @@ pub(super) async fn results(
             results,
         })
         .into_response(),
-        _ => ApiError::new(ErrorCode::StorageFailed, "could not read the results").into_response(),
+        other => ApiError::storage_failed(
+            "could not read the results",
+            other.map(|o| o.map(|r| r.map(|_| ()))),
+        )
+        .into_response(),
     }
 }
 
@@ -76,6 +80,10 @@ pub(super) async fn image(
             r
         }
         Ok(Some(Ok(None))) => ApiError::not_found("no stored image with that id").into_response(),
-        _ => ApiError::new(ErrorCode::StorageFailed, "could not read the image").into_response(),
+        other => ApiError::storage_failed(
+            "could not read the image",
+            other.map(|o| o.map(|r| r.map(|_| ()))),
+        )
+        .into_response(),
     }
 }

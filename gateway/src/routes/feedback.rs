@@ -118,8 +118,10 @@ pub(super) async fn feedback(
         Ok(Some(Err(crate::experiments::StoreError::UnknownRequest(id)))) => {
             ApiError::not_found(format!("no experiment request with id `{id}`")).into_response()
         }
-        _ => {
-            ApiError::new(ErrorCode::StorageFailed, "could not store the feedback").into_response()
-        }
+        other => ApiError::storage_failed(
+            "could not store the feedback",
+            other.map(|o| o.map(|r| r.map(|_| ()))),
+        )
+        .into_response(),
     }
 }

@@ -47,9 +47,12 @@ pub async fn experiment_page(
     .await;
     let pairs = match pairs {
         Ok(Some(Ok(p))) => p,
-        _ => {
-            return ApiError::new(ErrorCode::StorageFailed, "could not read the experiment")
-                .into_response()
+        other => {
+            return ApiError::storage_failed(
+                "could not read the experiment",
+                other.map(|o| o.map(|r| r.map(|_| ()))),
+            )
+            .into_response()
         }
     };
     let exp = escape(&name);
