@@ -2,8 +2,8 @@
 //! (CubeCL's SPIR-V), chosen by `KLEINGATE_TEST_DEVICE` (default `wgpu`), against the diffusers
 //! reference. Built only with those features; CI runs it on Mesa's lavapipe, a software Vulkan
 //! device (`.ci/run`), with the Khronos validation layer on (`KLEINGATE_TEST_VALIDATE=1`; see the
-//! workspace Cargo.toml for why wgpu's own debug flags stay off): every error it reports fails
-//! the test, so an invalid shader or API misuse fails here instead of crashing a driver later.
+//! workspace Cargo.toml for why wgpu's own debug flags stay off): every error it reports (but one
+//! known wgpu issue, see the end) fails the test, so an invalid shader or API misuse fails here instead of crashing a driver later.
 //!
 //! Cases: text-to-image distilled, base with classifier-free guidance (batch 2), one-reference
 //! edit; in f32 and in f16 (lavapipe has no bf16 arithmetic). CubeCL's autotuner is set to its
@@ -21,6 +21,9 @@ use fixture::{psnr, Case};
 use kleingate_local::image_io::Rgb8;
 use kleingate_local::pipeline::Pipeline;
 use kleingate_local::precision::Precision;
+
+/// The one validation message tolerated (see the end of the test).
+const SUBGROUP_EXTENDED_TYPES: &str = "VUID-RuntimeSpirv-None-06275";
 
 /// Collects the validation layer's errors that reach `log` (wgpu forwards the layer's messages
 /// there when its own validation flag is on).
@@ -129,6 +132,19 @@ fn gpu_pipeline_matches_the_reference() {
         if let Some(dir) = log.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+    // Known, and not ours: when the autotuner picks a subgroup kernel for f16, the shader uses
+    // 16-bit subgroup operations, which the device supports (`shaderSubgroupExtendedTypes =
+    // true` in vulkaninfo) but wgpu does not enable when it creates the device. Valid on this
+    // device, so tolerated and reported; every other validation error fails the test.
+    // (docs/engine.md, "On GPU devices")
+    let before = errors.len();
+    errors.retain(|e| !e.contains(SUBGROUP_EXTENDED_TYPES));
+    if errors.len() < before {
+        eprintln!(
+            "known wgpu issue, {} time(s): shaderSubgroupExtendedTypes used but not enabled",
+            before - errors.len()
+        );
     }
     assert!(
         errors.is_empty(),
