@@ -70,6 +70,8 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
+                // Signal handlers first: a SIGTERM right after start-up drains, it does not kill.
+                let shutdown = server::shutdown_signal();
                 let addr = cfg.listen.clone();
                 let state = AppState::from_config(cfg)?;
                 let listener = tokio::net::TcpListener::bind(&addr)
@@ -79,7 +81,7 @@ fn main() -> anyhow::Result<()> {
                 tracing::info!(addr = %bound, backends = state.backends.len(), "kleingate listening");
                 // On stdout too, plainly, for scripts that start it on port 0.
                 println!("kleingate listening on http://{bound}");
-                server::serve(listener, state, server::shutdown_signal()).await?;
+                server::serve(listener, state, shutdown).await?;
                 Ok(())
             })
         }
