@@ -37,8 +37,9 @@ pub(crate) struct ExperimentRun {
 pub struct Joined {
     pub(crate) run: ExperimentRun,
     /// The client's own request, before a variant changed its model: a shadow of a variant that
-    /// sets no model runs this one, so the pair compares the variants and nothing else.
-    client_req: GenerateRequest,
+    /// sets no model runs this one, so the pair compares the variants and nothing else. Kept
+    /// only when the experiment runs shadows (it can hold megabytes of input images).
+    client_req: Option<GenerateRequest>,
     /// The body as sent, re-validated for a shadow variant's model.
     body: Bytes,
 }
@@ -103,7 +104,7 @@ pub(super) fn join(
             format!("no experiment `{name}`; available: {listed}"),
         ));
     };
-    let client_req = req.clone();
+    let client_req = cfg.shadow.then(|| req.clone());
     // With auth, the key's name: a client must not pick its variant by choosing a header value.
     let key = match &client.principal {
         Some(p) => Some(&*p.name),
@@ -173,7 +174,7 @@ pub(crate) fn shadow_request(
 ) -> Option<(GenerateRequest, Variant)> {
     let run = &joined.run;
     let variant = run.shadow.clone()?;
-    let client_req = &joined.client_req;
+    let client_req = joined.client_req.as_ref()?;
     let mut sreq = match variant.model.filter(|m| *m != client_req.model) {
         Some(m) => match for_variant(state, &joined.body, m, &run.experiment, &variant.name) {
             Ok(r) => r,
@@ -220,7 +221,7 @@ pub(crate) async fn record(state: &Arc<AppState>, answer: &Answer, start: Instan
         return;
     }
     let run = &joined.run;
-    let backend = answer.backend().map_or("none", |b| &**b).to_owned();
+    let backend = answer.backend_label().to_owned();
     let fallback = run.preferred.as_ref().is_some_and(|p| *p != backend);
     let status = match &answer.result {
         Ok(_) => 200,

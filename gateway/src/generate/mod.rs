@@ -132,6 +132,11 @@ impl Answer {
         self.model.map_or("unknown", Model::id)
     }
 
+    /// The backend's name for headers, metrics and records: `none` when none answered.
+    pub fn backend_label(&self) -> &str {
+        self.backend().map_or("none", |b| b)
+    }
+
     pub fn backend(&self) -> Option<&Arc<str>> {
         match &self.result {
             Ok(s) => Some(&s.image.backend),
@@ -154,11 +159,11 @@ impl Answer {
 }
 
 /// A validated request with what decides where it may go.
-pub struct Admitted {
-    pub req: GenerateRequest,
+struct Admitted {
+    req: GenerateRequest,
     /// The backend the client forced with `X-Kleingate-Backend`.
-    pub forced: Option<String>,
-    pub experiment: Option<Joined>,
+    forced: Option<String>,
+    experiment: Option<Joined>,
 }
 
 /// The whole request path of one generate request.

@@ -76,7 +76,7 @@ async fn handle(
 /// The answer as HTTP: the image (bytes, or JSON with base64) or the error, the kleingate
 /// headers, and the request's metrics.
 fn respond(state: &AppState, answer: Answer, start: Instant) -> Response {
-    let backend = answer.backend().map_or("none", |b| &**b).to_owned();
+    let backend = answer.backend_label().to_owned();
     let cache = answer.cache().as_str();
     let cost = answer.cost_usd();
     let model = answer.model_label();
