@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use kleingate_backend::BackendError;
 use kleingate_protocol::GenerateRequest;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument as _;
 
 use crate::cache::CachedImage;
 use crate::circuit::CircuitState;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::{AppState, BackendSlot};
+use crate::telemetry::{self, AttributeValue};
 
 /// No candidate produced an image: the client's error, and the backend whose answer it is (for
 /// the request's metrics and record), if one answered.
@@ -62,6 +64,9 @@ pub async fn dispatch(
     let mut left: Vec<(Arc<str>, &'static str)> = Vec::new();
     let mut last_error: Option<(Arc<str>, BackendError)> = None;
     let mut soonest_retry: Option<Duration> = None;
+    // Candidates passed over without an attempt, for the request's span.
+    let mut skipped: Vec<String> = Vec::new();
+    let mut attempts = 0;
     let n = candidates.len();
 
     for (i, slot) in candidates.iter().enumerate() {
@@ -75,14 +80,14 @@ pub async fn dispatch(
         if patience == Patience::IdleOnly
             && (slot.breaker.state() != CircuitState::Closed || slot.busy_for().is_some())
         {
-            left.push((slot.name.clone(), Skip::Busy.reason()));
+            pass_over(&mut left, &mut skipped, &slot.name, Skip::Busy);
             continue;
         }
         let ticket = match slot.breaker.admit() {
             Ok(t) => t,
             Err(wait) => {
                 soonest_retry = min_opt(soonest_retry, wait);
-                left.push((slot.name.clone(), Skip::CircuitOpen.reason()));
+                pass_over(&mut left, &mut skipped, &slot.name, Skip::CircuitOpen);
                 continue;
             }
         };
@@ -93,20 +98,20 @@ pub async fn dispatch(
         if let Some(wait) = busy {
             if !slot.busy_probe_due() {
                 soonest_retry = min_opt(soonest_retry, wait);
-                left.push((slot.name.clone(), Skip::Busy.reason()));
+                pass_over(&mut left, &mut skipped, &slot.name, Skip::Busy);
                 continue;
             }
         }
         // Background work leaves the last free slot to clients.
         if patience == Patience::IdleOnly && slot.permits.available_permits() < 2 {
-            left.push((slot.name.clone(), Skip::Saturated.reason()));
+            pass_over(&mut left, &mut skipped, &slot.name, Skip::Saturated);
             continue;
         }
         let _permit: OwnedSemaphorePermit = match slot.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             // Saturated: move on while there is somewhere to go, else wait our turn.
             Err(_) if !is_last || patience == Patience::IdleOnly => {
-                left.push((slot.name.clone(), Skip::Saturated.reason()));
+                pass_over(&mut left, &mut skipped, &slot.name, Skip::Saturated);
                 continue;
             }
             Err(_) => {
@@ -118,7 +123,7 @@ pub async fn dispatch(
         };
         if busy.is_some() && !slot.take_busy_probe() {
             // Another request took the probe meanwhile.
-            left.push((slot.name.clone(), Skip::Busy.reason()));
+            pass_over(&mut left, &mut skipped, &slot.name, Skip::Busy);
             continue;
         }
         for (from, reason) in left.drain(..) {
@@ -140,7 +145,12 @@ pub async fn dispatch(
                 Patience::IdleOnly => slot.backend.generate_background(req, attempt_timeout).await,
             }
         };
-        let result = match tokio::time::timeout(attempt_timeout, attempt).await {
+        attempts += 1;
+        let span = telemetry::attempt_span(&slot.name, slot.backend.kind(), attempts);
+        let result = match tokio::time::timeout(attempt_timeout, attempt)
+            .instrument(span.clone())
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(BackendError::Timeout(attempt_timeout)),
         };
@@ -150,6 +160,7 @@ pub async fn dispatch(
             Ok(_) => "ok",
             Err(e) => e.reason(),
         };
+        telemetry::attempt_outcome(&span, outcome);
         state
             .metrics
             .backend_duration
@@ -158,6 +169,7 @@ pub async fn dispatch(
 
         match result {
             Ok(image) => {
+                note_skipped(&skipped);
                 ticket.success();
                 slot.clear_busy();
                 slot.record_latency(req.model, took);
@@ -178,6 +190,7 @@ pub async fn dispatch(
                 });
             }
             Err(e) if !e.should_fall_back() => {
+                note_skipped(&skipped);
                 ticket.neutral();
                 // We validated the request already, so this means we and the backend disagree on
                 // the rules: worth a warning, but the client still gets the backend's words.
@@ -218,7 +231,29 @@ pub async fn dispatch(
         }
     }
 
+    note_skipped(&skipped);
     Err(exhausted(last_error, soonest_retry, deadline, n))
+}
+
+/// The candidates passed over without an attempt (`name:reason`, in order) on the request's
+/// span: the attempts are spans of their own, a skip is not.
+fn note_skipped(skipped: &[String]) {
+    if !skipped.is_empty() {
+        let all = skipped.join(",");
+        telemetry::annotate(&[("kleingate.skipped", AttributeValue::Str(&all))]);
+    }
+}
+
+/// A candidate left behind without an attempt: counted as a fallback from it (when the next one
+/// is tried) and named on the request's span.
+fn pass_over(
+    left: &mut Vec<(Arc<str>, &'static str)>,
+    skipped: &mut Vec<String>,
+    name: &Arc<str>,
+    why: Skip,
+) {
+    skipped.push(format!("{name}:{}", why.reason()));
+    left.push((name.clone(), why.reason()));
 }
 
 fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {

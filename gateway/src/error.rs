@@ -76,6 +76,8 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, axum::Json(body)).into_response();
+        // For the request's span (its status names the code).
+        resp.extensions_mut().insert(self.code);
         if let Some(d) = self.retry_after {
             // Round up: "retry after 0 s" would invite an immediate retry into the same wall.
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);

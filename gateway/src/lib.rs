@@ -27,6 +27,7 @@ pub mod routes;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 
 pub use config::Config;
 pub use state::AppState;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kleingate_gateway::{server, AppState, Config};
+use kleingate_gateway::{server, telemetry, AppState, Config};
 
 mod cli;
 
@@ -50,15 +50,11 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // Logs on stderr, colour only on a terminal; stdout carries the one "listening" line.
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    // `serve` sets up its logs with its config (trace export); the other commands log only.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        telemetry::install_logs();
+    }
     match cli.command {
         Command::Serve { config, listen } => {
             let mut cfg = Config::load(Some(&config))
@@ -69,7 +65,9 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(async move {
+            // Logs, and trace export when configured: the exporter sends on this runtime.
+            let telemetry = telemetry::install(&cfg.telemetry, rt.handle())?;
+            let served = rt.block_on(async move {
                 // Signal handlers first: a SIGTERM right after start-up drains, it does not kill.
                 let shutdown = server::shutdown_signal();
                 let addr = cfg.listen.clone();
@@ -82,8 +80,11 @@ fn main() -> anyhow::Result<()> {
                 // On stdout too, plainly, for scripts that start it on port 0.
                 println!("kleingate listening on http://{bound}");
                 server::serve(listener, state, shutdown).await?;
-                Ok(())
-            })
+                anyhow::Ok(())
+            });
+            // The spans of the last requests, sent while the runtime still runs.
+            telemetry.shutdown();
+            served
         }
         #[cfg(feature = "local")]
         Command::Generate(args) => cli::generate::run(args),

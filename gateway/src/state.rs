@@ -272,6 +272,7 @@ impl AppState {
                             max_response_bytes: v.max_response_bytes,
                             cost: c.cost.clone(),
                             pool_max_idle: c.max_concurrency,
+                            trace_headers: crate::telemetry::trace_headers,
                         })
                         .map_err(|e| BuildError::Backend {
                             name: name.clone(),

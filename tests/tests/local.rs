@@ -481,7 +481,7 @@ async fn a_local_backend_computes_in_its_configured_dtype() {
             init_noise: None,
             references: vec![],
         };
-        let out = pipe.generate(&req, &mut |_, _| true).unwrap();
+        let out = pipe.generate(&req, &mut |_| true).unwrap();
         let v = out.images.into_data().try_to_vec::<f32>().unwrap();
         kleingate_local::image_io::Rgb8::from_unit_floats(&v, 80, 64).data
     };

@@ -204,6 +204,17 @@ impl std::fmt::Debug for SharedFetcher {
     }
 }
 
+/// The trace context to send with a call to another service: W3C `traceparent` (and
+/// `tracestate`) as `(header name, value)` pairs, for the caller's current span. The gateway owns
+/// tracing and supplies the function; a backend that calls over HTTP copies the pairs onto its
+/// request, so a kleingate worker's spans join the gateway's trace.
+pub type TraceHeaders = fn() -> Vec<(&'static str, String)>;
+
+/// [`TraceHeaders`] for a caller without tracing: no headers.
+pub fn no_trace_headers() -> Vec<(&'static str, String)> {
+    Vec::new()
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// `verda`, `local`, ...: the kind named in config.

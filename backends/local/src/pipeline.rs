@@ -120,6 +120,37 @@ impl Request {
     }
 }
 
+/// A stage of a run, in the order they run: the text encoder, the references through the VAE
+/// encoder (only with references), the denoising loop and each of its steps, the VAE decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    TextEncoder,
+    VaeEncode,
+    Denoise { steps: usize },
+    Step { index: usize },
+    VaeDecode,
+}
+
+/// What a run tells its caller as it goes (for progress, cancellation and tracing): a stage
+/// begins, or it ends (the device synchronised, so the time between the two is the stage's).
+/// The caller's answer `false` stops the run there with [`EngineError::Cancelled`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    Begin(Stage),
+    End(Stage),
+}
+
+/// The caller's progress callback (see [`Progress`]).
+pub type OnProgress<'a> = dyn FnMut(Progress) -> bool + 'a;
+
+fn report(on: &mut OnProgress<'_>, p: Progress) -> Result<(), EngineError> {
+    if on(p) {
+        Ok(())
+    } else {
+        Err(EngineError::Cancelled)
+    }
+}
+
 /// Wall time of each stage (the device is synchronised before each reading).
 #[derive(Clone, Debug, Default)]
 pub struct Timings {
@@ -300,14 +331,14 @@ impl Pipeline {
         d
     }
 
-    /// Run the pipeline; `on_step(i, n)` is called after each denoising step and stops the run
-    /// (with [`EngineError::Cancelled`]) by returning false.
+    /// Run the pipeline; `on_progress` hears each stage begin and end, and stops the run (with
+    /// [`EngineError::Cancelled`]) by returning false.
     pub fn generate(
         &self,
         req: &Request,
-        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        on_progress: &mut OnProgress<'_>,
     ) -> Result<Generated, EngineError> {
-        self.run(req, on_step, &mut Taps::off())
+        self.run(req, on_progress, &mut Taps::off())
     }
 
     /// [`generate`](Self::generate), handing the intermediate values to `hook` as they are
@@ -319,16 +350,16 @@ impl Pipeline {
     pub fn generate_traced(
         &self,
         req: &Request,
-        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        on_progress: &mut OnProgress<'_>,
         hook: &mut Hook<'_>,
     ) -> Result<Generated, EngineError> {
-        self.run(req, on_step, &mut Taps::to(hook))
+        self.run(req, on_progress, &mut Taps::to(hook))
     }
 
     fn run(
         &self,
         req: &Request,
-        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        on_progress: &mut OnProgress<'_>,
         taps: &mut Taps<'_>,
     ) -> Result<Generated, EngineError> {
         let m = self.size_multiple();
@@ -362,6 +393,7 @@ impl Pipeline {
         let l = req.max_sequence_length;
         let mut timings = Timings::default();
         let mut clock = Instant::now();
+        report(on_progress, Progress::Begin(Stage::TextEncoder))?;
         let te = self.text_encoder()?;
         let (cond, truncated) = self.embed(&te, &req.prompts, l)?;
         let ctx = if req.cfg {
@@ -373,6 +405,7 @@ impl Pipeline {
         // Offloaded: its weights leave the device here, before the transformer runs.
         drop(te);
         timings.text_encoder = self.lap(&mut clock);
+        report(on_progress, Progress::End(Stage::TextEncoder))?;
 
         let noise = match &req.init_noise {
             Some(n) => {
@@ -392,8 +425,15 @@ impl Pipeline {
         let mut x = pack(noise).cast(self.precision.float());
         let mut img_ids = grid_ids(0, h, w);
         let n_img = img_ids.len();
+        let with_references = !req.references.is_empty();
+        if with_references {
+            report(on_progress, Progress::Begin(Stage::VaeEncode))?;
+        }
         let (ref_tokens, ref_ids) = self.encode_references(&req.references, taps)?;
         timings.vae_encode = self.lap(&mut clock);
+        if with_references {
+            report(on_progress, Progress::End(Stage::VaeEncode))?;
+        }
         img_ids.extend(ref_ids);
         // The transformer input at every step: the noisy tokens, then the clean reference tokens.
         let with_refs = |x: Tensor<3>| -> Tensor<3> {
@@ -408,7 +448,10 @@ impl Pipeline {
         };
         let txt_ids = text_ids(l);
         let sched = Schedule::new(req.steps, h * w);
+        let denoise = Stage::Denoise { steps: req.steps };
+        report(on_progress, Progress::Begin(denoise))?;
         for i in 0..req.steps {
+            report(on_progress, Progress::Begin(Stage::Step { index: i }))?;
             let t = model_timestep(sched.timesteps[i], self.precision);
             let v = if req.cfg {
                 let both = self
@@ -434,10 +477,10 @@ impl Pipeline {
             x = euler_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], self.precision);
             taps.tap(format_args!("steps.{i}.latents"), &x);
             timings.steps.push(self.lap(&mut clock));
-            if !on_step(i + 1, req.steps) {
-                return Err(EngineError::Cancelled);
-            }
+            report(on_progress, Progress::End(Stage::Step { index: i }))?;
         }
+        report(on_progress, Progress::End(denoise))?;
+        report(on_progress, Progress::Begin(Stage::VaeDecode))?;
 
         let final_unpacked = unpack(x, h, w);
         taps.tap("final.latents_unpacked", &final_unpacked);
@@ -452,6 +495,7 @@ impl Pipeline {
             .permute([0, 2, 3, 1])
             .cast(FloatDType::F32);
         timings.vae_decode = self.lap(&mut clock);
+        report(on_progress, Progress::End(Stage::VaeDecode))?;
         Ok(Generated {
             timings,
             images,

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use crate::backend::{client_error, EngineObserver, LocalConfig};
 use crate::error::EngineError;
 use crate::image_io::{Format, Rgb8};
-use crate::pipeline::{Pipeline, Request};
+use crate::pipeline::{Pipeline, Progress, Request, Stage};
 use crate::reference::RgbImage;
 use crate::safety::SafetyChecker;
 use crate::sampler::seeded_noise;
@@ -163,7 +163,12 @@ impl Queue {
         });
         let guard = SlotGuard(slot.clone());
         let (tx, rx) = oneshot::channel();
+        // The caller's span (the gateway's backend attempt) is the parent of the job's stages.
+        let span = tracing::Span::current();
+        let queued = tracing::info_span!(parent: &span, "queue_wait", queue.depth = waiting);
         let job = Job {
+            span,
+            queued,
             req: GenerateRequest {
                 input_images: Vec::new(),
                 ..req.clone()
@@ -203,6 +208,10 @@ impl Ticket {
 }
 
 struct Job {
+    /// The caller's span: the job's stages are its children.
+    span: tracing::Span,
+    /// Open while the job waits in the queue; closed when the worker takes it.
+    queued: tracing::Span,
     /// The request without its `input_images` (decoded into `references`).
     req: GenerateRequest,
     seed: u64,
@@ -241,6 +250,12 @@ impl Drop for SlotGuard {
 }
 
 impl Job {
+    /// The worker took it: its queue place is free and its wait is over.
+    fn taken(&mut self) {
+        self.slot.release();
+        self.queued = tracing::Span::none();
+    }
+
     /// Requests that may share one batch: same shapes and sampling, and no references (those
     /// change the token count per request).
     /// Background jobs batch only with each other: they must not add work to a client's batch.
@@ -281,8 +296,8 @@ impl Worker {
             pending.push_back(j);
         }
         let i = pending.iter().position(|j| !j.background).unwrap_or(0);
-        let j = pending.remove(i)?;
-        j.slot.release();
+        let mut j = pending.remove(i)?;
+        j.taken();
         Some(j)
     }
 
@@ -300,8 +315,8 @@ impl Worker {
                 let mut i = 0;
                 while i < pending.len() && batch.len() < self.cfg.max_batch.max(1) {
                     if pending[i].batch_key() == Some(key) && !pending[i].reply.is_closed() {
-                        let j = pending.remove(i).expect("index in range");
-                        j.slot.release();
+                        let mut j = pending.remove(i).expect("index in range");
+                        j.taken();
                         batch.push(j);
                     } else {
                         i += 1;
@@ -344,6 +359,10 @@ impl Worker {
             return Ok(flags);
         }
         let start = std::time::Instant::now();
+        let _spans: Vec<tracing::Span> = wanted
+            .iter()
+            .map(|&i| tracing::info_span!(parent: &batch[i].span, "safety", batch = wanted.len()))
+            .collect();
         let images: Vec<&Rgb8> = wanted.iter().map(|&i| &rgbs[i]).collect();
         for (&i, v) in wanted.iter().zip(checker.check(&images)?) {
             flags[i] = v.nsfw;
@@ -413,12 +432,15 @@ impl Worker {
                 batch[0].references.clone(),
             )
         };
-        let out = self.pipe.generate(&req, &mut |_, _| {
+        let mut stages = StageSpans::new(batch);
+        let out = self.pipe.generate(&req, &mut |p| {
+            stages.progress(p);
             let wanted = batch.iter().any(|j| !j.reply.is_closed());
             // Background work yields to any client's job at the next step.
             let preempted = batch[0].background && self.depth.load(Ordering::SeqCst) > 0;
             wanted && !preempted
         })?;
+        drop(stages);
         let t = &out.timings;
         self.observer.stage("text_encoder", t.text_encoder);
         if !req.references.is_empty() {
@@ -449,7 +471,11 @@ impl Worker {
         let cost_usd = self.cfg.cost.device_time(per_image);
         let mut images = Vec::with_capacity(batch.len());
         for ((job, rgb), has_nsfw_content) in batch.iter().zip(&rgbs).zip(flags) {
-            let bytes = rgb.encode(to_format(job.req.output_format), job.req.output_quality)?;
+            let format = job.req.output_format;
+            let _span =
+                tracing::info_span!(parent: &job.span, "encode_image", format = format.as_str())
+                    .entered();
+            let bytes = rgb.encode(to_format(format), job.req.output_quality)?;
             images.push(GeneratedImage {
                 bytes: Bytes::from(bytes),
                 format: job.req.output_format,
@@ -460,6 +486,51 @@ impl Worker {
         }
         self.observer.images(r0.model, images.len());
         Ok(images)
+    }
+}
+
+/// The open stage spans of each job in a batch: a stage that begins opens a span under the job's
+/// innermost open one (a step under the denoising loop), its end closes it. Every job of a batch
+/// gets its own spans, with the batch's timing.
+struct StageSpans<'a> {
+    batch: &'a [Job],
+    open: Vec<Vec<tracing::Span>>,
+}
+
+impl<'a> StageSpans<'a> {
+    fn new(batch: &'a [Job]) -> Self {
+        StageSpans {
+            batch,
+            open: batch.iter().map(|_| Vec::new()).collect(),
+        }
+    }
+
+    fn progress(&mut self, p: Progress) {
+        let n = self.batch.len();
+        for (job, open) in self.batch.iter().zip(&mut self.open) {
+            match p {
+                Progress::Begin(stage) => {
+                    let parent = open.last().unwrap_or(&job.span);
+                    let span = match stage {
+                        Stage::TextEncoder => {
+                            tracing::info_span!(parent: parent, "text_encoder", batch = n)
+                        }
+                        Stage::VaeEncode => tracing::info_span!(parent: parent, "vae_encode"),
+                        Stage::Denoise { steps } => {
+                            tracing::info_span!(parent: parent, "denoise", steps, batch = n)
+                        }
+                        Stage::Step { index } => tracing::info_span!(parent: parent, "step", index),
+                        Stage::VaeDecode => {
+                            tracing::info_span!(parent: parent, "vae_decode", batch = n)
+                        }
+                    };
+                    open.push(span);
+                }
+                Progress::End(_) => {
+                    open.pop();
+                }
+            }
+        }
     }
 }
 

@@ -98,7 +98,7 @@ fn gpu_pipeline_matches_the_reference() {
             let case = Case::load(case_name);
             let req = case.request(&device);
             let t = Instant::now();
-            let out = pipe.generate(&req, &mut |_, _| true).unwrap();
+            let out = pipe.generate(&req, &mut |_| true).unwrap();
             let [_, h, w, _] = out.images.dims();
             let v = out.images.into_data().try_to_vec::<f32>().unwrap();
             let ours = Rgb8::from_unit_floats(&v, w, h);

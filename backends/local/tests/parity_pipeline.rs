@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use burn::tensor::{Device, Tensor};
 use fixture::{assert_close, Case};
 use kleingate_local::image_io::Rgb8;
+use kleingate_local::pipeline::Progress::{self, Begin, End};
+use kleingate_local::pipeline::Stage::{self, Denoise, Step, TextEncoder, VaeDecode, VaeEncode};
 use kleingate_local::pipeline::{Pipeline, Request};
 
 fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -31,14 +33,17 @@ fn text_to_image_matches_the_reference() {
         let j = &case.json;
         let req = case.request(&device);
         let mut steps_seen = 0;
+        let mut stages = Vec::new();
         // Every intermediate value the run hands out, by name, as f32.
         let mut values: HashMap<String, Vec<f32>> = HashMap::new();
         let out = pipe
             .generate_traced(
                 &req,
-                &mut |i, n| {
-                    assert_eq!(n, req.steps);
-                    steps_seen = i;
+                &mut |p| {
+                    stages.push(p);
+                    if let Progress::End(Stage::Step { index }) = p {
+                        steps_seen = index + 1;
+                    }
                     true
                 },
                 &mut |name, value| {
@@ -52,6 +57,18 @@ fn text_to_image_matches_the_reference() {
                 .unwrap_or_else(|| panic!("{name}: no such intermediate value"))
         };
         assert_eq!(steps_seen, req.steps);
+        // Every stage begins and ends once, in order, each step inside the denoising loop.
+        let mut want = vec![Begin(TextEncoder), End(TextEncoder)];
+        if !req.references.is_empty() {
+            want.extend([Begin(VaeEncode), End(VaeEncode)]);
+        }
+        let denoise = Denoise { steps: req.steps };
+        want.push(Begin(denoise));
+        for index in 0..req.steps {
+            want.extend([Begin(Step { index }), End(Step { index })]);
+        }
+        want.extend([End(denoise), Begin(VaeDecode), End(VaeDecode)]);
+        assert_eq!(stages, want, "{name}");
         assert_eq!(
             out.truncated
                 .iter()
@@ -159,7 +176,7 @@ fn bad_requests_are_errors() {
         references: vec![],
     };
     let err = |r: &Request| {
-        pipe.generate(r, &mut |_, _| true)
+        pipe.generate(r, &mut |_| true)
             .err()
             .expect("an error")
             .to_string()
@@ -170,12 +187,9 @@ fn bad_requests_are_errors() {
     assert!(err(&req).contains("initial noise"));
     req.init_noise = None;
     // Seeded runs are deterministic.
-    let a = vals(pipe.generate(&req, &mut |_, _| true).unwrap().images);
-    let b = vals(pipe.generate(&req, &mut |_, _| true).unwrap().images);
+    let a = vals(pipe.generate(&req, &mut |_| true).unwrap().images);
+    let b = vals(pipe.generate(&req, &mut |_| true).unwrap().images);
     assert_eq!(a, b);
     req.seed = 2;
-    assert_ne!(
-        a,
-        vals(pipe.generate(&req, &mut |_, _| true).unwrap().images)
-    );
+    assert_ne!(a, vals(pipe.generate(&req, &mut |_| true).unwrap().images));
 }

@@ -19,7 +19,7 @@ use serde_json::Value;
 /// Run `case` through `pipe` and return its images as 8-bit RGB, one per prompt.
 fn run(pipe: &Pipeline, case: &Case) -> Vec<Rgb8> {
     let req = case.request(&pipe.device);
-    let out = pipe.generate(&req, &mut |_, _| true).unwrap();
+    let out = pipe.generate(&req, &mut |_| true).unwrap();
     let [b, h, w, _] = out.images.dims();
     let v = out.images.into_data().try_to_vec::<f32>().unwrap();
     (0..b)

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
-use kleingate_backend::{Backend, BackendError, CostModel, GeneratedImage};
+use kleingate_backend::{Backend, BackendError, CostModel, GeneratedImage, TraceHeaders};
 use kleingate_protocol::{GenerateRequest, Model, OutputFormat};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
@@ -45,6 +45,9 @@ pub struct VerdaConfig {
     pub cost: CostModel,
     /// Idle keep-alive connections kept per host.
     pub pool_max_idle: usize,
+    /// The caller's trace context for each request (`kleingate_backend::no_trace_headers`
+    /// for none).
+    pub trace_headers: TraceHeaders,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,7 @@ pub struct VerdaBackend {
     models: Vec<Model>,
     max_response_bytes: usize,
     cost: CostModel,
+    trace_headers: TraceHeaders,
 }
 
 impl VerdaBackend {
@@ -94,6 +98,7 @@ impl VerdaBackend {
             models: cfg.models,
             max_response_bytes: cfg.max_response_bytes,
             cost: cfg.cost,
+            trace_headers: cfg.trace_headers,
         })
     }
 
@@ -186,6 +191,9 @@ impl Backend for VerdaBackend {
             .body(body);
         if let Some(auth) = &self.auth {
             rb = rb.header(AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in (self.trace_headers)() {
+            rb = rb.header(name, value);
         }
         let resp = rb
             .send()

@@ -8,7 +8,7 @@ use base64::Engine as _;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kleingate_local::image_io::{Format, Rgb8};
-use kleingate_local::pipeline::{Pipeline, Request};
+use kleingate_local::pipeline::{Pipeline, Progress, Request, Stage};
 use kleingate_protocol::{GenerateRequest, Limits, Model};
 
 #[derive(Args, Debug)]
@@ -153,8 +153,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let t1 = Instant::now();
-    let out = pipe.generate(&req, &mut |i, _| {
-        bar.set_position(i as u64);
+    let out = pipe.generate(&req, &mut |p| {
+        if let Progress::End(Stage::Step { index }) = p {
+            bar.set_position(index as u64 + 1);
+        }
         true
     })?;
     bar.finish();

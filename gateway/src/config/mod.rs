@@ -71,6 +71,9 @@ pub struct Config {
     /// Fetching `input_images` URLs for the local engine (see `fetch.rs`).
     #[serde(default)]
     pub fetch: crate::fetch::FetchConfig,
+    /// OpenTelemetry trace export (see `telemetry.rs`); off unless `endpoint` is set.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// Where experiment results and feedback are kept.
@@ -377,6 +380,9 @@ impl Config {
             return bad(e);
         }
         if let Err(e) = self.fetch.validate() {
+            return bad(e);
+        }
+        if let Err(e) = self.telemetry.validate() {
             return bad(e);
         }
         let names: Vec<&str> = self.backends.keys().map(String::as_str).collect();

@@ -25,6 +25,7 @@ use crate::error::ErrorCode;
 use crate::experiments::{Record, Variant};
 use crate::routing::candidates;
 use crate::state::AppState;
+use tracing::Instrument as _;
 
 /// Count a shadow run's outcome: ran, failed, or why it was skipped
 /// (`kleingate_shadow_runs_total`).
@@ -70,67 +71,85 @@ pub(crate) fn start(
     let principal = client.principal.clone();
     let pair = run.result_id.clone();
     let experiment = run.experiment.clone();
-    state.background.spawn(async move {
-        let _place = place;
-        let state = state2;
-        let start = Instant::now();
-        let served = match candidates(&state, &req, None, principal.as_deref()) {
-            Ok(mut c) => {
-                // The variant's backend or none: a shadow served elsewhere measures nothing.
-                if let Some(b) = &variant.backend {
-                    c.retain(|s| &*s.name == b);
-                }
-                dispatch(
-                    &state,
-                    &req,
-                    &c,
-                    start + state.request_timeout,
-                    Patience::IdleOnly,
-                )
-                .await
-            }
-            Err(error) => Err(crate::dispatch::DispatchError {
-                error,
-                backend: None,
-            }),
-        };
-        let (status, backend, cost, image) = match &served {
-            Ok(s) => (
-                200,
-                s.backend.to_string(),
-                s.cost_usd,
-                Some((
-                    s.image.format.content_type().to_owned(),
-                    s.image.bytes.to_vec(),
-                )),
+    // A child of the request's span: the shadow run shows in the same trace, after the answer.
+    let span = tracing::info_span!("shadow_run");
+    crate::telemetry::annotate_span(
+        &span,
+        &[
+            (
+                "kleingate.experiment",
+                crate::telemetry::AttributeValue::Str(&experiment),
             ),
-            Err(e) => (e.error.code.status(), "none".to_owned(), 0.0, None),
-        };
-        let outcome = match &served {
-            Ok(_) => "ran",
-            Err(e) if e.error.code == ErrorCode::NoBackendAvailable => "no_capacity",
-            Err(_) => "failed",
-        };
-        count(&state, &experiment, outcome);
-        let record = Record {
-            request_id: format!("{pair}.shadow"),
-            experiment: experiment.clone(),
-            excluded: variant.backend.as_ref().is_some_and(|p| *p != backend),
-            variant: variant.name,
-            backend,
-            model: req.model.id().to_owned(),
-            prompt: req.prompt,
-            seed: req.seed,
-            status,
-            latency_ms: start.elapsed().as_secs_f64() * 1e3,
-            cost_usd: cost,
-            pair_of: Some(pair),
-            image,
-        };
-        // The shadow is spending done for this client: it counts against its budget.
-        if let Some(k) = &budget_key {
-            state.budgets.charge(k, cost);
+            (
+                "kleingate.variant",
+                crate::telemetry::AttributeValue::Str(&variant.name),
+            ),
+        ],
+    );
+    state.background.spawn(
+        async move {
+            let _place = place;
+            let state = state2;
+            let start = Instant::now();
+            let served = match candidates(&state, &req, None, principal.as_deref()) {
+                Ok(mut c) => {
+                    // The variant's backend or none: a shadow served elsewhere measures nothing.
+                    if let Some(b) = &variant.backend {
+                        c.retain(|s| &*s.name == b);
+                    }
+                    dispatch(
+                        &state,
+                        &req,
+                        &c,
+                        start + state.request_timeout,
+                        Patience::IdleOnly,
+                    )
+                    .await
+                }
+                Err(error) => Err(crate::dispatch::DispatchError {
+                    error,
+                    backend: None,
+                }),
+            };
+            let (status, backend, cost, image) = match &served {
+                Ok(s) => (
+                    200,
+                    s.backend.to_string(),
+                    s.cost_usd,
+                    Some((
+                        s.image.format.content_type().to_owned(),
+                        s.image.bytes.to_vec(),
+                    )),
+                ),
+                Err(e) => (e.error.code.status(), "none".to_owned(), 0.0, None),
+            };
+            let outcome = match &served {
+                Ok(_) => "ran",
+                Err(e) if e.error.code == ErrorCode::NoBackendAvailable => "no_capacity",
+                Err(_) => "failed",
+            };
+            count(&state, &experiment, outcome);
+            let record = Record {
+                request_id: format!("{pair}.shadow"),
+                experiment: experiment.clone(),
+                excluded: variant.backend.as_ref().is_some_and(|p| *p != backend),
+                variant: variant.name,
+                backend,
+                model: req.model.id().to_owned(),
+                prompt: req.prompt,
+                seed: req.seed,
+                status,
+                latency_ms: start.elapsed().as_secs_f64() * 1e3,
+                cost_usd: cost,
+                pair_of: Some(pair),
+                image,
+            };
+            // The shadow is spending done for this client: it counts against its budget.
+            if let Some(k) = &budget_key {
+                state.budgets.charge(k, cost);
+            }
+            store_record(&state, record).await;
         }
-        store_record(&state, record).await;
-    });
+        .instrument(span),
+    );
 }

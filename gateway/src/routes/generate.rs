@@ -80,6 +80,18 @@ fn respond(state: &AppState, answer: Answer, start: Instant) -> Response {
     let cache = answer.cache().as_str();
     let cost = answer.cost_usd();
     let model = answer.model_label();
+    {
+        use crate::telemetry::{annotate, AttributeValue::*};
+        annotate(&[
+            ("kleingate.model", Str(model)),
+            ("kleingate.backend", Str(&backend)),
+            ("kleingate.cache", Str(cache)),
+            ("kleingate.cost_usd", Float(cost)),
+        ]);
+        if let Some(joined) = &answer.experiment {
+            annotate(&[("kleingate.variant", Str(joined.variant()))]);
+        }
+    }
     let m = &state.metrics;
     let mut resp = match &answer.result {
         Ok(served) => image_response(served),
