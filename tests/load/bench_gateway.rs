@@ -6,7 +6,10 @@
 //!   1. pass-through at a fixed request rate: direct to the upstream, then through the gateway
 //!      (unseeded requests, so every one goes to the backend), then through nginx;
 //!   2. maximum throughput, closed loop: the upstream directly, nginx proxying, then cache hits
-//!      from the gateway.
+//!      from the gateway;
+//!   3. with `--telemetry`, last: pass-through again with OpenTelemetry trace export on (every
+//!      request sampled, spans sent to an OTLP sink in this process), beside a direct run and a
+//!      gateway run without export made in the same phase.
 //!
 //! It prints requests/s, p50/p99/p99.9 and the ratios / added latency. The body size is stated with
 //! every figure because image bodies, not request handling, dominate the cost.
@@ -47,6 +50,25 @@ struct Args {
     /// The nginx binary to measure as the reference proxy (skipped when it cannot be run).
     #[arg(long, default_value = "nginx")]
     nginx: String,
+    /// Also measure pass-through with trace export on (installs the process's tracing subscriber,
+    /// so it runs last).
+    #[arg(long)]
+    telemetry: bool,
+}
+
+/// An OTLP/HTTP endpoint that takes every export and discards it (the cost measured is the
+/// gateway's: making, batching and sending the spans).
+async fn otlp_sink() -> SocketAddr {
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(|_: Bytes| async { [("content-type", "application/x-protobuf")] }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    addr
 }
 
 /// nginx in the foreground, proxying to one upstream over kept-alive connections, with image
@@ -434,4 +456,88 @@ async fn run(a: Args) {
         m.get_sample_sum() / m.get_sample_count().max(1) as f64 * 1000.0,
         m.get_sample_count()
     );
+    if a.telemetry {
+        telemetry_phase(&a, fake.addr, gw.addr, unseeded).await;
+    }
+}
+
+/// Pass-through with every request's spans exported, against the same gateway without export
+/// and the upstream directly, alternating, in this one phase. Logs are at `warn` (no access log
+/// lines): the difference is the spans' cost.
+async fn telemetry_phase(a: &Args, upstream: SocketAddr, plain: SocketAddr, body: Bytes) {
+    let sink = otlp_sink().await;
+    let cfg = kleingate_gateway::telemetry::TelemetryConfig {
+        endpoint: Some(format!("http://{sink}")),
+        ..Default::default()
+    };
+    // Only the subscriber installed below reads RUST_LOG.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let telemetry = kleingate_gateway::telemetry::install(&cfg, &tokio::runtime::Handle::current())
+        .expect("installing the trace exporter");
+    // A gateway started after the install: its spans are exported.
+    let traced = Gateway::start(&format!(
+        "[backends.verda]\nkind = \"verda\"\nbase_url = \"http://{upstream}\"\napi_key_env = \"KLEINGATE_BENCH_NO_KEY\"\nmax_concurrency = 256\nmax_response_bytes = {}\n",
+        a.image_bytes * 2
+    ))
+    .await;
+    let r = Some(a.rate);
+    let path = "/flux2-klein-4b/generate";
+    let n = a.image_bytes;
+    let (mut plain99, mut traced99, mut plain50, mut traced50) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.repeat.max(1) {
+        let direct = load(
+            upstream,
+            path,
+            body.clone(),
+            n,
+            a.rate_connections,
+            r,
+            a.seconds,
+        )
+        .await;
+        row(&format!("direct to upstream @ {}/s", a.rate), &direct);
+        let p = load(
+            plain,
+            path,
+            body.clone(),
+            n,
+            a.rate_connections,
+            r,
+            a.seconds,
+        )
+        .await;
+        row(&format!("gateway, no export @ {}/s", a.rate), &p);
+        let t = load(
+            traced.addr,
+            path,
+            body.clone(),
+            n,
+            a.rate_connections,
+            r,
+            a.seconds,
+        )
+        .await;
+        row(&format!("gateway, traces exported @ {}/s", a.rate), &t);
+        plain50.push(p.pct(0.5) - direct.pct(0.5));
+        plain99.push(p.pct(0.99) - direct.pct(0.99));
+        traced50.push(t.pct(0.5) - direct.pct(0.5));
+        traced99.push(t.pct(0.99) - direct.pct(0.99));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p50, p99) = (median(&mut plain50), median(&mut plain99));
+    let (t50, t99) = (median(&mut traced50), median(&mut traced99));
+    println!(
+        "\ntraces exported (every request sampled): pass-through adds p50 {t50:+.3} ms, p99 {t99:+.3} ms; without export p50 {p50:+.3} ms, p99 {p99:+.3} ms (median of {} triples): p99 {:.2}x, p50 {:.2}x",
+        plain99.len(),
+        t99 / p99,
+        t50 / p50
+    );
+    // The last spans are sent on this runtime: block a thread of its blocking pool, not a worker.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
 }
