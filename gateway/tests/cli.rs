@@ -511,3 +511,40 @@ fn generate_checks_the_request_by_the_protocols_rules() {
         assert!(err.contains(flag), "{args:?} names no flag: {err}");
     }
 }
+
+/// The `kleingate.toml` held by a Kubernetes ConfigMap manifest (its `kleingate.toml: |` block).
+#[cfg(feature = "local")]
+fn configmap_toml(manifest: &str) -> String {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let mut lines = text.lines().skip_while(|l| l.trim() != "kleingate.toml: |");
+    lines.next().expect("a kleingate.toml block");
+    lines
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.get(4..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// What k8s/ ships is a config this gateway accepts (kustomize and the schemas check the rest).
+#[cfg(feature = "local")]
+#[test]
+fn the_shipped_kubernetes_configs_load() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["gateway-configmap.yaml", "gpu-worker-configmap.yaml"] {
+        let manifest = format!("{}/../k8s/base/{name}", env!("CARGO_MANIFEST_DIR"));
+        let toml = configmap_toml(&manifest);
+        assert!(toml.contains("[backends."), "{name}: {toml}");
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kleingate"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
