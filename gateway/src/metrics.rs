@@ -26,6 +26,10 @@ pub struct Metrics {
     pub circuit_state: IntGaugeVec,
     pub backend_inflight: IntGaugeVec,
     pub backend_ready: IntGaugeVec,
+    /// Per endpoint of a backend's pool (`verda` kind): requests in flight, and 1 when it takes
+    /// requests (0 busy or ejected).
+    pub endpoint_inflight: IntGaugeVec,
+    pub endpoint_ready: IntGaugeVec,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cache_evictions: IntCounter,
@@ -116,6 +120,22 @@ impl Metrics {
                 "Requests currently being served by each backend",
             ),
             &["backend"],
+        )
+        .expect("metric");
+        let endpoint_inflight = IntGaugeVec::new(
+            Opts::new(
+                "kleingate_backend_endpoint_inflight_requests",
+                "Requests in flight to each endpoint of a backend's pool",
+            ),
+            &["backend", "endpoint"],
+        )
+        .expect("metric");
+        let endpoint_ready = IntGaugeVec::new(
+            Opts::new(
+                "kleingate_backend_endpoint_ready",
+                "1 when an endpoint of a backend's pool takes requests, 0 when busy (Retry-After) or ejected",
+            ),
+            &["backend", "endpoint"],
         )
         .expect("metric");
         let cache_hits = IntCounter::new("kleingate_cache_hits_total", "Cache lookups that hit")
@@ -280,6 +300,8 @@ impl Metrics {
             Box::new(circuit_state.clone()),
             Box::new(backend_inflight.clone()),
             Box::new(backend_ready.clone()),
+            Box::new(endpoint_inflight.clone()),
+            Box::new(endpoint_ready.clone()),
             Box::new(cache_hits.clone()),
             Box::new(cache_misses.clone()),
             Box::new(cache_evictions.clone()),
@@ -304,6 +326,8 @@ impl Metrics {
             circuit_state,
             backend_inflight,
             backend_ready,
+            endpoint_inflight,
+            endpoint_ready,
             cache_hits,
             cache_misses,
             cache_evictions,

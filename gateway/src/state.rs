@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use kleingate_backend::Backend;
 use kleingate_protocol::Model;
-use kleingate_verda::{ApiKey, VerdaBackend, VerdaConfig};
+use kleingate_verda::{ApiKey, Discovery, PoolSettings, VerdaBackend, VerdaConfig};
 use tokio::sync::Semaphore;
 
 use crate::cache::ImageCache;
 use crate::circuit::{CircuitBreaker, CircuitState};
-use crate::config::{Config, Kind};
+use crate::config::{Config, DiscoveryKind, Kind};
 #[cfg(feature = "local")]
 use crate::metrics::EngineMetrics;
 use crate::metrics::Metrics;
@@ -266,6 +266,21 @@ impl AppState {
                     Arc::new(
                         VerdaBackend::new(VerdaConfig {
                             base_url: v.base_url.clone(),
+                            endpoints: v.endpoints.clone(),
+                            discovery: match v.discovery {
+                                DiscoveryKind::Static => Discovery::Static,
+                                DiscoveryKind::Dns => Discovery::Dns {
+                                    interval: Duration::from_secs_f64(v.discovery_interval_secs),
+                                },
+                            },
+                            pool: PoolSettings {
+                                eject_after_failures: v.eject_after_failures,
+                                eject_for: Duration::from_secs_f64(v.eject_secs),
+                                max_retry_after: Duration::from_secs_f64(
+                                    config.routing.max_retry_after_secs,
+                                ),
+                                ..PoolSettings::default()
+                            },
                             api_key: api_key.map(ApiKey::new),
                             models: c.models.clone(),
                             connect_timeout: Duration::from_secs_f64(v.connect_timeout_secs),
@@ -409,7 +424,23 @@ impl AppState {
 
     /// Refresh the gauges that are read off state rather than updated on the hot path.
     pub async fn refresh_gauges(&self) {
+        // Endpoints come and go (DNS discovery): only the current ones are reported.
+        self.metrics.endpoint_inflight.reset();
+        self.metrics.endpoint_ready.reset();
         for s in &self.backends {
+            for e in s.backend.endpoints() {
+                let labels = [&*s.name, e.address.as_str()];
+                self.metrics
+                    .endpoint_inflight
+                    .with_label_values(&labels)
+                    .set(e.in_flight as i64);
+                self.metrics
+                    .endpoint_ready
+                    .with_label_values(&labels)
+                    .set(i64::from(
+                        e.state == kleingate_backend::EndpointState::Ready,
+                    ));
+            }
             self.metrics
                 .circuit_state
                 .with_label_values(&[&*s.name])

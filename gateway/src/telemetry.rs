@@ -143,9 +143,14 @@ impl Telemetry {
     }
 }
 
-/// The log filter: `RUST_LOG`, else `info`.
+/// The log filter: `RUST_LOG`, else `info`; the request and attempt spans (made in this module)
+/// always, so that a line logged inside a request shows its `trace_id` at any log level.
 fn log_filter() -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
+    let f = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match "kleingate_gateway::telemetry=info".parse() {
+        Ok(d) => f.add_directive(d),
+        Err(_) => f,
+    }
 }
 
 fn log_layer<S>() -> impl Layer<S>
@@ -309,12 +314,13 @@ pub(crate) enum AttributeValue<'a> {
     Float(f64),
 }
 
-/// The span of one backend attempt: a client span named after the backend.
+/// The span of one backend attempt, named after the backend (a `verda` backend's HTTP calls
+/// are client spans below it, one per endpoint of its pool tried).
 pub(crate) fn attempt_span(backend: &str, kind: &str, attempt: usize) -> Span {
     let span = tracing::info_span!(
         "backend",
         otel.name = %format_args!("backend {backend}"),
-        otel.kind = "client",
+        otel.kind = "internal",
     );
     if exporting() {
         span.set_attribute("kleingate.backend", backend.to_owned());

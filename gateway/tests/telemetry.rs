@@ -205,7 +205,9 @@ async fn a_clients_trace_holds_the_gateway_the_worker_and_the_engine_stages() {
     .unwrap();
     let log_path = dir.path().join("gateway.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let (mut gateway, gateway_url) = common::start(&gateway_cfg, "info", Some(log));
+    // Warnings only (and the access log): the trace id must still be on the lines.
+    let (mut gateway, gateway_url) =
+        common::start(&gateway_cfg, "warn,kleingate::access=info", Some(log));
 
     let http = reqwest::Client::new();
     // The worker is ready once its engine has loaded.
@@ -285,7 +287,7 @@ async fn a_clients_trace_holds_the_gateway_the_worker_and_the_engine_stages() {
     let tried = one(&attempts, "backend worker");
     assert_eq!(attempts.len(), 2, "{:?}", attempts.keys());
     assert!(dead.end_time_unix_nano <= tried.start_time_unix_nano);
-    assert_eq!(dead.kind, SpanKind::Client as i32);
+    assert_eq!(dead.kind, SpanKind::Internal as i32);
     assert_eq!(attr(dead, "kleingate.outcome").as_deref(), Some("connect"));
     assert_eq!(
         dead.status.as_ref().map(|s| s.code),
@@ -299,10 +301,17 @@ async fn a_clients_trace_holds_the_gateway_the_worker_and_the_engine_stages() {
     within(dead, request);
     within(tried, request);
 
-    // The worker joined the trace under the attempt that called it.
+    // Each attempt's HTTP call: a client span naming the endpoint of the pool it went to.
+    let worker_addr = worker_url.trim_start_matches("http://");
+    let call = one(&children(&ours, tried), &format!("POST {worker_addr}"));
+    assert_eq!(call.kind, SpanKind::Client as i32);
+    assert_eq!(attr(call, "server.address").as_deref(), Some(worker_addr));
+    within(call, tried);
+    one(&children(&ours, dead), &format!("POST {dead_addr}"));
+    // The worker joined the trace under the call that reached it.
     let worker_requests: Vec<&Got> = ours
         .iter()
-        .filter(|g| g.service == "kleingate-worker" && g.span.parent_span_id == tried.span_id)
+        .filter(|g| g.service == "kleingate-worker" && g.span.parent_span_id == call.span_id)
         .collect();
     assert_eq!(worker_requests.len(), 1, "{ours:#?}");
     let worker_request = &worker_requests[0].span;

@@ -204,6 +204,30 @@ impl std::fmt::Debug for SharedFetcher {
     }
 }
 
+/// Where one endpoint of a backend's pool stands (`GET /v1/backends`, the metrics).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// `host:port` (or the resolved address).
+    pub address: String,
+    pub state: EndpointState,
+    pub in_flight: usize,
+    pub consecutive_failures: u32,
+    /// Seconds until a busy or ejected endpoint is tried again.
+    pub retry_in_secs: Option<f64>,
+    /// The last failure's detail.
+    pub last_error: Option<String>,
+}
+
+/// An endpoint takes requests (`ready`), is backing off after a 503/429 (`busy`), or is left out
+/// after consecutive failures (`ejected`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    Ready,
+    Busy,
+    Ejected,
+}
+
 /// The trace context to send with a call to another service: W3C `traceparent` (and
 /// `tracestate`) as `(header name, value)` pairs, for the caller's current span. The gateway owns
 /// tracing and supplies the function; a backend that calls over HTTP copies the pairs onto its
@@ -260,6 +284,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Estimated price of this request in USD, when known.
     fn cost_estimate(&self, req: &GenerateRequest) -> Option<f64>;
+
+    /// The endpoints behind this backend and where each stands; none for a backend that is
+    /// not a pool of remote endpoints (the local engine).
+    fn endpoints(&self) -> Vec<EndpointStatus> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

@@ -6,16 +6,24 @@
 //! the image as base64; both are read, the JSON one tolerantly because Verda's exact field names
 //! are not documented to us.
 
-use std::time::Duration;
+pub mod pool;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
-use kleingate_backend::{Backend, BackendError, CostModel, GeneratedImage, TraceHeaders};
+use kleingate_backend::{
+    Backend, BackendError, CostModel, EndpointStatus, GeneratedImage, Health, TraceHeaders,
+};
 use kleingate_protocol::{GenerateRequest, Model, OutputFormat};
+pub use pool::PoolSettings;
+use pool::{Endpoint, Pool};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 /// A bearer token. Its `Debug` never shows the secret, so it cannot leak through logs.
 #[derive(Clone)]
@@ -35,8 +43,13 @@ impl std::fmt::Debug for ApiKey {
 
 #[derive(Clone, Debug)]
 pub struct VerdaConfig {
-    /// E.g. `https://inference.datacrunch.io`; the model id and `/generate` are appended.
+    /// E.g. `https://inference.datacrunch.io`; the model id and `/generate` are appended. With
+    /// [`Discovery::Dns`], its host is resolved to the pool's endpoints.
     pub base_url: String,
+    /// A fixed pool of endpoint roots instead of `base_url` (which is then empty).
+    pub endpoints: Vec<String>,
+    pub discovery: Discovery,
+    pub pool: PoolSettings,
     pub api_key: Option<ApiKey>,
     pub models: Vec<Model>,
     pub connect_timeout: Duration,
@@ -50,10 +63,24 @@ pub struct VerdaConfig {
     pub trace_headers: TraceHeaders,
 }
 
+/// Where a backend's endpoints come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Discovery {
+    /// `base_url`, or the `endpoints` listed.
+    Static,
+    /// Every address `base_url`'s host resolves to, re-resolved every `interval` (a Kubernetes
+    /// headless Service).
+    Dns { interval: Duration },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VerdaConfigError {
     #[error("base_url `{0}` must start with http:// or https://")]
     BadUrl(String),
+    #[error("give either base_url or endpoints, not both; and at least one")]
+    Endpoints,
+    #[error("discovery = \"dns\" needs a base_url with a host name, and no endpoints list")]
+    Discovery,
     #[error("the API key contains characters not allowed in an HTTP header")]
     BadKey,
     #[error("could not build the HTTP client: {0}")]
@@ -61,8 +88,7 @@ pub enum VerdaConfigError {
 }
 
 pub struct VerdaBackend {
-    client: reqwest::Client,
-    base_url: String,
+    pool: Arc<Pool>,
     auth: Option<HeaderValue>,
     models: Vec<Model>,
     max_response_bytes: usize,
@@ -70,13 +96,49 @@ pub struct VerdaBackend {
     trace_headers: TraceHeaders,
 }
 
+/// One endpoint's HTTP client: its own connections (so that requests spread over the pool
+/// instead of riding a few kept-alive connections), pinned to `pin` when it is a resolved
+/// address of a name.
+fn http_client(
+    cfg: &VerdaConfig,
+    pin: Option<(&str, std::net::SocketAddr)>,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(cfg.connect_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle)
+        .tcp_nodelay(true)
+        .user_agent(concat!("kleingate/", env!("CARGO_PKG_VERSION")));
+    if let Some((host, addr)) = pin {
+        b = b.resolve(host, addr);
+    }
+    b.build()
+}
+
+/// `host:port` of a URL root: how an endpoint is named (never with credentials).
+fn label(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or("?");
+    match url.port_or_known_default() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    }
+}
+
+fn root(url: &str) -> Result<(String, reqwest::Url), VerdaConfigError> {
+    let base = url.trim_end_matches('/').to_owned();
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(VerdaConfigError::BadUrl(url.to_owned()));
+    }
+    let parsed =
+        reqwest::Url::parse(&base).map_err(|_| VerdaConfigError::BadUrl(url.to_owned()))?;
+    if parsed.host_str().is_none() {
+        return Err(VerdaConfigError::BadUrl(url.to_owned()));
+    }
+    Ok((base, parsed))
+}
+
 impl VerdaBackend {
     pub fn new(cfg: VerdaConfig) -> Result<Self, VerdaConfigError> {
-        let base = cfg.base_url.trim_end_matches('/').to_owned();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(VerdaConfigError::BadUrl(cfg.base_url));
-        }
-        let auth = match cfg.api_key {
+        let auth = match &cfg.api_key {
             Some(ApiKey(token)) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
                     .map_err(|_| VerdaConfigError::BadKey)?;
@@ -85,21 +147,88 @@ impl VerdaBackend {
             }
             None => None,
         };
-        let client = reqwest::Client::builder()
-            .connect_timeout(cfg.connect_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .tcp_nodelay(true)
-            .user_agent(concat!("kleingate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let pool = match cfg.discovery {
+            Discovery::Static => {
+                let roots: Vec<&String> = if cfg.endpoints.is_empty() {
+                    vec![&cfg.base_url]
+                } else if cfg.base_url.is_empty() {
+                    cfg.endpoints.iter().collect()
+                } else {
+                    return Err(VerdaConfigError::Endpoints);
+                };
+                let mut members = Vec::with_capacity(roots.len());
+                for r in roots {
+                    let (base, url) = root(r)?;
+                    members.push(Endpoint::new(base, label(&url), http_client(&cfg, None)?));
+                }
+                Arc::new(Pool::fixed(members, cfg.pool.clone()))
+            }
+            Discovery::Dns { interval } => {
+                if !cfg.endpoints.is_empty() {
+                    return Err(VerdaConfigError::Discovery);
+                }
+                let (base, url) = root(&cfg.base_url)?;
+                // A name to resolve (an IP address has nothing to discover), and its port.
+                let (Some(host), Some(port)) =
+                    (url.domain().map(str::to_owned), url.port_or_known_default())
+                else {
+                    return Err(VerdaConfigError::Discovery);
+                };
+                // Checked once here: the per-address clients below differ only by their pin.
+                http_client(&cfg, None)?;
+                let pool = Arc::new(Pool::resolved(host.clone(), cfg.pool.clone()));
+                let make_cfg = cfg.clone();
+                let make_host = host.clone();
+                pool::spawn_discovery(Arc::downgrade(&pool), host, port, interval, move |addr| {
+                    let client = http_client(&make_cfg, Some((&make_host, addr))).ok()?;
+                    Some(Endpoint::new(base.clone(), addr.to_string(), client))
+                });
+                pool
+            }
+        };
         Ok(VerdaBackend {
-            client,
-            base_url: base,
+            pool,
             auth,
             models: cfg.models,
             max_response_bytes: cfg.max_response_bytes,
             cost: cfg.cost,
             trace_headers: cfg.trace_headers,
         })
+    }
+
+    /// One request to one endpoint.
+    async fn send(
+        &self,
+        ep: &Endpoint,
+        req: &GenerateRequest,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<GeneratedImage, BackendError> {
+        let url = format!("{}/{}/generate", ep.base, req.model.id());
+        let mut rb = ep
+            .client
+            .post(url)
+            .timeout(timeout)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(auth) = &self.auth {
+            rb = rb.header(AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in (self.trace_headers)() {
+            rb = rb.header(name, value);
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| Self::map_send_error(e, timeout))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = self.read_limited(resp, timeout).await?;
+        if status.is_success() {
+            parse_success(req, &headers, body)
+        } else {
+            Err(map_error_status(status, &headers, &body))
+        }
     }
 
     fn map_send_error(e: reqwest::Error, timeout: Duration) -> BackendError {
@@ -175,38 +304,74 @@ impl Backend for VerdaBackend {
         &self.models
     }
 
+    /// To the pool's least loaded endpoint; a busy (503/429) or unreachable one hands the
+    /// request to another endpoint of the pool, within the same deadline, before the error
+    /// reaches the gateway (which then moves to its next backend).
     async fn generate(
         &self,
         req: &GenerateRequest,
         timeout: Duration,
     ) -> Result<GeneratedImage, BackendError> {
-        let url = format!("{}/{}/generate", self.base_url, req.model.id());
         let body = serde_json::to_vec(&req.to_upstream_json())
             .map_err(|e| BackendError::Failed(format!("could not encode the request: {e}")))?;
-        let mut rb = self
-            .client
-            .post(url)
-            .timeout(timeout)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(auth) = &self.auth {
-            rb = rb.header(AUTHORIZATION, auth.clone());
+        let deadline = Instant::now() + timeout;
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut last: Option<BackendError> = None;
+        while let Some(ep) = self.pool.pick(&tried) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BackendError::Timeout(timeout));
+            }
+            tried.push(ep.clone());
+            let result = {
+                let _inflight = ep.begin();
+                // The HTTP call, in traces: which endpoint of the pool served the attempt.
+                let span = tracing::info_span!(
+                    "endpoint",
+                    otel.name = %format_args!("POST {}", ep.label),
+                    otel.kind = "client",
+                    server.address = %ep.label,
+                );
+                self.send(&ep, req, body.clone(), left)
+                    .instrument(span)
+                    .await
+            };
+            self.pool.settle(&ep, result.as_ref().map(|_| ()));
+            match result {
+                Ok(image) => return Ok(image),
+                Err(e @ (BackendError::Unavailable { .. } | BackendError::Connect(_))) => {
+                    if tried.len() > 1 || self.pool.members().len() > 1 {
+                        tracing::debug!(endpoint = %ep.label, error = %e, "endpoint unavailable; trying another of the pool");
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        for (name, value) in (self.trace_headers)() {
-            rb = rb.header(name, value);
-        }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| Self::map_send_error(e, timeout))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = self.read_limited(resp, timeout).await?;
-        if status.is_success() {
-            parse_success(req, &headers, body)
-        } else {
-            Err(map_error_status(status, &headers, &body))
-        }
+        Err(match last {
+            // Every endpoint of a pool was busy: the pool is busy until the first one is back.
+            // (A pool of one passes its upstream's answer on as it is.)
+            Some(BackendError::Unavailable {
+                message,
+                retry_after,
+            }) if self.pool.members().len() > 1 => BackendError::Unavailable {
+                message,
+                retry_after: self.pool.soonest_eligible().or(retry_after),
+            },
+            Some(e) => e,
+            None => BackendError::Connect(match self.pool.health() {
+                Health::Loading { message } | Health::Down { message } => message,
+                Health::Ready => "no endpoint".to_owned(),
+            }),
+        })
+    }
+
+    fn health(&self) -> Health {
+        self.pool.health()
+    }
+
+    fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.pool.statuses()
     }
 
     fn cost_estimate(&self, req: &GenerateRequest) -> Option<f64> {

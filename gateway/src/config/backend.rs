@@ -61,8 +61,25 @@ pub enum Kind {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerdaSettings {
-    /// The endpoint root; `/{model}/generate` is appended.
+    /// The endpoint root; `/{model}/generate` is appended. With `discovery = "dns"`, its host
+    /// is resolved to the pool's endpoints.
+    #[serde(default)]
     pub base_url: String,
+    /// A fixed pool of endpoint roots, instead of `base_url`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// `static` (`base_url` or `endpoints`) or `dns`: every address `base_url`'s host resolves
+    /// to, re-resolved every `discovery_interval_secs` (a Kubernetes headless Service).
+    #[serde(default)]
+    pub discovery: DiscoveryKind,
+    #[serde(default = "default_discovery_interval")]
+    pub discovery_interval_secs: f64,
+    /// In a pool of two or more: consecutive failures after which an endpoint is left out for
+    /// `eject_secs`.
+    #[serde(default = "default_eject_after")]
+    pub eject_after_failures: u32,
+    #[serde(default = "default_eject_secs")]
+    pub eject_secs: f64,
     /// The environment variable holding the bearer token. Unset variable = no token sent (fine
     /// for another kleingate; Verda itself will answer 401 and the gateway falls back).
     #[serde(default = "default_key_env")]
@@ -72,6 +89,52 @@ pub struct VerdaSettings {
     /// Larger answers are refused (502): an upstream must not fill the gateway's memory.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
+}
+
+/// Where a `verda` backend's endpoints come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    #[default]
+    Static,
+    Dns,
+}
+
+impl VerdaSettings {
+    fn validate(&self) -> Result<(), String> {
+        match (self.base_url.is_empty(), self.endpoints.is_empty()) {
+            (true, true) => return Err(": base_url (or endpoints) is required".into()),
+            (false, false) => {
+                return Err(": give base_url or endpoints, not both".into());
+            }
+            _ => {}
+        }
+        for u in self
+            .endpoints
+            .iter()
+            .chain(Some(&self.base_url).filter(|u| !u.is_empty()))
+        {
+            let ok = url::Url::parse(u)
+                .is_ok_and(|p| matches!(p.scheme(), "http" | "https") && p.host_str().is_some());
+            if !ok {
+                return Err(format!(
+                    ": `{u}` is not an http:// or https:// URL with a host"
+                ));
+            }
+        }
+        if self.discovery == DiscoveryKind::Dns {
+            let named = url::Url::parse(&self.base_url)
+                .ok()
+                .is_some_and(|p| matches!(p.host(), Some(url::Host::Domain(_))));
+            if !named {
+                return Err(": discovery = \"dns\" needs a base_url whose host is a DNS name (the headless Service), and no endpoints".into());
+            }
+        }
+        if self.eject_after_failures == 0 {
+            return Err(".eject_after_failures must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(feature = "local")]
@@ -174,7 +237,7 @@ impl BackendConfig {
                 ".cost: gpu_hour_usd is for kind \"local\" (a verda backend is priced per image)"
                     .into(),
             ),
-            Kind::Verda(_) => Ok(()),
+            Kind::Verda(v) => v.validate(),
             #[cfg(feature = "local")]
             Kind::Local(l) => l.validate(),
         }
@@ -252,6 +315,15 @@ impl<'de> Deserialize<'de> for BackendConfig {
     }
 }
 
+fn default_discovery_interval() -> f64 {
+    10.0
+}
+fn default_eject_after() -> u32 {
+    3
+}
+fn default_eject_secs() -> f64 {
+    10.0
+}
 fn default_key_env() -> String {
     "VERDA_API_KEY".into()
 }

@@ -14,7 +14,7 @@ mod fields;
 
 #[cfg(feature = "local")]
 pub use backend::LocalSettings;
-pub use backend::{BackendConfig, Common, Kind, VerdaSettings};
+pub use backend::{BackendConfig, Common, DiscoveryKind, Kind, VerdaSettings};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -245,7 +245,10 @@ impl Config {
         // per-backend ones depend on which backends the file defines.
         let mut list_keys = vec!["routing.order".to_owned()];
         if let Ok(names) = file_only.get_table("backends") {
-            list_keys.extend(names.keys().map(|n| format!("backends.{n}.models")));
+            for n in names.keys() {
+                list_keys.push(format!("backends.{n}.models"));
+                list_keys.push(format!("backends.{n}.endpoints"));
+            }
         }
         let cfg: Config = Self::builder(path, Some(env), &list_keys)?.try_deserialize()?;
         cfg.validate()?;
@@ -351,11 +354,15 @@ impl Config {
                 spans.push((format!("backends.{name}.latency_objective_secs"), o, false));
             }
             match &b.kind {
-                Kind::Verda(v) => spans.push((
-                    format!("backends.{name}.connect_timeout_secs"),
-                    v.connect_timeout_secs,
-                    false,
-                )),
+                Kind::Verda(v) => {
+                    for (key, value) in [
+                        ("connect_timeout_secs", v.connect_timeout_secs),
+                        ("discovery_interval_secs", v.discovery_interval_secs),
+                        ("eject_secs", v.eject_secs),
+                    ] {
+                        spans.push((format!("backends.{name}.{key}"), value, false));
+                    }
+                }
                 #[cfg(feature = "local")]
                 Kind::Local(l) => spans.push((
                     format!("backends.{name}.reference_timeout_secs"),

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use kleingate_backend::Health;
+use kleingate_backend::{EndpointState, Health};
 use kleingate_protocol::Model;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -83,6 +83,23 @@ pub(crate) struct BackendInfo {
     weight: u32,
     /// The last failure's detail: only for keys with `operations` (or with auth off).
     last_error: Option<String>,
+    /// A `verda` backend's endpoints (its pool) and where each stands: only for keys with
+    /// `operations` (or with auth off); absent otherwise, and for the local engine.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    endpoints: Vec<EndpointInfo>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct EndpointInfo {
+    /// `host:port`, or the resolved address.
+    address: String,
+    /// `ready`, `busy` (after a 503/429, for its Retry-After) or `ejected` (after consecutive
+    /// failures).
+    state: String,
+    in_flight: usize,
+    consecutive_failures: u32,
+    retry_in_secs: Option<f64>,
+    last_error: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -128,6 +145,27 @@ pub(super) async fn backends(
                 max_concurrency: s.max_concurrency,
                 weight: s.weight,
                 last_error: if detail { s.last_error() } else { None },
+                endpoints: if detail {
+                    s.backend
+                        .endpoints()
+                        .into_iter()
+                        .map(|e| EndpointInfo {
+                            address: e.address,
+                            state: match e.state {
+                                EndpointState::Ready => "ready",
+                                EndpointState::Busy => "busy",
+                                EndpointState::Ejected => "ejected",
+                            }
+                            .to_owned(),
+                            in_flight: e.in_flight,
+                            consecutive_failures: e.consecutive_failures,
+                            retry_in_secs: e.retry_in_secs,
+                            last_error: e.last_error,
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
             }
         })
         .collect();
