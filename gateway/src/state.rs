@@ -218,6 +218,8 @@ pub struct AppState {
     /// Work that outlives its request (shadow runs): part of the graceful drain.
     pub background: tokio_util::task::TaskTracker,
     draining: AtomicBool,
+    /// The (backend, endpoint) pairs the metrics have series for.
+    reported_endpoints: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -388,6 +390,7 @@ impl AppState {
             rate_limiter,
             shedder,
             background: tokio_util::task::TaskTracker::new(),
+            reported_endpoints: Mutex::default(),
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
             budgets: crate::budget::Budgets::new(config.budget.clone()),
             experiments: crate::experiments::Experiments {
@@ -424,11 +427,12 @@ impl AppState {
 
     /// Refresh the gauges that are read off state rather than updated on the hot path.
     pub async fn refresh_gauges(&self) {
-        // Endpoints come and go (DNS discovery): only the current ones are reported.
-        self.metrics.endpoint_inflight.reset();
-        self.metrics.endpoint_ready.reset();
+        // Endpoints come and go (DNS discovery): the gone ones are removed (not a reset, which
+        // would leave a concurrent scrape without any).
+        let mut current: std::collections::HashSet<(String, String)> = Default::default();
         for s in &self.backends {
             for e in s.backend.endpoints() {
+                current.insert((s.name.to_string(), e.address.clone()));
                 let labels = [&*s.name, e.address.as_str()];
                 self.metrics
                     .endpoint_inflight
@@ -453,6 +457,18 @@ impl AppState {
                 .backend_ready
                 .with_label_values(&[&*s.name])
                 .set(i64::from(s.is_ready()));
+        }
+        {
+            let mut known = self
+                .reported_endpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (backend, endpoint) in known.difference(&current) {
+                let labels = [backend.as_str(), endpoint.as_str()];
+                let _ = self.metrics.endpoint_inflight.remove_label_values(&labels);
+                let _ = self.metrics.endpoint_ready.remove_label_values(&labels);
+            }
+            *known = current;
         }
         let (entries, bytes) = self.cache.usage().await;
         self.metrics.cache_entries.set(entries as i64);

@@ -129,14 +129,16 @@ fn exporting() -> bool {
 /// What [`install`] set up; [`Telemetry::shutdown`] sends the spans still buffered.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    flush_timeout: Duration,
 }
 
 impl Telemetry {
-    /// Export what is buffered and stop. Blocks (up to the export timeout); call it from outside
-    /// the runtime's worker threads while the runtime still runs (exports are sent on it).
+    /// Export what is buffered and stop. Blocks (up to the export timeout, and a retry); call it
+    /// from outside the runtime's worker threads while the runtime still runs (exports are sent
+    /// on it).
     pub fn shutdown(self) {
         if let Some(p) = self.provider {
-            if let Err(e) = p.shutdown() {
+            if let Err(e) = p.shutdown_with_timeout(self.flush_timeout) {
                 tracing::warn!(error = %e, "flushing the last spans failed");
             }
         }
@@ -181,7 +183,10 @@ pub fn install(
             .with(log_layer().with_filter(log_filter()))
             .try_init()
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
-        return Ok(Telemetry { provider: None });
+        return Ok(Telemetry {
+            provider: None,
+            flush_timeout: Duration::ZERO,
+        });
     };
     let timeout = Duration::from_secs_f64(cfg.export_timeout_secs);
     let client = reqwest::Client::builder()
@@ -238,6 +243,8 @@ pub fn install(
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(Telemetry {
         provider: Some(provider),
+        // One export, one retry of it, and some slack.
+        flush_timeout: timeout * 2 + Duration::from_secs(1),
     })
 }
 
@@ -275,6 +282,22 @@ pub(crate) fn request_span(
             (span, None)
         }
     }
+}
+
+/// A span for work that outlives its request (a shadow run): in the request's trace, as a
+/// child of the current span, without holding the request's span open (its trace would be sent
+/// only when the work ends). Carries the request's `trace_id` for the log lines.
+pub(crate) fn detached_span() -> Span {
+    if !exporting() {
+        // Nothing is exported: a plain child (its log lines show the request's fields).
+        return tracing::info_span!("shadow_run", trace_id = tracing::field::Empty);
+    }
+    let cx = Span::current().context();
+    let span = tracing::info_span!(parent: None, "shadow_run", trace_id = tracing::field::Empty);
+    let trace_id = cx.span().span_context().trace_id();
+    let _ = span.set_parent(cx);
+    span.record("trace_id", tracing::field::display(trace_id));
+    span
 }
 
 /// The answer's status on the request span; a 5xx marks it failed (a 4xx is the client's).

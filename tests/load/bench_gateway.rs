@@ -7,9 +7,9 @@
 //!      (unseeded requests, so every one goes to the backend), then through nginx;
 //!   2. maximum throughput, closed loop: the upstream directly, nginx proxying, then cache hits
 //!      from the gateway;
-//!   3. with `--telemetry`, last: pass-through again with OpenTelemetry trace export on (every
-//!      request sampled, spans sent to an OTLP sink in this process), beside a direct run and a
-//!      gateway run without export made in the same phase.
+//!   3. with `--telemetry`, last: pass-through without tracing, then with OpenTelemetry trace
+//!      export on (`--telemetry-ratio` of the requests sampled, spans sent to an OTLP sink in
+//!      this process), each paired with a direct run.
 //!
 //! It prints requests/s, p50/p99/p99.9 and the ratios / added latency. The body size is stated with
 //! every figure because image bodies, not request handling, dominate the cost.
@@ -54,6 +54,9 @@ struct Args {
     /// so it runs last).
     #[arg(long)]
     telemetry: bool,
+    /// The sampling ratio of that phase (1 = every request's spans are exported).
+    #[arg(long, default_value_t = 1.0)]
+    telemetry_ratio: f64,
 }
 
 /// An OTLP/HTTP endpoint that takes every export and discards it (the cost measured is the
@@ -461,27 +464,12 @@ async fn run(a: Args) {
     }
 }
 
-/// Pass-through with every request's spans exported, against the same gateway without export
-/// and the upstream directly, alternating, in this one phase. Logs are at `warn` (no access log
-/// lines): the difference is the spans' cost.
+/// Pass-through with traces exported: first the gateway as it is (no subscriber installed), then
+/// the process's subscriber with the trace exporter (spans to an OTLP sink here) and a gateway
+/// started after it, each paired with a direct run. The subscriber is global, so the second half
+/// cannot be undone: the ratio is between the two halves of this one phase. Logs are at `warn`
+/// (no access log lines) in the second half, none in the first: the difference is the spans'.
 async fn telemetry_phase(a: &Args, upstream: SocketAddr, plain: SocketAddr, body: Bytes) {
-    let sink = otlp_sink().await;
-    let cfg = kleingate_gateway::telemetry::TelemetryConfig {
-        endpoint: Some(format!("http://{sink}")),
-        ..Default::default()
-    };
-    // Only the subscriber installed below reads RUST_LOG.
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    let telemetry = kleingate_gateway::telemetry::install(&cfg, &tokio::runtime::Handle::current())
-        .expect("installing the trace exporter");
-    // A gateway started after the install: its spans are exported.
-    let traced = Gateway::start(&format!(
-        "[backends.verda]\nkind = \"verda\"\nbase_url = \"http://{upstream}\"\napi_key_env = \"KLEINGATE_BENCH_NO_KEY\"\nmax_concurrency = 256\nmax_response_bytes = {}\n",
-        a.image_bytes * 2
-    ))
-    .await;
     let r = Some(a.rate);
     let path = "/flux2-klein-4b/generate";
     let n = a.image_bytes;
@@ -509,7 +497,39 @@ async fn telemetry_phase(a: &Args, upstream: SocketAddr, plain: SocketAddr, body
             a.seconds,
         )
         .await;
-        row(&format!("gateway, no export @ {}/s", a.rate), &p);
+        row(&format!("gateway, no tracing @ {}/s", a.rate), &p);
+        plain50.push(p.pct(0.5) - direct.pct(0.5));
+        plain99.push(p.pct(0.99) - direct.pct(0.99));
+    }
+    let sink = otlp_sink().await;
+    let cfg = kleingate_gateway::telemetry::TelemetryConfig {
+        endpoint: Some(format!("http://{sink}")),
+        sampling_ratio: a.telemetry_ratio,
+        ..Default::default()
+    };
+    // Only the subscriber installed below reads RUST_LOG.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let telemetry = kleingate_gateway::telemetry::install(&cfg, &tokio::runtime::Handle::current())
+        .expect("installing the trace exporter");
+    let traced = Gateway::start(&format!(
+        "[backends.verda]\nkind = \"verda\"\nbase_url = \"http://{upstream}\"\napi_key_env = \"KLEINGATE_BENCH_NO_KEY\"\nmax_concurrency = 256\nmax_response_bytes = {}\n",
+        a.image_bytes * 2
+    ))
+    .await;
+    for _ in 0..a.repeat.max(1) {
+        let direct = load(
+            upstream,
+            path,
+            body.clone(),
+            n,
+            a.rate_connections,
+            r,
+            a.seconds,
+        )
+        .await;
+        row(&format!("direct to upstream @ {}/s", a.rate), &direct);
         let t = load(
             traced.addr,
             path,
@@ -520,9 +540,10 @@ async fn telemetry_phase(a: &Args, upstream: SocketAddr, plain: SocketAddr, body
             a.seconds,
         )
         .await;
-        row(&format!("gateway, traces exported @ {}/s", a.rate), &t);
-        plain50.push(p.pct(0.5) - direct.pct(0.5));
-        plain99.push(p.pct(0.99) - direct.pct(0.99));
+        row(
+            &format!("gateway, traced ({}) @ {}/s", a.telemetry_ratio, a.rate),
+            &t,
+        );
         traced50.push(t.pct(0.5) - direct.pct(0.5));
         traced99.push(t.pct(0.99) - direct.pct(0.99));
     }
@@ -533,7 +554,8 @@ async fn telemetry_phase(a: &Args, upstream: SocketAddr, plain: SocketAddr, body
     let (p50, p99) = (median(&mut plain50), median(&mut plain99));
     let (t50, t99) = (median(&mut traced50), median(&mut traced99));
     println!(
-        "\ntraces exported (every request sampled): pass-through adds p50 {t50:+.3} ms, p99 {t99:+.3} ms; without export p50 {p50:+.3} ms, p99 {p99:+.3} ms (median of {} triples): p99 {:.2}x, p50 {:.2}x",
+        "\ntraces exported (sampling ratio {}): pass-through adds p50 {t50:+.3} ms, p99 {t99:+.3} ms; without tracing p50 {p50:+.3} ms, p99 {p99:+.3} ms (median of {} pairs each): p99 {:.2}x, p50 {:.2}x",
+        a.telemetry_ratio,
         plain99.len(),
         t99 / p99,
         t50 / p50

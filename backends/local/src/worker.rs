@@ -435,6 +435,11 @@ impl Worker {
         let mut stages = StageSpans::new(batch);
         let out = self.pipe.generate(&req, &mut |p| {
             stages.progress(p);
+            // Stop points: before a stage, and after each step. Finished work (a decoded image)
+            // is never thrown away.
+            if !matches!(p, Progress::Begin(_) | Progress::End(Stage::Step { .. })) {
+                return true;
+            }
             let wanted = batch.iter().any(|j| !j.reply.is_closed());
             // Background work yields to any client's job at the next step.
             let preempted = batch[0].background && self.depth.load(Ordering::SeqCst) > 0;

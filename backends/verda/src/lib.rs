@@ -232,7 +232,11 @@ impl VerdaBackend {
     }
 
     fn map_send_error(e: reqwest::Error, timeout: Duration) -> BackendError {
-        if e.is_timeout() {
+        // A connection that could not be made in time is an unreachable upstream (handed to
+        // another endpoint of a pool), not a slow answer.
+        if e.is_connect() {
+            BackendError::Connect(error_chain(&e))
+        } else if e.is_timeout() {
             BackendError::Timeout(timeout)
         } else if e.is_body() || e.is_decode() {
             BackendError::BadResponse(format!("reading the body failed: {e}"))
@@ -316,6 +320,8 @@ impl Backend for VerdaBackend {
             .map_err(|e| BackendError::Failed(format!("could not encode the request: {e}")))?;
         let deadline = Instant::now() + timeout;
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        // The first busy answer, and the last error of any other kind that hands over.
+        let mut busy: Option<BackendError> = None;
         let mut last: Option<BackendError> = None;
         while let Some(ep) = self.pool.pick(&tried) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -323,43 +329,51 @@ impl Backend for VerdaBackend {
                 return Err(BackendError::Timeout(timeout));
             }
             tried.push(ep.clone());
-            let result = {
-                let _inflight = ep.begin();
-                // The HTTP call, in traces: which endpoint of the pool served the attempt.
-                let span = tracing::info_span!(
-                    "endpoint",
-                    otel.name = %format_args!("POST {}", ep.label),
-                    otel.kind = "client",
-                    server.address = %ep.label,
-                );
-                self.send(&ep, req, body.clone(), left)
-                    .instrument(span)
-                    .await
-            };
-            self.pool.settle(&ep, result.as_ref().map(|_| ()));
+            // Counts the call in flight; a call cancelled by the gateway's own deadline is
+            // booked as a timeout of this endpoint when the guard drops.
+            let mut call = self.pool.call(&ep, timeout);
+            // The HTTP call, in traces: which endpoint of the pool served the attempt.
+            let span = tracing::info_span!(
+                "endpoint",
+                otel.name = %format_args!("POST {}", ep.label),
+                otel.kind = "client",
+                server.address = %ep.label,
+            );
+            let result = self
+                .send(&ep, req, body.clone(), left)
+                .instrument(span)
+                .await;
+            call.settle(result.as_ref().map(|_| ()));
             match result {
                 Ok(image) => return Ok(image),
                 Err(e @ (BackendError::Unavailable { .. } | BackendError::Connect(_))) => {
-                    if tried.len() > 1 || self.pool.members().len() > 1 {
+                    if self.pool.members().len() > 1 {
                         tracing::debug!(endpoint = %ep.label, error = %e, "endpoint unavailable; trying another of the pool");
                     }
-                    last = Some(e);
+                    match e {
+                        BackendError::Unavailable { .. } if busy.is_none() => busy = Some(e),
+                        e => last = Some(e),
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(match last {
-            // Every endpoint of a pool was busy: the pool is busy until the first one is back.
-            // (A pool of one passes its upstream's answer on as it is.)
-            Some(BackendError::Unavailable {
-                message,
-                retry_after,
-            }) if self.pool.members().len() > 1 => BackendError::Unavailable {
+        let pool_of_many = self.pool.members().len() > 1;
+        Err(match (busy, last) {
+            // A worker of the pool is busy (not down): the pool is busy until the first one is
+            // back, which trips no circuit. (A pool of one passes its upstream's answer on.)
+            (
+                Some(BackendError::Unavailable {
+                    message,
+                    retry_after,
+                }),
+                _,
+            ) if pool_of_many => BackendError::Unavailable {
                 message,
                 retry_after: self.pool.soonest_eligible().or(retry_after),
             },
-            Some(e) => e,
-            None => BackendError::Connect(match self.pool.health() {
+            (Some(e), None) | (_, Some(e)) => e,
+            (None, None) => BackendError::Connect(match self.pool.health() {
                 Health::Loading { message } | Health::Down { message } => message,
                 Health::Ready => "no endpoint".to_owned(),
             }),

@@ -153,6 +153,32 @@ impl Drop for InFlight {
     }
 }
 
+/// One call to an endpoint: in flight until dropped, and booked on the endpoint by
+/// [`Call::settle`]; a call dropped unsettled (the gateway's deadline cancelled it) is booked
+/// as a timeout, so a hung endpoint is ejected like a failing one.
+pub(crate) struct Call<'a> {
+    pool: &'a Pool,
+    _inflight: InFlight,
+    settled: bool,
+    timeout: Duration,
+}
+
+impl Call<'_> {
+    pub fn settle(&mut self, result: Result<(), &BackendError>) {
+        self.settled = true;
+        self.pool.settle(&self._inflight.0, result);
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let e = BackendError::Timeout(self.timeout);
+            self.pool.settle(&self._inflight.0, Err(&e));
+        }
+    }
+}
+
 /// Where the endpoints come from.
 pub(crate) enum Source {
     Fixed,
@@ -167,7 +193,12 @@ pub(crate) enum Source {
 pub(crate) struct Resolution {
     pub at: Option<Instant>,
     pub error: Option<String>,
+    /// Failed lookups in a row.
+    pub failures: u32,
 }
+
+/// Failed lookups in a row after which a resolved pool forgets its endpoints.
+pub const FORGET_AFTER_FAILED_LOOKUPS: u32 = 3;
 
 pub(crate) struct Pool {
     members: RwLock<Arc<[Arc<Endpoint>]>>,
@@ -256,6 +287,52 @@ impl Pool {
         }
     }
 
+    /// A call to `ep` (within an attempt of `timeout`).
+    pub fn call(&self, ep: &Arc<Endpoint>, timeout: Duration) -> Call<'_> {
+        Call {
+            pool: self,
+            _inflight: ep.begin(),
+            settled: false,
+            timeout,
+        }
+    }
+
+    /// Apply one DNS lookup: its addresses become the members. A failed lookup keeps the known
+    /// endpoints (a resolver hiccup must not empty the pool), but not for ever: after
+    /// [`FORGET_AFTER_FAILED_LOOKUPS`] in a row they are dropped, since a name that no longer
+    /// resolves (a headless Service without ready pods) leaves addresses that other pods may
+    /// take next.
+    pub fn apply_lookup(
+        &self,
+        found: Result<Vec<SocketAddr>, String>,
+        make: impl Fn(SocketAddr) -> Option<Endpoint>,
+    ) {
+        let Source::Dns { host, resolved } = &self.source else {
+            return;
+        };
+        let mut r = resolved.lock().unwrap_or_else(|p| p.into_inner());
+        r.at = Some(Instant::now());
+        match found {
+            Ok(mut addrs) => {
+                r.error = None;
+                r.failures = 0;
+                drop(r);
+                addrs.sort();
+                self.update(&addrs, make);
+            }
+            Err(e) => {
+                r.failures = r.failures.saturating_add(1);
+                let forget = r.failures >= FORGET_AFTER_FAILED_LOOKUPS;
+                tracing::warn!(host = %host, error = %e, failures = r.failures, forget, "resolving the backend's endpoints failed");
+                r.error = Some(e);
+                drop(r);
+                if forget {
+                    self.update(&[], make);
+                }
+            }
+        }
+    }
+
     /// Book an attempt's outcome on its endpoint.
     pub fn settle(&self, e: &Endpoint, result: Result<(), &BackendError>) {
         match result {
@@ -334,34 +411,19 @@ pub(crate) fn spawn_discovery(
     make: impl Fn(SocketAddr) -> Option<Endpoint> + Send + Sync + 'static,
 ) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::error!(host = %host, "no async runtime: the backend's name is never resolved");
         return;
     };
     rt.spawn(async move {
         loop {
-            let found = tokio::net::lookup_host((host.as_str(), port)).await;
+            let found = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|a| a.collect::<Vec<_>>())
+                .map_err(|e| e.to_string());
             let Some(pool) = pool.upgrade() else {
                 return;
             };
-            let mut addrs: Vec<SocketAddr> = Vec::new();
-            let error = match found {
-                Ok(a) => {
-                    addrs.extend(a);
-                    addrs.sort();
-                    None
-                }
-                Err(e) => Some(e.to_string()),
-            };
-            if let Source::Dns { resolved, .. } = &pool.source {
-                let mut r = resolved.lock().unwrap_or_else(|p| p.into_inner());
-                r.at = Some(Instant::now());
-                r.error.clone_from(&error);
-            }
-            // A failed lookup keeps the endpoints known: DNS hiccups must not empty the pool.
-            if error.is_none() {
-                pool.update(&addrs, &make);
-            } else {
-                tracing::warn!(host = %host, error = ?error, "re-resolving the backend's endpoints failed; keeping the known ones");
-            }
+            pool.apply_lookup(found, &make);
             drop(pool);
             tokio::time::sleep(interval).await;
         }
@@ -446,6 +508,50 @@ mod tests {
         assert!(pool.pick(&[m[1].clone()]).is_none());
         let wait = pool.soonest_eligible().unwrap();
         assert!(wait > Duration::from_secs(4) && wait <= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn failed_lookups_keep_the_endpoints_for_a_while_then_forget_them() {
+        let pool = Pool::resolved("workers".into(), PoolSettings::default());
+        let make = |x: SocketAddr| Some(ep(&x.to_string()));
+        let a: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        pool.apply_lookup(Ok(vec![a]), make);
+        for _ in 1..FORGET_AFTER_FAILED_LOOKUPS {
+            pool.apply_lookup(Err("no such host".into()), make);
+            assert_eq!(pool.members().len(), 1);
+        }
+        pool.apply_lookup(Err("no such host".into()), make);
+        assert!(pool.members().is_empty());
+        match pool.health() {
+            kleingate_backend::Health::Down { message } => {
+                assert!(message.contains("could not be resolved"), "{message}")
+            }
+            h => panic!("{h:?}"),
+        }
+        // A lookup that works again brings them back, and clears the count.
+        pool.apply_lookup(Ok(vec![a]), make);
+        assert_eq!(pool.members().len(), 1);
+        assert_eq!(pool.health(), kleingate_backend::Health::Ready);
+    }
+
+    #[test]
+    fn a_cancelled_call_counts_as_a_timeout() {
+        let pool = Pool::fixed(vec![ep("a:1"), ep("b:1")], PoolSettings::default());
+        let m = pool.members();
+        for _ in 0..3 {
+            let call = pool.call(&m[0], Duration::from_secs(1));
+            assert_eq!(m[0].inflight(), 1);
+            drop(call);
+        }
+        assert_eq!(m[0].inflight(), 0);
+        let s = &pool.statuses()[0];
+        assert_eq!(s.state, EndpointState::Ejected);
+        assert!(s.last_error.as_deref().unwrap().contains("did not answer"));
+        // A settled call is booked once, as what it was.
+        let mut call = pool.call(&m[1], Duration::from_secs(1));
+        call.settle(Ok(()));
+        drop(call);
+        assert_eq!(pool.statuses()[1].consecutive_failures, 0);
     }
 
     #[test]

@@ -130,6 +130,12 @@ impl VerdaSettings {
                 return Err(": discovery = \"dns\" needs a base_url whose host is a DNS name (the headless Service), and no endpoints".into());
             }
         }
+        if self.discovery_interval_secs < 1.0 {
+            return Err(format!(
+                ".discovery_interval_secs must be at least 1 (a DNS lookup per interval); got {}",
+                self.discovery_interval_secs
+            ));
+        }
         if self.eject_after_failures == 0 {
             return Err(".eject_after_failures must be at least 1".into());
         }

@@ -71,8 +71,8 @@ pub(crate) fn start(
     let principal = client.principal.clone();
     let pair = run.result_id.clone();
     let experiment = run.experiment.clone();
-    // A child of the request's span: the shadow run shows in the same trace, after the answer.
-    let span = tracing::info_span!("shadow_run");
+    // In the request's trace, after the answer (without keeping the request's span open).
+    let span = crate::telemetry::detached_span();
     crate::telemetry::annotate_span(
         &span,
         &[
