@@ -40,6 +40,11 @@ ROWS = [
         ("Circuit state (0 closed, 1 half-open, 2 open) and in-flight", "none",
          [('max by (backend) (kleingate_backend_circuit_state)', "circuit {{backend}}"),
           ('sum by (backend) (kleingate_backend_inflight_requests)', "in flight {{backend}}")], 8),
+        ("Pool endpoints taking requests, of all (a verda backend's workers)", "none",
+         [('sum by (backend) (kleingate_backend_endpoint_ready)', "ready {{backend}}"),
+          ('count by (backend) (kleingate_backend_endpoint_ready)', "all {{backend}}")], 12),
+        ("In flight per pool endpoint", "none",
+         [('sum by (backend, endpoint) (kleingate_backend_endpoint_inflight_requests)', "{{backend}} {{endpoint}}")], 12),
     ]),
     ("Cache and cost", [
         ("Cache hit ratio", "percentunit",
