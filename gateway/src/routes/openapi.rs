@@ -344,6 +344,14 @@ fn generate_headers() -> Vec<Value> {
             "Cache-Control",
             "`no-cache`: skip the cache lookup; `no-store`: also keep the answer out",
         ),
+        header(
+            "traceparent",
+            "W3C trace context: the request's spans join this trace (and it goes on to the upstream); one that does not parse is ignored",
+        ),
+        header(
+            "tracestate",
+            "W3C vendor trace state, passed on with `traceparent`",
+        ),
     ]
 }
 
