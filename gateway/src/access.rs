@@ -73,10 +73,12 @@ pub(crate) async fn count_responses(
         .get::<Arc<Principal>>()
         .map_or("-", |p| &*p.name);
     if let Some(p) = resp.extensions().get::<Arc<Principal>>() {
-        crate::telemetry::annotate(&[(
-            "kleingate.client",
-            crate::telemetry::AttributeValue::Str(&p.name),
-        )]);
+        crate::telemetry::annotate(|| {
+            vec![opentelemetry::KeyValue::new(
+                "kleingate.client",
+                p.name.to_string(),
+            )]
+        });
     }
     tracing::info!(
         target: "kleingate::access",

@@ -13,7 +13,7 @@ use crate::cache::CachedImage;
 use crate::circuit::CircuitState;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::{AppState, BackendSlot};
-use crate::telemetry::{self, AttributeValue};
+use crate::telemetry;
 
 /// No candidate produced an image: the client's error, and the backend whose answer it is (for
 /// the request's metrics and record), if one answered.
@@ -65,7 +65,7 @@ pub async fn dispatch(
     let mut last_error: Option<(Arc<str>, BackendError)> = None;
     let mut soonest_retry: Option<Duration> = None;
     // Candidates passed over without an attempt, for the request's span.
-    let mut skipped: Vec<String> = Vec::new();
+    let mut skipped: Vec<(Arc<str>, &'static str)> = Vec::new();
     let mut attempts = 0;
     let n = candidates.len();
 
@@ -236,11 +236,16 @@ pub async fn dispatch(
 }
 
 /// The candidates passed over without an attempt (`name:reason`, in order) on the request's
-/// span: the attempts are spans of their own, a skip is not.
-fn note_skipped(skipped: &[String]) {
+/// span: the attempts are spans of their own, a skip is not. Formatted only when exporting.
+fn note_skipped(skipped: &[(Arc<str>, &'static str)]) {
     if !skipped.is_empty() {
-        let all = skipped.join(",");
-        telemetry::annotate(&[("kleingate.skipped", AttributeValue::Str(&all))]);
+        telemetry::annotate(|| {
+            let all: Vec<String> = skipped.iter().map(|(b, r)| format!("{b}:{r}")).collect();
+            vec![opentelemetry::KeyValue::new(
+                "kleingate.skipped",
+                all.join(","),
+            )]
+        });
     }
 }
 
@@ -248,11 +253,11 @@ fn note_skipped(skipped: &[String]) {
 /// is tried) and named on the request's span.
 fn pass_over(
     left: &mut Vec<(Arc<str>, &'static str)>,
-    skipped: &mut Vec<String>,
+    skipped: &mut Vec<(Arc<str>, &'static str)>,
     name: &Arc<str>,
     why: Skip,
 ) {
-    skipped.push(format!("{name}:{}", why.reason()));
+    skipped.push((name.clone(), why.reason()));
     left.push((name.clone(), why.reason()));
 }
 

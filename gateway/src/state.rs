@@ -218,8 +218,6 @@ pub struct AppState {
     /// Work that outlives its request (shadow runs): part of the graceful drain.
     pub background: tokio_util::task::TaskTracker,
     draining: AtomicBool,
-    /// The (backend, endpoint) pairs the metrics have series for.
-    reported_endpoints: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -390,7 +388,6 @@ impl AppState {
             rate_limiter,
             shedder,
             background: tokio_util::task::TaskTracker::new(),
-            reported_endpoints: Mutex::default(),
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
             budgets: crate::budget::Budgets::new(config.budget.clone()),
             experiments: crate::experiments::Experiments {
@@ -458,17 +455,23 @@ impl AppState {
                 .with_label_values(&[&*s.name])
                 .set(i64::from(s.is_ready()));
         }
-        {
-            let mut known = self
-                .reported_endpoints
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for (backend, endpoint) in known.difference(&current) {
-                let labels = [backend.as_str(), endpoint.as_str()];
-                let _ = self.metrics.endpoint_inflight.remove_label_values(&labels);
-                let _ = self.metrics.endpoint_ready.remove_label_values(&labels);
+        // The series the gauge has are the endpoints reported before: drop those gone.
+        use prometheus::core::Collector;
+        for family in self.metrics.endpoint_ready.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map_or(String::new(), |l| l.value().to_owned())
+                };
+                let (backend, endpoint) = (label("backend"), label("endpoint"));
+                if !current.contains(&(backend.clone(), endpoint.clone())) {
+                    let labels = [backend.as_str(), endpoint.as_str()];
+                    let _ = self.metrics.endpoint_inflight.remove_label_values(&labels);
+                    let _ = self.metrics.endpoint_ready.remove_label_values(&labels);
+                }
             }
-            *known = current;
         }
         let (entries, bytes) = self.cache.usage().await;
         self.metrics.cache_entries.set(entries as i64);

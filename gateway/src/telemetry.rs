@@ -258,30 +258,34 @@ pub(crate) fn request_span(
     request_id: &str,
     headers: &HeaderMap,
 ) -> (Span, Option<Context>) {
+    let client = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let from_client = client.span().span_context().is_valid();
+    // Nothing to export and no client trace id to log: no span, so the request path pays nothing.
+    if !exporting() && !from_client {
+        return (Span::none(), None);
+    }
     let span = tracing::info_span!(
         "request",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
         trace_id = tracing::field::Empty,
     );
-    let client = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    if exporting() {
-        let _ = span.set_parent(client);
-        span.set_attribute("http.request.method", method.to_string());
-        span.set_attribute("http.route", route.to_owned());
-        span.set_attribute("kleingate.request_id", request_id.to_owned());
-        let trace_id = span.context().span().span_context().trace_id();
+    if !exporting() {
+        let trace_id = client.span().span_context().trace_id();
         span.record("trace_id", tracing::field::display(trace_id));
-        (span, None)
-    } else {
-        let sc = client.span().span_context().clone();
-        if sc.is_valid() {
-            span.record("trace_id", tracing::field::display(sc.trace_id()));
-            (span, Some(client))
-        } else {
-            (span, None)
-        }
+        return (span, Some(client));
     }
+    let _ = span.set_parent(client);
+    annotate_span(&span, || {
+        vec![
+            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("http.route", route.to_owned()),
+            KeyValue::new("kleingate.request_id", request_id.to_owned()),
+        ]
+    });
+    let trace_id = span.context().span().span_context().trace_id();
+    span.record("trace_id", tracing::field::display(trace_id));
+    (span, None)
 }
 
 /// A span for work that outlives its request (a shadow run): in the request's trace, as a
@@ -311,45 +315,42 @@ pub(crate) fn record_status(span: &Span, status: u16, code: Option<&str>) {
     }
 }
 
-/// Attributes on the current span (OpenTelemetry only; nothing when not exporting).
-pub(crate) fn annotate(attributes: &[(&'static str, AttributeValue<'_>)]) {
+/// Attributes on the current span (OpenTelemetry only): `make` runs only when exporting, so
+/// the request path builds no attribute while telemetry is off.
+pub(crate) fn annotate(make: impl FnOnce() -> Vec<KeyValue>) {
     if exporting() {
-        annotate_span(&Span::current(), attributes);
+        annotate_span(&Span::current(), make);
     }
 }
 
-/// Attributes on `span` (OpenTelemetry only; nothing when not exporting).
-pub(crate) fn annotate_span(span: &Span, attributes: &[(&'static str, AttributeValue<'_>)]) {
-    if !exporting() {
-        return;
-    }
-    for (k, v) in attributes {
-        match v {
-            AttributeValue::Str(s) => span.set_attribute(*k, (*s).to_owned()),
-            AttributeValue::Float(f) => span.set_attribute(*k, *f),
+/// Attributes on `span`, as [`annotate`].
+pub(crate) fn annotate_span(span: &Span, make: impl FnOnce() -> Vec<KeyValue>) {
+    if exporting() {
+        for kv in make() {
+            span.set_attribute(kv.key, kv.value);
         }
     }
-}
-
-/// A value for [`annotate`].
-pub(crate) enum AttributeValue<'a> {
-    Str(&'a str),
-    Float(f64),
 }
 
 /// The span of one backend attempt, named after the backend (a `verda` backend's HTTP calls
 /// are client spans below it, one per endpoint of its pool tried).
 pub(crate) fn attempt_span(backend: &str, kind: &str, attempt: usize) -> Span {
+    if !exporting() {
+        // Only the trace would show it; the logs already name the backend.
+        return Span::none();
+    }
     let span = tracing::info_span!(
         "backend",
         otel.name = %format_args!("backend {backend}"),
         otel.kind = "internal",
     );
-    if exporting() {
-        span.set_attribute("kleingate.backend", backend.to_owned());
-        span.set_attribute("kleingate.backend.kind", kind.to_owned());
-        span.set_attribute("kleingate.attempt", attempt as i64);
-    }
+    annotate_span(&span, || {
+        vec![
+            KeyValue::new("kleingate.backend", backend.to_owned()),
+            KeyValue::new("kleingate.backend.kind", kind.to_owned()),
+            KeyValue::new("kleingate.attempt", attempt as i64),
+        ]
+    });
     span
 }
 

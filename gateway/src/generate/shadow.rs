@@ -73,19 +73,12 @@ pub(crate) fn start(
     let experiment = run.experiment.clone();
     // In the request's trace, after the answer (without keeping the request's span open).
     let span = crate::telemetry::detached_span();
-    crate::telemetry::annotate_span(
-        &span,
-        &[
-            (
-                "kleingate.experiment",
-                crate::telemetry::AttributeValue::Str(&experiment),
-            ),
-            (
-                "kleingate.variant",
-                crate::telemetry::AttributeValue::Str(&variant.name),
-            ),
-        ],
-    );
+    crate::telemetry::annotate_span(&span, || {
+        vec![
+            opentelemetry::KeyValue::new("kleingate.experiment", experiment.to_string()),
+            opentelemetry::KeyValue::new("kleingate.variant", variant.name.clone()),
+        ]
+    });
     state.background.spawn(
         async move {
             let _place = place;

@@ -80,18 +80,22 @@ fn respond(state: &AppState, answer: Answer, start: Instant) -> Response {
     let cache = answer.cache().as_str();
     let cost = answer.cost_usd();
     let model = answer.model_label();
-    {
-        use crate::telemetry::{annotate, AttributeValue::*};
-        annotate(&[
-            ("kleingate.model", Str(model)),
-            ("kleingate.backend", Str(&backend)),
-            ("kleingate.cache", Str(cache)),
-            ("kleingate.cost_usd", Float(cost)),
-        ]);
+    crate::telemetry::annotate(|| {
+        use opentelemetry::KeyValue;
+        let mut a = vec![
+            KeyValue::new("kleingate.model", model.to_owned()),
+            KeyValue::new("kleingate.backend", backend.clone()),
+            KeyValue::new("kleingate.cache", cache),
+            KeyValue::new("kleingate.cost_usd", cost),
+        ];
         if let Some(joined) = &answer.experiment {
-            annotate(&[("kleingate.variant", Str(joined.variant()))]);
+            a.push(KeyValue::new(
+                "kleingate.variant",
+                joined.variant().to_owned(),
+            ));
         }
-    }
+        a
+    });
     let m = &state.metrics;
     let mut resp = match &answer.result {
         Ok(served) => image_response(served),
