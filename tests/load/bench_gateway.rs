@@ -290,6 +290,66 @@ fn row(name: &str, s: &Stats) {
     );
 }
 
+/// The generate route every phase posts to.
+const PATH: &str = "/flux2-klein-4b/generate";
+
+/// One fixed-rate pass-through run against `addr`, printed as a row.
+async fn at_rate(a: &Args, addr: SocketAddr, body: &Bytes, label: &str) -> Stats {
+    let s = load(
+        addr,
+        PATH,
+        body.clone(),
+        a.image_bytes,
+        a.rate_connections,
+        Some(a.rate),
+        a.seconds,
+    )
+    .await;
+    row(&format!("{label} @ {}/s", a.rate), &s);
+    s
+}
+
+/// Added latency at p50 and p99 (ms) of `via` over `direct`.
+fn added(via: &Stats, direct: &Stats) -> (f64, f64) {
+    (
+        via.pct(0.5) - direct.pct(0.5),
+        via.pct(0.99) - direct.pct(0.99),
+    )
+}
+
+/// `--repeat` pairs of a direct run and a run against `target`: the medians of the added p50
+/// and p99.
+async fn medians_over_pairs(
+    a: &Args,
+    upstream: SocketAddr,
+    target: SocketAddr,
+    body: &Bytes,
+    label: &str,
+) -> (f64, f64) {
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..a.repeat.max(1) {
+        let direct = at_rate(a, upstream, body, "direct to upstream").await;
+        let via = at_rate(a, target, body, label).await;
+        let (d50, d99) = added(&via, &direct);
+        p50.push(d50);
+        p99.push(d99);
+    }
+    (median(&mut p50), median(&mut p99))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A gateway config with one verda backend at `upstream`.
+fn gateway_config(upstream: &str, image_bytes: usize) -> String {
+    format!(
+        "[backends.verda]\nkind = \"verda\"\nbase_url = \"{upstream}\"\napi_key_env = \"KLEINGATE_BENCH_NO_KEY\"\nmax_concurrency = 256\nmax_response_bytes = {}\n",
+        image_bytes * 2
+    )
+}
+
 fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -301,12 +361,7 @@ fn main() {
 
 async fn run(a: Args) {
     let fake = FakeVerda::start_with(fake_jpeg(a.image_bytes), None).await;
-    let gw = Gateway::start(&format!(
-        "[backends.verda]\nkind = \"verda\"\nbase_url = \"{}\"\napi_key_env = \"KLEINGATE_BENCH_NO_KEY\"\nmax_concurrency = 256\nmax_response_bytes = {}\n",
-        fake.url(),
-        a.image_bytes * 2
-    ))
-    .await;
+    let gw = Gateway::start(&gateway_config(&fake.url(), a.image_bytes)).await;
     let nginx = Nginx::start(&a.nginx, fake.addr).await;
     if nginx.is_none() {
         eprintln!("(nginx `{}` could not be started: measuring without the reference proxy; apt-get install nginx)", a.nginx);
@@ -323,54 +378,25 @@ async fn run(a: Args) {
     println!(
         "|------------------------------------|-----------|---------|---------|---------|--------|"
     );
-    let r = Some(a.rate);
     let (mut added_p50, mut added_p99) = (Vec::new(), Vec::new());
     let (mut nginx_p50, mut nginx_p99) = (Vec::new(), Vec::new());
     for _ in 0..a.repeat.max(1) {
-        let direct = load(
-            fake.addr,
-            "/flux2-klein-4b/generate",
-            unseeded.clone(),
-            n,
-            a.rate_connections,
-            r,
-            a.seconds,
-        )
-        .await;
-        row(&format!("direct to upstream @ {}/s", a.rate), &direct);
-        let via = load(
-            gw.addr,
-            "/flux2-klein-4b/generate",
-            unseeded.clone(),
-            n,
-            a.rate_connections,
-            r,
-            a.seconds,
-        )
-        .await;
-        row(&format!("through gateway @ {}/s", a.rate), &via);
-        added_p50.push(via.pct(0.5) - direct.pct(0.5));
-        added_p99.push(via.pct(0.99) - direct.pct(0.99));
+        let direct = at_rate(&a, fake.addr, &unseeded, "direct to upstream").await;
+        let via = at_rate(&a, gw.addr, &unseeded, "through gateway").await;
+        let (p50, p99) = added(&via, &direct);
+        added_p50.push(p50);
+        added_p99.push(p99);
         if let Some(ng) = &nginx {
-            let proxied = load(
-                ng.addr,
-                "/flux2-klein-4b/generate",
-                unseeded.clone(),
-                n,
-                a.rate_connections,
-                r,
-                a.seconds,
-            )
-            .await;
-            row(&format!("through nginx @ {}/s", a.rate), &proxied);
-            nginx_p50.push(proxied.pct(0.5) - direct.pct(0.5));
-            nginx_p99.push(proxied.pct(0.99) - direct.pct(0.99));
+            let proxied = at_rate(&a, ng.addr, &unseeded, "through nginx").await;
+            let (p50, p99) = added(&proxied, &direct);
+            nginx_p50.push(p50);
+            nginx_p99.push(p99);
         }
     }
 
     let direct_max = load(
         fake.addr,
-        "/flux2-klein-4b/generate",
+        PATH,
         seeded.clone(),
         n,
         a.max_connections,
@@ -383,7 +409,7 @@ async fn run(a: Args) {
         Some(ng) => {
             let s = load(
                 ng.addr,
-                "/flux2-klein-4b/generate",
+                PATH,
                 seeded.clone(),
                 n,
                 a.max_connections,
@@ -397,33 +423,11 @@ async fn run(a: Args) {
         None => None,
     };
     // Prime the cache, then every request is a hit.
-    let _ = load(
-        gw.addr,
-        "/flux2-klein-4b/generate",
-        seeded.clone(),
-        n,
-        1,
-        Some(10),
-        0,
-    )
-    .await;
-    let hits = load(
-        gw.addr,
-        "/flux2-klein-4b/generate",
-        seeded,
-        n,
-        a.max_connections,
-        None,
-        a.seconds,
-    )
-    .await;
+    let _ = load(gw.addr, PATH, seeded.clone(), n, 1, Some(10), 0).await;
+    let hits = load(gw.addr, PATH, seeded, n, a.max_connections, None, a.seconds).await;
     row("gateway cache hits, max", &hits);
 
     println!();
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     println!(
         "pass-through added latency (gateway minus direct, same rate, same run; median of {} pairs, each: {}): p50 {:+.3} ms, p99 {:+.3} ms",
         added_p99.len(),
@@ -470,37 +474,7 @@ async fn run(a: Args) {
 /// cannot be undone: the ratio is between the two halves of this one phase. Logs are at `warn`
 /// (no access log lines) in the second half, none in the first: the difference is the spans'.
 async fn telemetry_phase(a: &Args, upstream: SocketAddr, plain: SocketAddr, body: Bytes) {
-    let r = Some(a.rate);
-    let path = "/flux2-klein-4b/generate";
-    let n = a.image_bytes;
-    let (mut plain99, mut traced99, mut plain50, mut traced50) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..a.repeat.max(1) {
-        let direct = load(
-            upstream,
-            path,
-            body.clone(),
-            n,
-            a.rate_connections,
-            r,
-            a.seconds,
-        )
-        .await;
-        row(&format!("direct to upstream @ {}/s", a.rate), &direct);
-        let p = load(
-            plain,
-            path,
-            body.clone(),
-            n,
-            a.rate_connections,
-            r,
-            a.seconds,
-        )
-        .await;
-        row(&format!("gateway, no tracing @ {}/s", a.rate), &p);
-        plain50.push(p.pct(0.5) - direct.pct(0.5));
-        plain99.push(p.pct(0.99) - direct.pct(0.99));
-    }
+    let (p50, p99) = medians_over_pairs(a, upstream, plain, &body, "gateway, no tracing").await;
     let sink = otlp_sink().await;
     let cfg = kleingate_gateway::telemetry::TelemetryConfig {
         endpoint: Some(format!("http://{sink}")),
@@ -513,50 +487,17 @@ async fn telemetry_phase(a: &Args, upstream: SocketAddr, plain: SocketAddr, body
     }
     let telemetry = kleingate_gateway::telemetry::install(&cfg, &tokio::runtime::Handle::current())
         .expect("installing the trace exporter");
-    let traced = Gateway::start(&format!(
-        "[backends.verda]\nkind = \"verda\"\nbase_url = \"http://{upstream}\"\napi_key_env = \"KLEINGATE_BENCH_NO_KEY\"\nmax_concurrency = 256\nmax_response_bytes = {}\n",
-        a.image_bytes * 2
+    let traced = Gateway::start(&gateway_config(
+        &format!("http://{upstream}"),
+        a.image_bytes,
     ))
     .await;
-    for _ in 0..a.repeat.max(1) {
-        let direct = load(
-            upstream,
-            path,
-            body.clone(),
-            n,
-            a.rate_connections,
-            r,
-            a.seconds,
-        )
-        .await;
-        row(&format!("direct to upstream @ {}/s", a.rate), &direct);
-        let t = load(
-            traced.addr,
-            path,
-            body.clone(),
-            n,
-            a.rate_connections,
-            r,
-            a.seconds,
-        )
-        .await;
-        row(
-            &format!("gateway, traced ({}) @ {}/s", a.telemetry_ratio, a.rate),
-            &t,
-        );
-        traced50.push(t.pct(0.5) - direct.pct(0.5));
-        traced99.push(t.pct(0.99) - direct.pct(0.99));
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (p50, p99) = (median(&mut plain50), median(&mut plain99));
-    let (t50, t99) = (median(&mut traced50), median(&mut traced99));
+    let traced_label = format!("gateway, traced ({})", a.telemetry_ratio);
+    let (t50, t99) = medians_over_pairs(a, upstream, traced.addr, &body, &traced_label).await;
     println!(
         "\ntraces exported (sampling ratio {}): pass-through adds p50 {t50:+.3} ms, p99 {t99:+.3} ms; without tracing p50 {p50:+.3} ms, p99 {p99:+.3} ms (median of {} pairs each): p99 {:.2}x, p50 {:.2}x",
         a.telemetry_ratio,
-        plain99.len(),
+        a.repeat.max(1),
         t99 / p99,
         t50 / p50
     );
