@@ -6,7 +6,7 @@ dead backend and the tiny local engine), and Prometheus (Debian's `prometheus` p
 the gateway every second with `alerts.yml` loaded. Sends traffic that exercises every panel and
 makes every alert condition true: a dead primary backend (fallbacks, circuit open, backend down),
 requests for a model only the dead backend serves (5xx), fresh seeds (cache misses), the local
-engine. Then every PromQL expression of `kleingate.json` and `alerts.yml` must return data, the
+engine, shared state on a Redis that is not there (store down). Then every PromQL expression of `kleingate.json` and `alerts.yml` must return data, the
 rules must load with health "ok", and `promtool check rules` must pass. Bounded: about a minute.
 
     cargo build -p kleingate-gateway -p kleingate-tests --bins && python3 dashboards/check.py
@@ -76,6 +76,8 @@ def main():
     procs = []
     try:
         fake_port, gw_port, prom_port, dead_port = free_port(), free_port(), free_port(), free_port()
+        # Shared state pointed at a Redis that is not there: the store-down alert's condition.
+        dead_redis = free_port()
         procs.append(subprocess.Popen([BIN / "fake-verda", "--listen", f"127.0.0.1:{fake_port}",
                                        "--image-bytes", "2000"]))
         (tmp / "kleingate.toml").write_text(f"""
@@ -106,6 +108,9 @@ max_sequence_length = 32
 models = ["flux2-klein-base-4b"]
 [backends.local.cost]
 gpu_hour_usd = 3.0
+[state]
+backend = "redis"
+redis_url = "redis://127.0.0.1:{dead_redis}/"
 [admission]
 requests_per_sec = 50
 burst = 50

@@ -54,6 +54,15 @@ ROWS = [
         ("Cost per hour by backend (USD)", "currencyUSD",
          [('sum by (backend) (rate(kleingate_cost_usd_total[$__rate_interval])) * 3600', "{{backend}}")], 12),
     ]),
+    ("Shared state (Redis)", [
+        ("State store up (1) per replica; 0 = per-replica limits and cache", "none",
+         [('min by (instance) (kleingate_state_store_up)', "{{instance}}")], 8),
+        ("State store errors by operation (each fell back to the replica's own state)", "ops",
+         [('sum by (op) (rate(kleingate_state_store_errors_total[$__rate_interval]))', "{{op}}")], 8),
+        ("Across replicas: shared cache hits, waits on another replica", "reqps",
+         [('sum(rate(kleingate_cache_shared_hits_total[$__rate_interval]))', "shared hits"),
+          ('sum(rate(kleingate_singleflight_remote_total[$__rate_interval]))', "waited on another replica")], 8),
+    ]),
     ("Experiments", [
         ("Experiment assignments by variant", "reqps",
          [('sum by (experiment, variant) (rate(kleingate_experiment_assignments_total[$__rate_interval]))', "{{experiment}} {{variant}}")], 12),

@@ -3,7 +3,8 @@
 //!
 //! * [`RateLimiter`]: a token bucket per client (the authenticated key's name, else the budget
 //!   header, else the peer address); an empty bucket answers 429 with `Retry-After` = the time
-//!   until the next token.
+//!   until the next token. With shared state (Redis) the bucket is one across replicas; while
+//!   Redis is down, each replica's own bucket takes over.
 //! * [`Shedder`]: at most `max_inflight` generate requests inside the gateway; one more is
 //!   answered 503 `overloaded` at once instead of joining an unbounded queue, so a client (or the
 //!   load balancer) can go elsewhere while the answer is still cheap.
@@ -100,6 +101,7 @@ pub struct RateLimiter {
     burst: u32,
     buckets: Mutex<Buckets>,
     rejected: IntCounterVec,
+    shared: crate::shared::SharedState,
 }
 
 struct Buckets {
@@ -109,8 +111,14 @@ struct Buckets {
 }
 
 impl RateLimiter {
-    pub fn new(cfg: &AdmissionConfig, client_header: &str, rejected: IntCounterVec) -> Self {
+    pub fn new(
+        cfg: &AdmissionConfig,
+        client_header: &str,
+        rejected: IntCounterVec,
+        shared: crate::shared::SharedState,
+    ) -> Self {
         RateLimiter {
+            shared,
             rate: cfg.requests_per_sec,
             client_header: client_header.to_owned(),
             burst: cfg.burst,
@@ -181,11 +189,27 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    fn refuse(&self, rate: f64, burst: u32, wait: Duration) -> Response {
+        self.rejected.with_label_values(&["rate_limited"]).inc();
+        ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
+                wait.as_secs_f64()
+            ),
+        )
+        .with_retry_after(Some(wait))
+        .into_response()
+    }
+}
+
 impl Gate for RateLimiter {
     type Pass = ();
 
-    /// In, unless the client is over its rate: then 429 with the wait for the next token.
-    fn admit(&self, req: &Request) -> Admission<()> {
+    /// In, unless the client is over its rate: then 429 with the wait for the next token. With
+    /// shared state up, the bucket in Redis decides (one round trip); otherwise this replica's.
+    fn admit(self: &Arc<Self>, req: &Request) -> Admission<()> {
         let principal = req.extensions().get::<Arc<Principal>>();
         let rate = principal
             .and_then(|p| p.requests_per_sec)
@@ -195,21 +219,20 @@ impl Gate for RateLimiter {
             return Admission::In(());
         }
         let client = client_identity(req, &self.client_header);
-        let Err(wait) = self.take(&client, rate, burst, Instant::now()) else {
-            return Admission::In(());
-        };
-        self.rejected.with_label_values(&["rate_limited"]).inc();
-        Admission::Refused(
-            ApiError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "rate limit of {rate} requests/s (burst {burst}) reached; retry in {:.1} s",
-                    wait.as_secs_f64()
-                ),
-            )
-            .with_retry_after(Some(wait))
-            .into_response(),
-        )
+        if self.shared.is_shared() {
+            let this = self.clone();
+            return Admission::Pending(Box::pin(async move {
+                let taken = match this.shared.take_token(&client, rate, burst).await {
+                    Some(taken) => taken,
+                    None => this.take(&client, rate, burst, Instant::now()),
+                };
+                taken.map_err(|wait| this.refuse(rate, burst, wait))
+            }));
+        }
+        match self.take(&client, rate, burst, Instant::now()) {
+            Ok(()) => Admission::In(()),
+            Err(wait) => Admission::Refused(self.refuse(rate, burst, wait)),
+        }
     }
 }
 
@@ -234,12 +257,14 @@ pub enum Admission<P> {
     In(P),
     /// Answer at once with this.
     Refused(Response),
+    /// The decision needs a round trip (shared state): in with `P`, or answered with the error.
+    Pending(Pin<Box<dyn Future<Output = Result<P, Response>> + Send>>),
 }
 
 /// One admission decision per request, made before the rest of the stack sees it.
 pub trait Gate: Send + Sync + 'static {
     type Pass: Send + 'static;
-    fn admit(&self, req: &Request) -> Admission<Self::Pass>;
+    fn admit(self: &Arc<Self>, req: &Request) -> Admission<Self::Pass>;
 }
 
 /// The tower layer around a [`Gate`].
@@ -278,7 +303,7 @@ impl<G, S: Clone> Clone for Gated<G, S> {
 impl<G, S> Service<Request> for Gated<G, S>
 where
     G: Gate,
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response;
@@ -300,6 +325,22 @@ where
                 })
             }
             Admission::Refused(resp) => Box::pin(std::future::ready(Ok(resp))),
+            Admission::Pending(decide) => {
+                // The service that was polled ready goes with the request; a clone stays for
+                // the next call (tower's usual hand-over).
+                let fresh = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, fresh);
+                Box::pin(async move {
+                    match decide.await {
+                        Ok(pass) => {
+                            let resp = inner.call(req).await;
+                            drop(pass);
+                            resp
+                        }
+                        Err(resp) => Ok(resp),
+                    }
+                })
+            }
         }
     }
 }
@@ -334,7 +375,7 @@ impl Shedder {
 impl Gate for Shedder {
     type Pass = Option<tokio::sync::OwnedSemaphorePermit>;
 
-    fn admit(&self, _: &Request) -> Admission<Self::Pass> {
+    fn admit(self: &Arc<Self>, _: &Request) -> Admission<Self::Pass> {
         let Some(permits) = &self.permits else {
             return Admission::In(None);
         };
@@ -360,7 +401,12 @@ mod tests {
 
     fn limiter() -> RateLimiter {
         let m = IntCounterVec::new(prometheus::Opts::new("x", "x"), &["reason"]).expect("metric");
-        RateLimiter::new(&AdmissionConfig::default(), "x-client", m)
+        RateLimiter::new(
+            &AdmissionConfig::default(),
+            "x-client",
+            m,
+            crate::shared::SharedState::memory(),
+        )
     }
 
     #[test]

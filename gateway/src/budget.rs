@@ -4,8 +4,10 @@
 //! auth on, it is the API key's name. What a request cost (`X-Kleingate-Cost`) is added
 //! to its key's spend for the current UTC day. A key at or over its budget is refused with 429, or
 //! routed to the cheapest backend only (`on_exceed`). Requests without the header are not
-//! budgeted. Spend is kept in memory: a restart forgives the day (budgets are a guard rail, not
-//! billing).
+//! budgeted. Spend is kept in memory, and with `[state] backend = "redis"` also in Redis, where
+//! every replica adds to and reads one total; while Redis is down each replica goes by what it
+//! has counted itself. A restart (of a memory-state gateway, or of a Redis without persistence)
+//! forgives the day: budgets are a guard rail, not billing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -83,6 +85,7 @@ pub enum Verdict {
 
 pub struct Budgets {
     cfg: BudgetConfig,
+    shared: crate::shared::SharedState,
     /// The UTC day being counted, and key -> USD spent that day. Only keys with a budget are
     /// kept; a new day starts from an empty map, which also bounds it by one day's keys.
     spent: Mutex<(u64, HashMap<String, f64>)>,
@@ -95,9 +98,10 @@ fn today() -> u64 {
 }
 
 impl Budgets {
-    pub fn new(cfg: BudgetConfig) -> Self {
+    pub fn new(cfg: BudgetConfig, shared: crate::shared::SharedState) -> Self {
         Budgets {
             cfg,
+            shared,
             spent: Mutex::new((0, HashMap::new())),
         }
     }
@@ -110,12 +114,27 @@ impl Budgets {
         self.cfg.on_exceed
     }
 
-    pub fn check(&self, key: &str) -> Verdict {
-        self.check_on(key, today())
+    /// The key's spend today across replicas when shared, else this replica's.
+    pub async fn check(&self, key: &str) -> Verdict {
+        let day = today();
+        let Some(limit) = self.cfg.limit(key) else {
+            return Verdict::Within;
+        };
+        match self.shared.spent(key, day).await {
+            Some(spent) => Self::verdict(spent, limit),
+            None => self.check_on(key, day),
+        }
     }
 
-    pub fn charge(&self, key: &str, usd: f64) {
-        self.charge_on(key, usd, today());
+    /// Counted here always (what this replica goes by while Redis is down), and in Redis when
+    /// shared.
+    pub async fn charge(&self, key: &str, usd: f64) {
+        let day = today();
+        if usd <= 0.0 || self.cfg.limit(key).is_none() {
+            return;
+        }
+        self.charge_on(key, usd, day);
+        self.shared.charge(key, usd, day).await;
     }
 
     fn check_on(&self, key: &str, day: u64) -> Verdict {
@@ -126,6 +145,10 @@ impl Budgets {
             (d, map) if *d == day => map.get(key).copied().unwrap_or(0.0),
             _ => 0.0,
         };
+        Self::verdict(spent, limit)
+    }
+
+    fn verdict(spent: f64, limit: f64) -> Verdict {
         if spent >= limit {
             Verdict::Exceeded { spent, limit }
         } else {
@@ -152,11 +175,14 @@ mod tests {
     use super::*;
 
     fn budgets() -> Budgets {
-        Budgets::new(BudgetConfig {
-            default_daily_usd: 1.0,
-            keys: BTreeMap::from([("team-a".to_owned(), 0.05), ("free".to_owned(), 0.0)]),
-            ..BudgetConfig::default()
-        })
+        Budgets::new(
+            BudgetConfig {
+                default_daily_usd: 1.0,
+                keys: BTreeMap::from([("team-a".to_owned(), 0.05), ("free".to_owned(), 0.0)]),
+                ..BudgetConfig::default()
+            },
+            crate::shared::SharedState::memory(),
+        )
     }
 
     #[test]
@@ -179,7 +205,10 @@ mod tests {
         );
         // A budget of 0 is exceeded at once; a key with no budget never is.
         assert!(matches!(b.check_on("free", 101), Verdict::Exceeded { .. }));
-        let none = Budgets::new(BudgetConfig::default());
+        let none = Budgets::new(
+            BudgetConfig::default(),
+            crate::shared::SharedState::memory(),
+        );
         none.charge_on("x", 100.0, 1);
         assert_eq!(none.check_on("x", 1), Verdict::Within);
         assert!(none.spent.lock().unwrap().1.is_empty());

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod routes;
 pub mod routing;
 pub mod server;
+pub mod shared;
 pub mod state;
 pub mod telemetry;
 

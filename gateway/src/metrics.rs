@@ -36,6 +36,16 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub cache_entries: IntGauge,
     pub singleflight_coalesced: IntCounter,
+    /// Shared state (`[state] backend = "redis"`): 1 while the store answers. Only a gateway
+    /// with a shared store has the series (`store="redis"`), so a memory-state one never alerts.
+    pub state_store_up: IntGaugeVec,
+    /// Redis calls that failed or timed out, by operation (each fell back to the replica's own
+    /// state).
+    pub state_store_errors: IntCounterVec,
+    /// Cache hits served from the shared level (an image another replica made).
+    pub cache_shared_hits: IntCounter,
+    /// Requests that waited for an identical request on another replica.
+    pub singleflight_remote: IntCounter,
     pub inflight: IntGauge,
     pub local_queue_depth: IntGaugeVec,
     pub local_batch_size: HistogramVec,
@@ -158,6 +168,32 @@ impl Metrics {
         let singleflight_coalesced = IntCounter::new(
             "kleingate_singleflight_coalesced_total",
             "Requests that waited for an identical in-flight request instead of calling a backend",
+        )
+        .expect("metric");
+        let state_store_up = IntGaugeVec::new(
+            Opts::new(
+                "kleingate_state_store_up",
+                "1 while the shared state store answers; 0 while this replica falls back to its own state",
+            ),
+            &["store"],
+        )
+        .expect("metric");
+        let state_store_errors = IntCounterVec::new(
+            Opts::new(
+                "kleingate_state_store_errors_total",
+                "Shared state store calls that failed or timed out, by operation",
+            ),
+            &["op"],
+        )
+        .expect("metric");
+        let cache_shared_hits = IntCounter::new(
+            "kleingate_cache_shared_hits_total",
+            "Cache hits served from the shared (Redis) level: images made on another replica",
+        )
+        .expect("metric");
+        let singleflight_remote = IntCounter::new(
+            "kleingate_singleflight_remote_total",
+            "Requests answered by an identical request's generation on another replica",
         )
         .expect("metric");
         let inflight = IntGauge::new(
@@ -308,6 +344,10 @@ impl Metrics {
             Box::new(cache_bytes.clone()),
             Box::new(cache_entries.clone()),
             Box::new(singleflight_coalesced.clone()),
+            Box::new(state_store_up.clone()),
+            Box::new(state_store_errors.clone()),
+            Box::new(cache_shared_hits.clone()),
+            Box::new(singleflight_remote.clone()),
             Box::new(inflight.clone()),
             Box::new(local_queue_depth.clone()),
             Box::new(local_batch_size.clone()),
@@ -334,6 +374,10 @@ impl Metrics {
             cache_bytes,
             cache_entries,
             singleflight_coalesced,
+            state_store_up,
+            state_store_errors,
+            cache_shared_hits,
+            singleflight_remote,
             inflight,
             local_queue_depth,
             local_batch_size,

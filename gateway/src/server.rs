@@ -36,6 +36,7 @@ pub async fn serve(
     let grace = Duration::from_secs_f64(state.config.shutdown_grace_secs);
     let header_timeout = Duration::from_secs_f64(state.config.header_timeout_secs);
     let app = router(state.clone());
+    let _state_monitor = AbortOnDrop(tokio::spawn(state.shared.clone().monitor()));
     let _watcher = AbortOnDrop(tokio::spawn(crate::auth::watch_keys_file(state.clone())));
     let _pruner = AbortOnDrop(tokio::spawn(crate::experiments::prune_periodically(
         state.clone(),

@@ -210,6 +210,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub request_timeout: Duration,
     pub budgets: crate::budget::Budgets,
+    /// What replicas share (Redis), or nothing (memory state).
+    pub shared: crate::shared::SharedState,
     pub experiments: crate::experiments::Experiments,
     pub auth: crate::auth::Auth,
     pub rate_limiter: Arc<crate::admission::RateLimiter>,
@@ -230,6 +232,8 @@ pub enum BuildError {
     Auth(#[from] crate::auth::AuthError),
     #[error("fetch: {0}")]
     Fetch(String),
+    #[error("{0}")]
+    State(String),
 }
 
 impl AppState {
@@ -374,10 +378,20 @@ impl AppState {
             .collect();
         let names: Vec<&str> = config.backends.keys().map(String::as_str).collect();
         let auth = crate::auth::Auth::from_config(&config.auth, &names)?;
+        // A coalescing lock outlives its holder's deadline by a second at most: a replica that
+        // died holding it frees it by expiry.
+        let shared = crate::shared::SharedState::new(
+            &config.state,
+            Duration::from_secs(config.cache.ttl_secs),
+            Duration::from_secs_f64(config.request_timeout_secs + 1.0),
+            &metrics,
+        )
+        .map_err(BuildError::State)?;
         let rate_limiter = Arc::new(crate::admission::RateLimiter::new(
             &config.admission,
             &config.budget.header,
             metrics.rejected.clone(),
+            shared.clone(),
         ));
         let shedder = Arc::new(crate::admission::Shedder::new(
             config.admission.max_inflight,
@@ -389,7 +403,8 @@ impl AppState {
             shedder,
             background: tokio_util::task::TaskTracker::new(),
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
-            budgets: crate::budget::Budgets::new(config.budget.clone()),
+            budgets: crate::budget::Budgets::new(config.budget.clone(), shared.clone()),
+            shared,
             experiments: crate::experiments::Experiments {
                 configs: config.experiments.clone(),
                 store,

@@ -74,6 +74,9 @@ pub struct Config {
     /// OpenTelemetry trace export (see `telemetry.rs`); off unless `endpoint` is set.
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// Where replicas keep what they share (see `shared/`): `memory` (each its own) or `redis`.
+    #[serde(default)]
+    pub state: crate::shared::StateConfig,
 }
 
 /// Where experiment results and feedback are kept.
@@ -392,6 +395,9 @@ impl Config {
         if let Err(e) = self.telemetry.validate() {
             return bad(e);
         }
+        if let Err(e) = self.state.validate() {
+            return bad(e);
+        }
         let names: Vec<&str> = self.backends.keys().map(String::as_str).collect();
         for (name, x) in &self.experiments {
             if let Err(e) = x.validate(name, &names) {
@@ -513,9 +519,18 @@ mod tests {
                 .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
                 .collect();
             assert!(toml.contains("[backends."), "{f}: no config found");
-            let cfg = Config::load_with_env(Some(file(&toml).path()), Some(HashMap::new()))
+            // The gateway's Redis URL comes from the Secret kleingate-state, as the Deployment
+            // sets it.
+            let env = HashMap::from([(
+                "KLEINGATE_STATE__REDIS_URL".to_owned(),
+                "redis://:secret@kleingate-redis:6379/0".to_owned(),
+            )]);
+            let cfg = Config::load_with_env(Some(file(&toml).path()), Some(env))
                 .unwrap_or_else(|e| panic!("{f}: {e}"));
             assert!(!cfg.backends.is_empty());
+            if *f == "gateway-configmap.yaml" {
+                assert_eq!(cfg.state.backend, crate::shared::StateBackend::Redis);
+            }
         }
     }
 

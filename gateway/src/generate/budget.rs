@@ -13,7 +13,7 @@ use crate::state::{AppState, BackendSlot};
 
 /// Over its daily budget, a client is refused (429 until the next UTC day) or served by the
 /// cheapest candidate only. `Ok(true)`: served past the budget.
-pub(crate) fn apply(
+pub(crate) async fn apply(
     state: &AppState,
     client: &Client,
     req: &GenerateRequest,
@@ -22,7 +22,7 @@ pub(crate) fn apply(
     let Some(key) = client.key.as_deref() else {
         return Ok(false);
     };
-    let Verdict::Exceeded { spent, limit } = state.budgets.check(key) else {
+    let Verdict::Exceeded { spent, limit } = state.budgets.check(key).await else {
         return Ok(false);
     };
     match state.budgets.on_exceed() {

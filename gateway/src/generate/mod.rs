@@ -8,6 +8,7 @@ pub(crate) mod budget;
 pub(crate) mod experiment;
 mod shadow;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use crate::dispatch::{dispatch, Patience};
 use crate::error::{ApiError, ErrorCode};
 use crate::headers::{require_json, CacheDirectives, BACKEND_HEADER};
 use crate::routing::candidates;
+use crate::shared::Turn;
 use crate::state::{AppState, BackendSlot};
 use experiment::Joined;
 
@@ -338,13 +340,25 @@ async fn serve(
         .filter(|_| !bypass)
         .map(|seed| req.cache_key(seed, partition.as_deref()));
     if let Some(key) = cache_key {
-        if let Some(hit) = state.cache.get(&key).await {
+        // The replica's own level first, then the shared one (an image another replica made,
+        // kept here from now on).
+        let mut found = state.cache.get(&key).await.map(|v| (v, false));
+        if found.is_none() {
+            if let Some(v) = state.shared.cache_get(&key).await {
+                state.cache.insert(key, v.clone()).await;
+                found = Some((v, true));
+            }
+        }
+        if let Some((hit, shared)) = found {
             let allowed = client
                 .principal
                 .as_ref()
                 .is_none_or(|p| p.allows_backend(&hit.backend));
             if allowed {
                 state.metrics.cache_hits.inc();
+                if shared {
+                    state.metrics.cache_shared_hits.inc();
+                }
                 return Ok(Served {
                     image: hit,
                     cache: CacheOutcome::Hit,
@@ -363,7 +377,7 @@ async fn serve(
     if let Some(b) = preferred {
         prefer(&mut candidates, b);
     }
-    let over_budget = budget::apply(state, client, req, &mut candidates)?;
+    let over_budget = budget::apply(state, client, req, &mut candidates).await?;
     let deadline = start + state.request_timeout;
     // A variant's answer made by a fallback backend is not that variant's: it is not cached in
     // the variant's partition.
@@ -377,12 +391,45 @@ async fn serve(
     let (image, cache) = match cache_key {
         Some(key) => {
             state.metrics.cache_misses.inc();
+            // Identical requests in flight on this replica wait on moka's entry; across replicas,
+            // its leader takes the shared lock or waits for the replica that holds it.
+            let from_elsewhere = AtomicBool::new(false);
+            let make = async {
+                match state.shared.lead_or_wait(&key, deadline).await {
+                    Turn::Alone => generate.await,
+                    Turn::Found(v) => {
+                        from_elsewhere.store(true, Ordering::Relaxed);
+                        Ok(v)
+                    }
+                    Turn::Late => Err(crate::dispatch::DispatchError {
+                        error: ApiError::new(
+                            ErrorCode::Timeout,
+                            "the request deadline passed while an identical request on another gateway replica was generating the image",
+                        ),
+                        backend: None,
+                    }),
+                    Turn::Lead(lock) => {
+                        let made = generate.await;
+                        if let Ok(v) = &made {
+                            if !fell_back(v) {
+                                state.shared.cache_put(&key, v).await;
+                            }
+                        }
+                        lock.release().await;
+                        made
+                    }
+                }
+            };
             let lookup = state
                 .cache
-                .get_or_generate(key, generate)
+                .get_or_generate(key, make)
                 .await
                 .map_err(|e| dispatch_failed((*e).clone()))?;
             match lookup {
+                Lookup::Generated(v) if from_elsewhere.load(Ordering::Relaxed) => {
+                    state.metrics.singleflight_remote.inc();
+                    (v, CacheOutcome::Coalesced)
+                }
                 Lookup::Generated(v) => {
                     if fell_back(&v) {
                         state.cache.invalidate(&key).await;
@@ -452,7 +499,7 @@ fn prefer(candidates: &mut [Arc<BackendSlot>], name: &str) {
 /// coalesced wait did not measure the variant, and its leader already ran one).
 pub async fn settle(state: &Arc<AppState>, client: &Client, answer: &Answer, start: Instant) {
     if let Some(key) = &client.key {
-        state.budgets.charge(key, answer.cost_usd());
+        state.budgets.charge(key, answer.cost_usd()).await;
     }
     experiment::record(state, answer, start).await;
     let (Ok(served), Some(joined)) = (&answer.result, &answer.experiment) else {
@@ -471,6 +518,7 @@ pub async fn settle(state: &Arc<AppState>, client: &Client, answer: &Answer, sta
             sreq,
             variant,
             &joined.run,
-        );
+        )
+        .await;
     }
 }

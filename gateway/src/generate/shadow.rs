@@ -38,7 +38,7 @@ fn count(state: &AppState, experiment: &str, why: &'static str) {
 }
 
 /// Start the shadow run of `run` (the client's answer is complete) if it may run now.
-pub(crate) fn start(
+pub(crate) async fn start(
     state: &Arc<AppState>,
     client: &Client,
     over_budget: bool,
@@ -50,10 +50,10 @@ pub(crate) fn start(
     if state.is_draining() {
         return count(state, experiment, "draining");
     }
-    let past_budget = client
-        .key
-        .as_deref()
-        .is_some_and(|k| matches!(state.budgets.check(k), Verdict::Exceeded { .. }));
+    let past_budget = match client.key.as_deref() {
+        Some(k) => matches!(state.budgets.check(k).await, Verdict::Exceeded { .. }),
+        None => false,
+    };
     if over_budget || past_budget {
         return count(state, experiment, "budget");
     }
@@ -139,7 +139,7 @@ pub(crate) fn start(
             };
             // The shadow is spending done for this client: it counts against its budget.
             if let Some(k) = &budget_key {
-                state.budgets.charge(k, cost);
+                state.budgets.charge(k, cost).await;
             }
             store_record(&state, record).await;
         }
