@@ -54,7 +54,7 @@ ROWS = [
         ("Cost per hour by backend (USD)", "currencyUSD",
          [('sum by (backend) (rate(kleingate_cost_usd_total[$__rate_interval])) * 3600', "{{backend}}")], 12),
     ]),
-    ("Shared state (Redis)", [
+    ("Shared state (Redis) and experiment storage", [
         ("State store up (1) per replica; 0 = per-replica limits and cache", "none",
          [('min by (instance) (kleingate_state_store_up)', "{{instance}}")], 8),
         ("State store errors by operation (each fell back to the replica's own state)", "ops",
@@ -62,6 +62,10 @@ ROWS = [
         ("Across replicas: shared cache hits, waits on another replica", "reqps",
          [('sum(rate(kleingate_cache_shared_hits_total[$__rate_interval]))', "shared hits"),
           ('sum(rate(kleingate_singleflight_remote_total[$__rate_interval]))', "waited on another replica")], 8),
+        ("Experiment records waiting for the database (PostgreSQL or SQLite), failed writes, dropped", "none",
+         [('sum by (instance) (kleingate_storage_pending_records)', "pending {{instance}}"),
+          ('sum(increase(kleingate_storage_write_failures_total[$__rate_interval]))', "failed writes"),
+          ('sum(increase(kleingate_storage_dropped_records_total[$__rate_interval]))', "dropped")], 24),
     ]),
     ("Experiments", [
         ("Experiment assignments by variant", "reqps",

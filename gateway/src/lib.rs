@@ -25,9 +25,11 @@ pub mod headers;
 pub mod metrics;
 pub mod routes;
 pub mod routing;
+pub mod secret_url;
 pub mod server;
 pub mod shared;
 pub mod state;
+pub mod storage;
 pub mod telemetry;
 
 pub use config::Config;

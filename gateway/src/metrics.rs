@@ -42,6 +42,12 @@ pub struct Metrics {
     /// Redis calls that failed or timed out, by operation (each fell back to the replica's own
     /// state).
     pub state_store_errors: IntCounterVec,
+    /// Experiment records waiting in the retry buffer for the database.
+    pub storage_pending_records: IntGauge,
+    /// Experiment record writes that failed or timed out (first tries and retries).
+    pub storage_write_failures: IntCounter,
+    /// Experiment records dropped from a full retry buffer.
+    pub storage_dropped_records: IntCounter,
     /// Cache hits served from the shared level (an image another replica made).
     pub cache_shared_hits: IntCounter,
     /// Requests that waited for an identical request on another replica.
@@ -184,6 +190,21 @@ impl Metrics {
                 "Shared state store calls that failed or timed out, by operation",
             ),
             &["op"],
+        )
+        .expect("metric");
+        let storage_pending_records = IntGauge::new(
+            "kleingate_storage_pending_records",
+            "Experiment records waiting in the retry buffer for the database",
+        )
+        .expect("metric");
+        let storage_write_failures = IntCounter::new(
+            "kleingate_storage_write_failures_total",
+            "Experiment record writes that failed or timed out (first tries and retries)",
+        )
+        .expect("metric");
+        let storage_dropped_records = IntCounter::new(
+            "kleingate_storage_dropped_records_total",
+            "Experiment records dropped because the retry buffer was full",
         )
         .expect("metric");
         let cache_shared_hits = IntCounter::new(
@@ -347,6 +368,9 @@ impl Metrics {
             Box::new(state_store_up.clone()),
             Box::new(state_store_errors.clone()),
             Box::new(cache_shared_hits.clone()),
+            Box::new(storage_pending_records.clone()),
+            Box::new(storage_write_failures.clone()),
+            Box::new(storage_dropped_records.clone()),
             Box::new(singleflight_remote.clone()),
             Box::new(inflight.clone()),
             Box::new(local_queue_depth.clone()),
@@ -377,6 +401,9 @@ impl Metrics {
             state_store_up,
             state_store_errors,
             cache_shared_hits,
+            storage_pending_records,
+            storage_write_failures,
+            storage_dropped_records,
             singleflight_remote,
             inflight,
             local_queue_depth,

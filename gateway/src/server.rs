@@ -37,6 +37,11 @@ pub async fn serve(
     let header_timeout = Duration::from_secs_f64(state.config.header_timeout_secs);
     let app = router(state.clone());
     let _state_monitor = AbortOnDrop(tokio::spawn(state.shared.clone().monitor()));
+    let _record_retries = state
+        .experiments
+        .store
+        .as_ref()
+        .map(|s| AbortOnDrop(tokio::spawn(s.writer.clone().run())));
     let _watcher = AbortOnDrop(tokio::spawn(crate::auth::watch_keys_file(state.clone())));
     let _pruner = AbortOnDrop(tokio::spawn(crate::experiments::prune_periodically(
         state.clone(),
@@ -109,12 +114,17 @@ pub async fn serve(
         state.background.wait().await;
     };
     tokio::select! {
-        () = drain => Ok(()),
+        () = drain => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "grace period over; abandoning the remaining requests");
-            Ok(())
         }
     }
+    // Experiment records still waiting for the database: one last try, then their count in the
+    // log (bounded by the storage timeout per record it writes).
+    if let Some(store) = &state.experiments.store {
+        store.writer.finish().await;
+    }
+    Ok(())
 }
 
 /// The peer's doing (it went away during the handshake): nothing to report or wait for.

@@ -226,8 +226,8 @@ pub struct AppState {
 pub enum BuildError {
     #[error("backend `{name}`: {message}")]
     Backend { name: String, message: String },
-    #[error("storage {path}: {message}")]
-    Storage { path: String, message: String },
+    #[error("{0}")]
+    Storage(String),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
     #[error("fetch: {0}")]
@@ -342,12 +342,9 @@ impl AppState {
         let store = if config.experiments.is_empty() {
             None
         } else {
-            let path = std::path::Path::new(&config.storage.path);
             Some(
-                crate::experiments::Store::open(path).map_err(|e| BuildError::Storage {
-                    path: config.storage.path.clone(),
-                    message: e.to_string(),
-                })?,
+                crate::storage::Storage::open(&config.storage, &metrics)
+                    .map_err(BuildError::Storage)?,
             )
         };
         let cache = ImageCache::new(

@@ -536,9 +536,18 @@ fn the_shipped_kubernetes_configs_load() {
         assert!(toml.contains("[backends."), "{name}: {toml}");
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, toml).unwrap();
+        // The gateway Deployment sets the Redis URL from the Secret kleingate-state.
         let out = Command::new(env!("CARGO_BIN_EXE_kleingate"))
             .args(["check-config", "--config"])
             .arg(&path)
+            .env(
+                "KLEINGATE_STATE__REDIS_URL",
+                "redis://:secret@kleingate-redis:6379/0",
+            )
+            .env(
+                "KLEINGATE_STORAGE__URL",
+                "postgres://kleingate:secret@kleingate-postgres:5432/kleingate",
+            )
             .output()
             .unwrap();
         assert!(
@@ -546,5 +555,11 @@ fn the_shipped_kubernetes_configs_load() {
             "{name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // The effective settings it prints never include the Redis or PostgreSQL password.
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(!shown.contains(":secret@"), "{shown}");
+        if name == "gateway-configmap.yaml" {
+            assert!(shown.contains("kleingate-redis:6379"), "{shown}");
+        }
     }
 }

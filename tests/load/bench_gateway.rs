@@ -9,7 +9,12 @@
 //!      from the gateway;
 //!   3. with `--telemetry`, last: pass-through without tracing, then with OpenTelemetry trace
 //!      export on (`--telemetry-ratio` of the requests sampled, spans sent to an OTLP sink in
-//!      this process), each paired with a direct run.
+//!      this process), each paired with a direct run;
+//!   4. with `--redis`: the shared state on a real `redis-server` (started here, loopback) beside
+//!      the memory state, both with a rate limit on (so every request has its bucket taken):
+//!      pass-through of each, paired with direct runs, and cache-hit throughput from the shared
+//!      level (a replica whose own cache holds nothing) against hits from moka; as ratios to the
+//!      memory state.
 //!
 //! It prints requests/s, p50/p99/p99.9 and the ratios / added latency. The body size is stated with
 //! every figure because image bodies, not request handling, dominate the cost.
@@ -25,7 +30,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use kleingate_tests::fake_verda::fake_jpeg;
-use kleingate_tests::{FakeVerda, Gateway};
+use kleingate_tests::{FakeVerda, Gateway, RedisServer};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -57,6 +62,9 @@ struct Args {
     /// The sampling ratio of that phase (1 = every request's spans are exported).
     #[arg(long, default_value_t = 1.0)]
     telemetry_ratio: f64,
+    /// Also measure the Redis shared state against the memory state (needs `redis-server`).
+    #[arg(long)]
+    redis: bool,
 }
 
 /// An OTLP/HTTP endpoint that takes every export and discards it (the cost measured is the
@@ -463,9 +471,93 @@ async fn run(a: Args) {
         m.get_sample_sum() / m.get_sample_count().max(1) as f64 * 1000.0,
         m.get_sample_count()
     );
+    if a.redis {
+        redis_phase(&a, fake.addr).await;
+    }
     if a.telemetry {
         telemetry_phase(&a, fake.addr, gw.addr, unseeded).await;
     }
+}
+
+/// Memory state against Redis state: the same gateway config with a rate limit high enough never
+/// to refuse (so each request takes a token: in-process, or one Lua call to Redis), pass-through
+/// paired with direct runs; then cache hits from moka against hits from Redis (a replica with a
+/// cache too small for any entry, so every lookup reaches the shared level).
+async fn redis_phase(a: &Args, upstream: SocketAddr) {
+    let redis = RedisServer::start().await;
+    let backend = gateway_config(&format!("http://{upstream}"), a.image_bytes);
+    let limits = "[admission]\nrequests_per_sec = 1000000\nburst = 1000000\n";
+    let shared = format!(
+        "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\n",
+        redis.url()
+    );
+    let memory_gw = Gateway::start(&format!("{limits}{backend}")).await;
+    let redis_gw = Gateway::start(&format!("{limits}{shared}{backend}")).await;
+    let reader = Gateway::start(&format!(
+        "{limits}{shared}[cache]\nmax_bytes = 1\n{backend}"
+    ))
+    .await;
+    for gw in [&redis_gw, &reader] {
+        let start = Instant::now();
+        while !gw.state.shared.is_shared() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "Redis not reached"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let unseeded = Bytes::from_static(br#"{"prompt":"a lighthouse at dusk"}"#);
+    let seeded = Bytes::from_static(br#"{"prompt":"a lighthouse at dusk","seed":7}"#);
+    println!();
+    let (m50, m99) =
+        medians_over_pairs(a, upstream, memory_gw.addr, &unseeded, "memory state").await;
+    let (r50, r99) = medians_over_pairs(a, upstream, redis_gw.addr, &unseeded, "redis state").await;
+    let n = a.image_bytes;
+    // Made once through the Redis gateway: in Redis (and that gateway's moka); the memory
+    // gateway primes its own moka.
+    let _ = load(redis_gw.addr, PATH, seeded.clone(), n, 1, Some(10), 0).await;
+    let _ = load(memory_gw.addr, PATH, seeded.clone(), n, 1, Some(10), 0).await;
+    let moka = load(
+        memory_gw.addr,
+        PATH,
+        seeded.clone(),
+        n,
+        a.max_connections,
+        None,
+        a.seconds,
+    )
+    .await;
+    row("cache hits from moka, max", &moka);
+    let shared_hits = load(
+        reader.addr,
+        PATH,
+        seeded,
+        n,
+        a.max_connections,
+        None,
+        a.seconds,
+    )
+    .await;
+    row("cache hits from Redis, max", &shared_hits);
+    let store = &reader.state.metrics;
+    println!(
+        "\nshared state on Redis (same run, median of {} pairs each): pass-through adds p50 {r50:+.3} ms, p99 {r99:+.3} ms; memory state p50 {m50:+.3} ms, p99 {m99:+.3} ms: p99 {:.2}x, p50 {:.2}x the memory state's",
+        a.repeat.max(1),
+        r99 / m99,
+        r50 / m50
+    );
+    println!(
+        "cache hits from the shared level: {:.0} req/s vs {:.0} from moka = {:.2}x ({} shared hits, {} Redis errors)",
+        shared_hits.rps(),
+        moka.rps(),
+        shared_hits.rps() / moka.rps(),
+        store.cache_shared_hits.get(),
+        ["cache_get", "rate_limit"]
+            .iter()
+            .map(|op| store.state_store_errors.with_label_values(&[op]).get())
+            .sum::<u64>()
+    );
 }
 
 /// Pass-through with traces exported: first the gateway as it is (no subscriber installed), then

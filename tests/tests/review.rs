@@ -617,6 +617,7 @@ async fn shadows_never_slow_the_client() {
         .as_ref()
         .unwrap()
         .image("ab", &format!("{id}.shadow"))
+        .await
         .unwrap();
     assert_eq!(
         stored.map(|(_, b)| b),

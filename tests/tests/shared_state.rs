@@ -150,6 +150,26 @@ async fn a_cache_hit_and_coalescing_span_replicas() {
         1.0
     );
 
+    // An unseeded request is kept under the seed it got: that seed is a hit on another replica
+    // (stored after the answer went out, so give it a moment).
+    let r = generate(&gws[1], None, "c").await;
+    let seed: u64 = header(&r, "x-seed").parse().unwrap();
+    let start = Instant::now();
+    while redis
+        .cli(&["KEYS", "kleingate:img:*"])
+        .unwrap()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(start.elapsed() < Duration::from_secs(5), "never shared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = fake.calls();
+    let r = generate(&gws[0], Some(seed), "c").await;
+    assert_eq!(header(&r, "x-kleingate-cache"), "hit");
+    assert_eq!(fake.calls(), calls);
+
     // 8 identical seeded requests at once, spread over the three: one upstream call.
     fake.set_mode(Mode::Slow(Duration::from_millis(600)));
     let mut tasks = Vec::new();
@@ -165,7 +185,7 @@ async fn a_cache_hit_and_coalescing_span_replicas() {
     for t in tasks {
         outcomes.push(t.await.unwrap());
     }
-    assert_eq!(fake.calls(), 2, "{outcomes:?}");
+    assert_eq!(fake.calls(), calls + 1, "{outcomes:?}");
     assert!(outcomes
         .iter()
         .all(|(s, _, b)| *s == 200 && *b == outcomes[0].2));

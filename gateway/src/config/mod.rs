@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 mod backend;
 mod fields;
 
+pub use crate::secret_url::SecretUrl;
 #[cfg(feature = "local")]
 pub use backend::LocalSettings;
 pub use backend::{BackendConfig, Common, DiscoveryKind, Kind, VerdaSettings};
@@ -61,7 +62,7 @@ pub struct Config {
     #[serde(default)]
     pub experiments: BTreeMap<String, crate::experiments::ExperimentConfig>,
     #[serde(default)]
-    pub storage: StorageConfig,
+    pub storage: crate::storage::StorageConfig,
     /// Client API keys and what each may do (see `auth.rs`).
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
@@ -79,31 +80,10 @@ pub struct Config {
     pub state: crate::shared::StateConfig,
 }
 
-/// Where experiment results and feedback are kept.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StorageConfig {
-    /// SQLite file; created when missing. Only opened when experiments are configured.
-    pub path: String,
-    /// Stored experiment images (for the side-by-side page) older than this are deleted.
-    pub image_retention_days: f64,
-    /// Experiment results and their feedback older than this are deleted.
-    pub result_retention_days: f64,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            path: "kleingate.db".into(),
-            image_retention_days: 30.0,
-            result_retention_days: 365.0,
-        }
-    }
-}
-
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
+
 fn default_model() -> Model {
     Model::Klein4b
 }
@@ -398,6 +378,9 @@ impl Config {
         if let Err(e) = self.state.validate() {
             return bad(e);
         }
+        if let Err(e) = self.storage.validate() {
+            return bad(e);
+        }
         let names: Vec<&str> = self.backends.keys().map(String::as_str).collect();
         for (name, x) in &self.experiments {
             if let Err(e) = x.validate(name, &names) {
@@ -521,15 +504,25 @@ mod tests {
             assert!(toml.contains("[backends."), "{f}: no config found");
             // The gateway's Redis URL comes from the Secret kleingate-state, as the Deployment
             // sets it.
-            let env = HashMap::from([(
-                "KLEINGATE_STATE__REDIS_URL".to_owned(),
-                "redis://:secret@kleingate-redis:6379/0".to_owned(),
-            )]);
+            let env = HashMap::from([
+                (
+                    "KLEINGATE_STATE__REDIS_URL".to_owned(),
+                    "redis://:secret@kleingate-redis:6379/0".to_owned(),
+                ),
+                (
+                    "KLEINGATE_STORAGE__URL".to_owned(),
+                    "postgres://kleingate:secret@kleingate-postgres:5432/kleingate".to_owned(),
+                ),
+            ]);
             let cfg = Config::load_with_env(Some(file(&toml).path()), Some(env))
                 .unwrap_or_else(|e| panic!("{f}: {e}"));
             assert!(!cfg.backends.is_empty());
             if *f == "gateway-configmap.yaml" {
                 assert_eq!(cfg.state.backend, crate::shared::StateBackend::Redis);
+                assert!(matches!(
+                    cfg.storage.target(),
+                    Ok(crate::storage::Target::Postgres(_))
+                ));
             }
         }
     }

@@ -35,23 +35,17 @@ pub(super) async fn results(
     let Some(cfg) = state.experiments.configs.get(&name).cloned() else {
         return ApiError::not_found(format!("no experiment `{name}`")).into_response();
     };
-    let st = state.clone();
-    let n = name.clone();
-    let results =
-        tokio::task::spawn_blocking(move || st.experiments.store.as_ref().map(|s| s.results(&n)))
-            .await;
-    match results {
-        Ok(Some(Ok(results))) => Json(Results {
+    let Some(store) = &state.experiments.store else {
+        return ApiError::not_found("no experiments are configured").into_response();
+    };
+    match store.results(&name).await {
+        Ok(results) => Json(Results {
             experiment: name,
             variants: cfg.variants,
             results,
         })
         .into_response(),
-        other => ApiError::storage_failed(
-            "could not read the results",
-            other.map(|o| o.map(|r| r.map(|_| ()))),
-        )
-        .into_response(),
+        Err(e) => ApiError::storage_failed("could not read the results", e).into_response(),
     }
 }
 
@@ -66,24 +60,18 @@ pub(super) async fn image(
     if !state.experiments.configs.contains_key(&name) {
         return ApiError::not_found(format!("no experiment `{name}`")).into_response();
     }
-    let st = state.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        st.experiments.store.as_ref().map(|s| s.image(&name, &id))
-    })
-    .await;
-    match found {
-        Ok(Some(Ok(Some((content_type, bytes))))) => {
+    let Some(store) = &state.experiments.store else {
+        return ApiError::not_found("no experiments are configured").into_response();
+    };
+    match store.image(&name, &id).await {
+        Ok(Some((content_type, bytes))) => {
             let mut r = Response::new(Body::from(bytes));
             if let Ok(v) = HeaderValue::from_str(&content_type) {
                 r.headers_mut().insert(header::CONTENT_TYPE, v);
             }
             r
         }
-        Ok(Some(Ok(None))) => ApiError::not_found("no stored image with that id").into_response(),
-        other => ApiError::storage_failed(
-            "could not read the image",
-            other.map(|o| o.map(|r| r.map(|_| ()))),
-        )
-        .into_response(),
+        Ok(None) => ApiError::not_found("no stored image with that id").into_response(),
+        Err(e) => ApiError::storage_failed("could not read the image", e).into_response(),
     }
 }

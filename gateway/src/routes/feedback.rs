@@ -82,20 +82,11 @@ pub(super) async fn feedback(
         }
         _ => return bad("give exactly one of `score` and `thumbs`".into()).into_response(),
     };
-    if state.experiments.store.is_none() {
+    let Some(store) = &state.experiments.store else {
         return ApiError::not_found("no experiments are configured").into_response();
-    }
-    let st = state.clone();
-    let id = f.request_id.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        st.experiments
-            .store
-            .as_ref()
-            .map(|s| s.feedback(&id, &voter, score))
-    })
-    .await;
-    match stored {
-        Ok(Some(Ok((experiment, variant, previous)))) => {
+    };
+    match store.feedback(&f.request_id, &voter, score).await {
+        Ok((experiment, variant, previous)) => {
             // Prometheus counts each voter's first vote on a result (counters cannot take a
             // vote back); `GET /v1/experiments/{name}` reads the current votes from the store.
             if previous.is_none() {
@@ -115,13 +106,9 @@ pub(super) async fn feedback(
             })
             .into_response()
         }
-        Ok(Some(Err(crate::experiments::StoreError::UnknownRequest(id)))) => {
+        Err(crate::storage::StoreError::UnknownRequest(id)) => {
             ApiError::not_found(format!("no experiment request with id `{id}`")).into_response()
         }
-        other => ApiError::storage_failed(
-            "could not store the feedback",
-            other.map(|o| o.map(|r| r.map(|_| ()))),
-        )
-        .into_response(),
+        Err(e) => ApiError::storage_failed("could not store the feedback", e).into_response(),
     }
 }

@@ -39,20 +39,13 @@ pub async fn experiment_page(
     if !state.experiments.configs.contains_key(&name) {
         return ApiError::not_found(format!("no experiment `{name}`")).into_response();
     }
-    let st = state.clone();
-    let n = name.clone();
-    let pairs = tokio::task::spawn_blocking(move || {
-        st.experiments.store.as_ref().map(|s| s.pairs(&n, PAIRS))
-    })
-    .await;
-    let pairs = match pairs {
-        Ok(Some(Ok(p))) => p,
-        other => {
-            return ApiError::storage_failed(
-                "could not read the experiment",
-                other.map(|o| o.map(|r| r.map(|_| ()))),
-            )
-            .into_response()
+    let Some(store) = &state.experiments.store else {
+        return ApiError::not_found("no experiments are configured").into_response();
+    };
+    let pairs = match store.pairs(&name, PAIRS).await {
+        Ok(p) => p,
+        Err(e) => {
+            return ApiError::storage_failed("could not read the experiment", e).into_response()
         }
     };
     let exp = escape(&name);

@@ -40,7 +40,7 @@ pub struct StateConfig {
     pub backend: StateBackend,
     /// `redis://[user:password@]host:port[/db]`; usually from the environment
     /// (`KLEINGATE_STATE__REDIS_URL`, a Kubernetes Secret) rather than the file.
-    pub redis_url: String,
+    pub redis_url: crate::secret_url::SecretUrl,
     /// Prefix of every key the gateway writes, so several deployments can share one Redis.
     pub key_prefix: String,
     /// The longest one Redis call may take before the gateway gives up on it and uses its own
@@ -57,7 +57,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             backend: StateBackend::Memory,
-            redis_url: String::new(),
+            redis_url: crate::secret_url::SecretUrl::default(),
             key_prefix: "kleingate:".into(),
             timeout_secs: 0.25,
             retry_secs: 1.0,
@@ -82,7 +82,7 @@ impl StateConfig {
         }
         match self.backend {
             StateBackend::Memory => Ok(()),
-            StateBackend::Redis => redis::parse_url(&self.redis_url).map(drop),
+            StateBackend::Redis => redis::parse_url(self.redis_url.expose()).map(drop),
         }
     }
 }
@@ -199,7 +199,7 @@ mod tests {
     fn redis(url: &str) -> StateConfig {
         StateConfig {
             backend: StateBackend::Redis,
-            redis_url: url.into(),
+            redis_url: crate::secret_url::SecretUrl::new(url),
             ..StateConfig::default()
         }
     }

@@ -108,7 +108,7 @@ impl RedisStore {
         lock_ttl: Duration,
         metrics: &Metrics,
     ) -> Result<RedisStore, String> {
-        let client = parse_url(&cfg.redis_url)?;
+        let client = parse_url(cfg.redis_url.expose())?;
         let timeout = Duration::from_secs_f64(cfg.timeout_secs);
         // One quick reconnect attempt per command: the store's own probe does the retrying, so
         // a request never sits in the manager's back-off.

@@ -1,0 +1,154 @@
+//! Experiment records on their way to the database. An answer waits at most
+//! `storage.timeout_secs` for its record to be written; a record the database did not take (down,
+//! slow, failing) goes to a bounded buffer that a background task retries every
+//! `storage.retry_secs`, oldest first. While records wait there, new ones queue behind them
+//! (nothing waits on a database known to be failing, and order is kept). Nothing is dropped
+//! silently: a full buffer drops its oldest record with an error log line giving the count, and
+//! `kleingate_storage_*` metrics show failures, pending and dropped records. What is still
+//! pending at shutdown is logged with its count.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge};
+
+use super::Record;
+use super::{ExperimentStore, StorageConfig};
+use crate::metrics::Metrics;
+
+pub struct RecordWriter {
+    store: Arc<dyn ExperimentStore>,
+    timeout: Duration,
+    retry: Duration,
+    capacity: usize,
+    pending: Mutex<VecDeque<Record>>,
+    /// One flush at a time (the background task, or shutdown's).
+    flushing: tokio::sync::Mutex<()>,
+    pending_gauge: IntGauge,
+    failures: IntCounter,
+    dropped: IntCounter,
+}
+
+impl RecordWriter {
+    pub fn new(
+        store: Arc<dyn ExperimentStore>,
+        cfg: &StorageConfig,
+        metrics: &Metrics,
+    ) -> RecordWriter {
+        RecordWriter {
+            store,
+            timeout: Duration::from_secs_f64(cfg.timeout_secs),
+            retry: Duration::from_secs_f64(cfg.retry_secs),
+            capacity: cfg.retry_buffer,
+            pending: Mutex::new(VecDeque::new()),
+            flushing: tokio::sync::Mutex::new(()),
+            pending_gauge: metrics.storage_pending_records.clone(),
+            failures: metrics.storage_write_failures.clone(),
+            dropped: metrics.storage_dropped_records.clone(),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Record>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn pending(&self) -> usize {
+        self.queue().len()
+    }
+
+    async fn try_write(&self, r: &Record) -> Result<(), String> {
+        match tokio::time::timeout(self.timeout, self.store.record(r)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// Write `r` now, or keep it for retry.
+    pub async fn write(&self, r: Record) {
+        if self.pending() == 0 {
+            match self.try_write(&r).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.failures.inc();
+                    tracing::warn!(experiment = %r.experiment, error = %e, "experiment record not stored now; kept for retry");
+                }
+            }
+        }
+        self.keep(r);
+    }
+
+    fn keep(&self, r: Record) {
+        let mut q = self.queue();
+        if q.len() >= self.capacity {
+            q.pop_front();
+            self.dropped.inc();
+            tracing::error!(
+                dropped_total = self.dropped.get(),
+                capacity = self.capacity,
+                "experiment retry buffer full: dropped its oldest record"
+            );
+        }
+        q.push_back(r);
+        self.pending_gauge.set(q.len() as i64);
+    }
+
+    /// Write what is pending, oldest first, until the database fails again; returns how many
+    /// were written.
+    pub async fn flush(&self) -> usize {
+        let _one = self.flushing.lock().await;
+        let mut written = 0;
+        loop {
+            let Some(next) = self.queue().front().cloned() else {
+                break;
+            };
+            if let Err(e) = self.try_write(&next).await {
+                self.failures.inc();
+                tracing::debug!(error = %e, pending = self.pending(), "experiment records still waiting for the database");
+                break;
+            }
+            let mut q = self.queue();
+            // Idempotent writes make a record written twice harmless; still, take off only the
+            // one written (a full buffer may have dropped it meanwhile).
+            if q.front().is_some_and(|f| f.request_id == next.request_id) {
+                q.pop_front();
+            }
+            self.pending_gauge.set(q.len() as i64);
+            written += 1;
+        }
+        if written > 0 {
+            tracing::info!(
+                records = written,
+                pending = self.pending(),
+                "stored experiment records that had waited for the database"
+            );
+        }
+        written
+    }
+
+    /// Retry pending records for as long as the server runs.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.retry).await;
+            if self.pending() > 0 {
+                self.flush().await;
+            }
+        }
+    }
+
+    /// At shutdown: one last try, then say what could not be stored.
+    pub async fn finish(&self) {
+        if self.pending() == 0 {
+            return;
+        }
+        self.flush().await;
+        let left = self.pending();
+        if left > 0 {
+            tracing::error!(
+                records = left,
+                "experiment records not stored at shutdown: the database did not take them"
+            );
+        }
+    }
+}
