@@ -448,15 +448,13 @@ async fn serve(
             // repeats the request with that seed gets the same image back from the cache.
             if store && !fell_back(&v) {
                 if let Some(seed) = v.image.seed {
-                    let key = req.cache_key(seed, partition.as_deref());
-                    state.cache.insert(key, v.clone()).await;
-                    // The shared level too, after the answer (nobody waits on this entry).
-                    if state.shared.is_shared() {
-                        let (shared, v) = (state.shared.clone(), v.clone());
-                        state
-                            .background
-                            .spawn(async move { shared.cache_put(&key, &v).await });
-                    }
+                    // This replica's cache only: the shared level holds what seeded requests
+                    // asked for (copying every unseeded image to Redis doubled the pass-through
+                    // cost for entries rarely asked for again).
+                    state
+                        .cache
+                        .insert(req.cache_key(seed, partition.as_deref()), v.clone())
+                        .await;
                 }
             }
             (v, CacheOutcome::Bypass)

@@ -10,6 +10,7 @@
 //! `kleingate_state_store_up` gauge and a log line say each change.
 
 mod codec;
+mod lease;
 mod redis;
 
 use std::sync::Arc;
@@ -148,8 +149,9 @@ impl SharedState {
         RedisStore::monitor(weak).await;
     }
 
-    /// Take one token from `client`'s shared bucket: `Some(Ok)` in, `Some(Err(wait))` over the
-    /// rate, `None` not shared now (use the replica's own bucket).
+    /// Take one token from `client`'s shared bucket (leased a few at a time: `lease.rs`):
+    /// `Some(Ok)` in, `Some(Err(wait))` over the rate, `None` not shared now (use the replica's
+    /// own bucket).
     pub async fn take_token(
         &self,
         client: &str,

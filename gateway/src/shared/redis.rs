@@ -23,19 +23,22 @@ use redis::{RedisResult, Script};
 use sha2::{Digest, Sha256};
 
 use super::codec;
+use super::lease::{Leases, Local};
 use super::{StateConfig, Turn};
 use crate::cache::CachedImage;
 use crate::metrics::Metrics;
 
-/// One token from a bucket refilled at `ARGV[1]`/s up to `ARGV[2]`, on Redis' own clock (the
-/// replicas' clocks need not agree). Returns the wait for the next token as a string (Lua
-/// numbers would be truncated to integers on the way out); "0" means taken.
-const TAKE_TOKEN: &str = r"
+/// Up to `ARGV[3]` tokens (at least one, or none) from a bucket refilled at `ARGV[1]`/s up to
+/// `ARGV[2]`, on Redis' own clock (the replicas' clocks need not agree). Returns "TAKEN WAIT":
+/// the tokens taken, and when none could be, the seconds until the next one (as text: Lua
+/// numbers would be truncated to integers on the way out).
+const TAKE_TOKENS: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
 local b = redis.call('HMGET', KEYS[1], 't', 'at')
 local tokens = tonumber(b[1])
 local at = tonumber(b[2])
@@ -44,15 +47,17 @@ if tokens == nil or at == nil then
   at = now
 end
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local taken = 0
 local wait = 0
 if tokens >= 1 then
-  tokens = tokens - 1
+  taken = math.min(want, math.floor(tokens))
+  tokens = tokens - taken
 else
   wait = (1 - tokens) / rate
 end
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return tostring(wait)
+return tostring(taken) .. ' ' .. tostring(wait)
 ";
 
 /// The `op` label values of `kleingate_state_store_errors_total`.
@@ -87,7 +92,11 @@ pub(super) fn parse_url(url: &str) -> Result<redis::Client, String> {
 }
 
 pub(crate) struct RedisStore {
+    /// Small, per-request calls (token buckets, spend, locks).
     conn: ConnectionManager,
+    /// Image bytes (the cache level): on their own connection, so a large value in transit never
+    /// holds up another request's admission call queued behind it on a multiplexed connection.
+    bulk: ConnectionManager,
     prefix: String,
     timeout: Duration,
     retry: Duration,
@@ -97,7 +106,8 @@ pub(crate) struct RedisStore {
     up: AtomicBool,
     up_gauge: IntGauge,
     errors: IntCounterVec,
-    take_token: Script,
+    take_tokens: Script,
+    leases: Leases,
     release: Script,
 }
 
@@ -117,8 +127,12 @@ impl RedisStore {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(timeout);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)
-            .map_err(|_| "state.redis_url: cannot set up a Redis client".to_owned())?;
+        let manager = |cfg| {
+            ConnectionManager::new_lazy_with_config(client.clone(), cfg)
+                .map_err(|_| "state.redis_url: cannot set up a Redis client".to_owned())
+        };
+        let conn = manager(manager_cfg.clone())?;
+        let bulk = manager(manager_cfg)?;
         let up_gauge = metrics.state_store_up.with_label_values(&["redis"]);
         up_gauge.set(0);
         // Every operation's error series exists from the start (at 0), so a rate over it is
@@ -128,6 +142,7 @@ impl RedisStore {
         }
         Ok(RedisStore {
             conn,
+            bulk,
             prefix: cfg.key_prefix.clone(),
             timeout,
             retry: Duration::from_secs_f64(cfg.retry_secs),
@@ -138,7 +153,8 @@ impl RedisStore {
             up: AtomicBool::new(false),
             up_gauge,
             errors: metrics.state_store_errors.clone(),
-            take_token: Script::new(TAKE_TOKEN),
+            take_tokens: Script::new(TAKE_TOKENS),
+            leases: Leases::default(),
             release: Script::new(RELEASE),
         })
     }
@@ -159,7 +175,11 @@ impl RedisStore {
         if !self.is_up() {
             return None;
         }
-        match tokio::time::timeout(self.timeout, f(self.conn.clone())).await {
+        let conn = match op {
+            "cache_get" | "cache_put" => self.bulk.clone(),
+            _ => self.conn.clone(),
+        };
+        match tokio::time::timeout(self.timeout, f(conn)).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.failed(op, &e.to_string());
@@ -199,6 +219,8 @@ impl RedisStore {
         loop {
             let Some(store) = weak.upgrade() else { return };
             if !store.is_up() && store.ping().await {
+                // What was leased or refused before the outage is stale.
+                store.leases.clear();
                 store.up.store(true, Ordering::Relaxed);
                 store.up_gauge.set(1);
                 tracing::info!("Redis state store reachable: state is shared across replicas");
@@ -226,30 +248,62 @@ impl RedisStore {
         format!("{}lock:{key}", self.prefix)
     }
 
+    /// One token for `client`: a leased one, a remembered refusal, or from the shared bucket
+    /// (with a lease of more); `None` not shared now.
     pub(super) async fn take_token(
         &self,
         client: &str,
         rate: f64,
         burst: u32,
     ) -> Option<Result<(), Duration>> {
+        let want = match self.leases.local(client, rate, burst, Instant::now()) {
+            Local::Taken => return Some(Ok(())),
+            Local::Refused(wait) => return Some(Err(wait)),
+            Local::Ask(n) => n,
+        };
+        let now = Instant::now();
+        Some(match self.take_tokens(client, rate, burst, want).await? {
+            Ok(taken) => {
+                self.leases.granted(client, taken, now);
+                Ok(())
+            }
+            Err(wait) => {
+                self.leases.refused(client, wait, now);
+                Err(wait)
+            }
+        })
+    }
+
+    /// Take up to `want` tokens (at least one) from `client`'s shared bucket: `Some(Ok(n))` took
+    /// n, `Some(Err(wait))` none until then, `None` not shared now.
+    async fn take_tokens(
+        &self,
+        client: &str,
+        rate: f64,
+        burst: u32,
+        want: u32,
+    ) -> Option<Result<u32, Duration>> {
         let key = self.client_key("rate:", client);
-        let wait: String = self
+        let answer: String = self
             .call("rate_limit", |mut c| async move {
-                self.take_token
+                self.take_tokens
                     .key(key)
                     .arg(rate)
                     .arg(burst)
+                    .arg(want.max(1))
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
+        let (taken, wait) = answer.split_once(' ')?;
+        let taken: f64 = taken.parse().ok()?;
         let wait: f64 = wait.parse().ok()?;
-        Some(if wait <= 0.0 {
-            Ok(())
+        Some(if taken >= 1.0 {
+            Ok(taken as u32)
         } else {
             Err(Duration::try_from_secs_f64(wait)
                 .unwrap_or(Duration::from_secs(86_400))
-                .min(Duration::from_secs(86_400)))
+                .clamp(Duration::from_millis(1), Duration::from_secs(86_400)))
         })
     }
 
