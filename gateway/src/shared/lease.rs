@@ -33,6 +33,9 @@ struct Lease {
     tokens: u32,
     until: Option<Instant>,
     blocked_until: Option<Instant>,
+    /// A lease is being asked for: requests meanwhile ask for one token each, or many
+    /// concurrent requests would each take a whole lease and drain the bucket between them.
+    asking: bool,
 }
 
 #[derive(Default)]
@@ -51,7 +54,10 @@ impl Leases {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Spend a leased token, or say how many to ask the shared bucket for (a whole lease only
+    /// when no other request is asking for one: then [`Leases::answered`] must follow).
     pub(super) fn local(&self, client: &str, rate: f64, burst: u32, now: Instant) -> Local {
+        let size = lease_size(rate, burst);
         let mut map = self.map();
         if let Some(l) = map.get_mut(client) {
             if let Some(t) = l.blocked_until {
@@ -64,26 +70,50 @@ impl Leases {
                 l.tokens -= 1;
                 return Local::Taken;
             }
+            if l.asking {
+                return Local::Ask(1);
+            }
+            if size > 1 {
+                l.asking = true;
+            }
+            return Local::Ask(size);
         }
-        Local::Ask(lease_size(rate, burst))
+        if size > 1 && map.len() < MAX_LEASES {
+            map.insert(
+                client.to_owned(),
+                Lease {
+                    asking: true,
+                    ..Lease::default()
+                },
+            );
+        }
+        Local::Ask(size)
     }
 
-    /// The shared bucket gave `taken` tokens; one is this request's.
-    pub(super) fn granted(&self, client: &str, taken: u32, now: Instant) {
-        if taken <= 1 {
-            return;
-        }
+    /// The shared bucket answered an ask for `asked` tokens: `Ok(taken)` (one is this
+    /// request's), or no token for `wait`; `None` when it could not be asked.
+    pub(super) fn answered(
+        &self,
+        client: &str,
+        asked: u32,
+        answer: Option<Result<u32, Duration>>,
+        now: Instant,
+    ) {
         self.store(client, now, |l| {
-            l.tokens = taken - 1;
-            l.until = Some(now + LEASE_TTL);
-        });
-    }
-
-    /// The shared bucket has no token for `wait`.
-    pub(super) fn refused(&self, client: &str, wait: Duration, now: Instant) {
-        self.store(client, now, |l| {
-            l.tokens = 0;
-            l.blocked_until = now.checked_add(wait);
+            if asked > 1 {
+                l.asking = false;
+            }
+            match answer {
+                Some(Ok(taken)) if taken > 1 => {
+                    l.tokens = l.tokens.saturating_add(taken - 1);
+                    l.until = Some(now + LEASE_TTL);
+                }
+                Some(Ok(_)) | None => {}
+                Some(Err(wait)) => {
+                    l.tokens = 0;
+                    l.blocked_until = now.checked_add(wait);
+                }
+            }
         });
     }
 
@@ -122,15 +152,22 @@ mod tests {
         let l = Leases::default();
         let t0 = Instant::now();
         assert_eq!(l.local("a", 1000.0, 2000, t0), Local::Ask(50));
-        l.granted("a", 3, t0);
+        // While that lease is asked for, others ask for one token each.
+        assert_eq!(l.local("a", 1000.0, 2000, t0), Local::Ask(1));
+        l.answered("a", 1, Some(Ok(1)), t0);
+        l.answered("a", 50, Some(Ok(3)), t0);
         assert_eq!(l.local("a", 1000.0, 2000, t0), Local::Taken);
         assert_eq!(l.local("a", 1000.0, 2000, t0), Local::Taken);
         assert_eq!(l.local("a", 1000.0, 2000, t0), Local::Ask(50), "spent");
         // Unused leased tokens expire.
-        l.granted("a", 5, t0);
+        l.answered("a", 50, Some(Ok(5)), t0);
+        assert_eq!(l.local("a", 1000.0, 2000, t0 + LEASE_TTL), Local::Ask(50));
+        // An ask that could not be made frees the next one.
+        l.answered("a", 50, None, t0);
         assert_eq!(l.local("a", 1000.0, 2000, t0 + LEASE_TTL), Local::Ask(50));
         // A refusal holds until the next token is due, for this client only.
-        l.refused("b", Duration::from_secs(2), t0);
+        assert_eq!(l.local("b", 1.0, 1, t0), Local::Ask(1));
+        l.answered("b", 1, Some(Err(Duration::from_secs(2))), t0);
         assert_eq!(
             l.local("b", 1.0, 1, t0 + Duration::from_secs(1)),
             Local::Refused(Duration::from_secs(1))

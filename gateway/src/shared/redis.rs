@@ -261,17 +261,9 @@ impl RedisStore {
             Local::Refused(wait) => return Some(Err(wait)),
             Local::Ask(n) => n,
         };
-        let now = Instant::now();
-        Some(match self.take_tokens(client, rate, burst, want).await? {
-            Ok(taken) => {
-                self.leases.granted(client, taken, now);
-                Ok(())
-            }
-            Err(wait) => {
-                self.leases.refused(client, wait, now);
-                Err(wait)
-            }
-        })
+        let answer = self.take_tokens(client, rate, burst, want).await;
+        self.leases.answered(client, want, answer, Instant::now());
+        Some(answer?.map(drop))
     }
 
     /// Take up to `want` tokens (at least one) from `client`'s shared bucket: `Some(Ok(n))` took
