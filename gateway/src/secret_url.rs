@@ -31,6 +31,24 @@ impl SecretUrl {
                 if u.password().is_some() {
                     let _ = u.set_password(Some("REDACTED"));
                 }
+                // A password may also come as a query parameter (`?password=`, libpq style).
+                if u.query().is_some() {
+                    let pairs: Vec<(String, String)> = u
+                        .query_pairs()
+                        .map(|(k, v)| {
+                            let secret = k.eq_ignore_ascii_case("password");
+                            (
+                                k.into_owned(),
+                                if secret {
+                                    "REDACTED".into()
+                                } else {
+                                    v.into_owned()
+                                },
+                            )
+                        })
+                        .collect();
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
+                }
                 u.to_string()
             }
             Err(_) => "(not a URL)".into(),
@@ -77,5 +95,11 @@ mod tests {
         let pg = SecretUrl::new("postgres://kg:s3cr%40t@db:5432/kleingate");
         assert!(!format!("{pg:?}").contains("s3cr"));
         assert_eq!(SecretUrl::new("garbage :pw@").redacted(), "(not a URL)");
+        let q = SecretUrl::new("postgres://db/kg?user=kg&password=qu3ry&sslmode=disable");
+        let shown = q.redacted();
+        assert!(
+            !shown.contains("qu3ry") && shown.contains("sslmode=disable"),
+            "{shown}"
+        );
     }
 }

@@ -375,12 +375,9 @@ impl AppState {
             .collect();
         let names: Vec<&str> = config.backends.keys().map(String::as_str).collect();
         let auth = crate::auth::Auth::from_config(&config.auth, &names)?;
-        // A coalescing lock outlives its holder's deadline by a second at most: a replica that
-        // died holding it frees it by expiry.
         let shared = crate::shared::SharedState::new(
             &config.state,
             Duration::from_secs(config.cache.ttl_secs),
-            Duration::from_secs_f64(config.request_timeout_secs + 1.0),
             &metrics,
         )
         .map_err(BuildError::State)?;

@@ -294,6 +294,47 @@ async fn a_dead_holder_frees_its_lock_by_expiry_and_no_waiter_outlives_its_deadl
     assert_eq!(fake.calls(), calls + 1);
 }
 
+/// A leader slower than the lock's 3 s lifetime keeps it by renewing it: the other replica
+/// still waits for its image instead of generating a second one.
+#[tokio::test]
+async fn a_leader_slower_than_the_lock_keeps_it_by_renewal() {
+    let redis = RedisServer::start().await;
+    let fake = FakeVerda::start().await;
+    let gws = replicas(&config(&redis, &fake, "")).await;
+    fake.set_mode(Mode::Slow(Duration::from_millis(4500)));
+    let leader = {
+        let gw = gws[0].clone();
+        tokio::spawn(async move { generate(&gw, Some(11), "c").await })
+    };
+    // The other arrives once the leader holds the lock.
+    let start = Instant::now();
+    while redis
+        .cli(&["KEYS", "kleingate:lock:*"])
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(start.elapsed() < Duration::from_secs(5), "no lock taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waiter = generate(&gws[1], Some(11), "c").await;
+    let leader = leader.await.unwrap();
+    assert_eq!(
+        (
+            leader.status().as_u16(),
+            header(&leader, "x-kleingate-cache")
+        ),
+        (200, "miss".into())
+    );
+    assert_eq!(
+        (
+            waiter.status().as_u16(),
+            header(&waiter, "x-kleingate-cache")
+        ),
+        (200, "coalesced".into())
+    );
+    assert_eq!(fake.calls(), 1);
+}
+
 #[tokio::test]
 async fn redis_killed_under_load_costs_no_answer_and_sharing_resumes_after() {
     let mut redis = RedisServer::start().await;

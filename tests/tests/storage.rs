@@ -323,3 +323,40 @@ async fn a_full_retry_buffer_drops_its_oldest_and_counts_it() {
         2.0
     );
 }
+
+/// A record PostgreSQL refuses for what it holds (a NUL byte in the prompt, which TEXT cannot
+/// hold) would fail on every retry: it is dropped at once, counted, and does not hold up the
+/// records behind it.
+#[tokio::test]
+async fn a_record_the_database_refuses_is_dropped_and_holds_nothing_up() {
+    let pg = PostgresServer::start().await;
+    let fake = FakeVerda::start().await;
+    let gw = Gateway::start(&experiment_config(&pg, &fake, "retry_secs = 0.1")).await;
+    let r = post_with(
+        &gw,
+        "/generate",
+        json!({"prompt": "a heron\u{0}"}),
+        &[
+            ("x-kleingate-experiment", "ab"),
+            ("x-kleingate-client", "nul"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        200,
+        "the client's answer does not depend on its record"
+    );
+    assert_eq!(in_experiment(&gw, "after").await.status(), 200);
+    let m = metrics(&gw).await;
+    assert_eq!(
+        sample(&m, "kleingate_storage_dropped_records_total", &[]),
+        1.0
+    );
+    assert_eq!(sample(&m, "kleingate_storage_pending_records", &[]), 0.0);
+    assert_eq!(
+        total(&results(&gw).await, "recorded"),
+        1,
+        "the next record was stored"
+    );
+}

@@ -38,6 +38,15 @@ struct Lease {
     asking: bool,
 }
 
+impl Lease {
+    /// Worth keeping: tokens still usable, a refusal still running, or an ask in flight.
+    fn live(&self, now: Instant) -> bool {
+        (self.tokens > 0 && self.until.is_some_and(|u| u > now))
+            || self.blocked_until.is_some_and(|b| b > now)
+            || self.asking
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Leases {
     map: Mutex<HashMap<String, Lease>>,
@@ -78,16 +87,34 @@ impl Leases {
             }
             return Local::Ask(size);
         }
-        if size > 1 && map.len() < MAX_LEASES {
-            map.insert(
-                client.to_owned(),
-                Lease {
-                    asking: true,
-                    ..Lease::default()
-                },
-            );
+        if size == 1 {
+            return Local::Ask(1);
         }
+        if map.len() >= MAX_LEASES {
+            map.retain(|_, l| l.live(now));
+        }
+        if map.len() >= MAX_LEASES {
+            // No room to remember an ask in flight: no lease (one token at a time is exact).
+            return Local::Ask(1);
+        }
+        map.insert(
+            client.to_owned(),
+            Lease {
+                asking: true,
+                ..Lease::default()
+            },
+        );
         Local::Ask(size)
+    }
+
+    /// An ask for `asked` tokens that will not be answered (its request went away): the next
+    /// request may ask for a lease again.
+    pub(super) fn abandoned(&self, client: &str, asked: u32) {
+        if asked > 1 {
+            if let Some(l) = self.map().get_mut(client) {
+                l.asking = false;
+            }
+        }
     }
 
     /// The shared bucket answered an ask for `asked` tokens: `Ok(taken)` (one is this
@@ -117,17 +144,25 @@ impl Leases {
         });
     }
 
+    /// Change `client`'s entry; one is made only for what must be remembered (tokens left, a
+    /// refusal), never for a plain one-token answer.
     fn store(&self, client: &str, now: Instant, f: impl FnOnce(&mut Lease)) {
         let mut map = self.map();
-        if !map.contains_key(client) && map.len() >= MAX_LEASES {
-            map.retain(|_, l| {
-                l.until.is_some_and(|u| u > now) || l.blocked_until.is_some_and(|b| b > now)
-            });
+        if let Some(l) = map.get_mut(client) {
+            return f(l);
+        }
+        let mut l = Lease::default();
+        f(&mut l);
+        if !l.live(now) {
+            return;
+        }
+        if map.len() >= MAX_LEASES {
+            map.retain(|_, l| l.live(now));
             if map.len() >= MAX_LEASES {
                 return;
             }
         }
-        f(map.entry(client.to_owned()).or_default());
+        map.insert(client.to_owned(), l);
     }
 
     pub(super) fn clear(&self) {
@@ -162,8 +197,10 @@ mod tests {
         // Unused leased tokens expire.
         l.answered("a", 50, Some(Ok(5)), t0);
         assert_eq!(l.local("a", 1000.0, 2000, t0 + LEASE_TTL), Local::Ask(50));
-        // An ask that could not be made frees the next one.
+        // An ask that could not be made, or whose request went away, frees the next one.
         l.answered("a", 50, None, t0);
+        assert_eq!(l.local("a", 1000.0, 2000, t0 + LEASE_TTL), Local::Ask(50));
+        l.abandoned("a", 50);
         assert_eq!(l.local("a", 1000.0, 2000, t0 + LEASE_TTL), Local::Ask(50));
         // A refusal holds until the next token is due, for this client only.
         assert_eq!(l.local("b", 1.0, 1, t0), Local::Ask(1));
@@ -173,6 +210,8 @@ mod tests {
             Local::Refused(Duration::from_secs(1))
         );
         assert_eq!(l.local("c", 1.0, 1, t0), Local::Ask(1));
+        l.answered("c", 1, Some(Ok(1)), t0);
+        assert!(!l.map().contains_key("c"), "nothing to remember");
         assert_eq!(
             l.local("b", 1.0, 1, t0 + Duration::from_secs(2)),
             Local::Ask(1)

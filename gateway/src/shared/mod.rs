@@ -115,13 +115,12 @@ impl SharedState {
     pub fn new(
         cfg: &StateConfig,
         cache_ttl: Duration,
-        lock_ttl: Duration,
         metrics: &Metrics,
     ) -> Result<SharedState, String> {
         match cfg.backend {
             StateBackend::Memory => Ok(SharedState(None)),
             StateBackend::Redis => Ok(SharedState(Some(Arc::new(RedisStore::new(
-                cfg, cache_ttl, lock_ttl, metrics,
+                cfg, cache_ttl, metrics,
             )?)))),
         }
     }

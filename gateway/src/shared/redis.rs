@@ -6,7 +6,7 @@
 //!   be full again;
 //! - `budget:{day}:{client}`: USD spent on that UTC day (`INCRBYFLOAT`), expiring a day after it;
 //! - `img:{cache key}`: an encoded [`CachedImage`] with the cache's TTL;
-//! - `lock:{cache key}`: who generates that image now, expiring after the request deadline.
+//! - `lock:{cache key}`: who generates that image now, expiring 3 s after its leader last renewed it.
 //!
 //! Client names are hashed into keys: a client chooses its header, and must not choose key sizes
 //! or characters.
@@ -70,6 +70,19 @@ const OPS: [&str; 6] = [
     "coalesce",
 ];
 
+/// How long a coalescing lock lives unless its leader renews it (every [`LOCK_RENEW`] while it
+/// generates): a leader that died, or lost Redis, holds the others up this long at most.
+const LOCK_TTL: Duration = Duration::from_secs(3);
+const LOCK_RENEW: Duration = Duration::from_secs(1);
+
+/// Extend a lock only while it is still ours.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
 /// Delete a lock only while it is still ours (it may have expired and been taken by another).
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -102,20 +115,19 @@ pub(crate) struct RedisStore {
     retry: Duration,
     poll: Duration,
     cache_ttl: Duration,
-    lock_ttl: Duration,
     up: AtomicBool,
     up_gauge: IntGauge,
     errors: IntCounterVec,
     take_tokens: Script,
     leases: Leases,
     release: Script,
+    renew: Script,
 }
 
 impl RedisStore {
     pub(super) fn new(
         cfg: &StateConfig,
         cache_ttl: Duration,
-        lock_ttl: Duration,
         metrics: &Metrics,
     ) -> Result<RedisStore, String> {
         let client = parse_url(cfg.redis_url.expose())?;
@@ -148,7 +160,6 @@ impl RedisStore {
             retry: Duration::from_secs_f64(cfg.retry_secs),
             poll: Duration::from_secs_f64(cfg.coalesce_poll_secs),
             cache_ttl,
-            lock_ttl,
             // Down until the first probe answers (it runs at once when the server starts).
             up: AtomicBool::new(false),
             up_gauge,
@@ -156,6 +167,7 @@ impl RedisStore {
             take_tokens: Script::new(TAKE_TOKENS),
             leases: Leases::default(),
             release: Script::new(RELEASE),
+            renew: Script::new(RENEW),
         })
     }
 
@@ -163,7 +175,7 @@ impl RedisStore {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Run one call if the store is up; a failure or timeout marks it down.
+    /// Run one call if the store is up; a failure marks it down (see [`RedisStore::run`]).
     async fn call<T, F>(
         &self,
         op: &'static str,
@@ -175,25 +187,56 @@ impl RedisStore {
         if !self.is_up() {
             return None;
         }
-        let conn = match op {
-            "cache_get" | "cache_put" => self.bulk.clone(),
-            _ => self.conn.clone(),
-        };
-        match tokio::time::timeout(self.timeout, f(conn)).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
-                self.failed(op, &e.to_string());
-                None
-            }
-            Err(_) => {
-                self.failed(op, "timed out");
-                None
-            }
-        }
+        self.run(op, f, true).await
     }
 
-    fn failed(&self, op: &'static str, why: &str) {
+    /// A leader's own lock and image: tried even while the store is marked down (that may be
+    /// only a moment's view, and a lock left behind would hold other replicas' waiters), never
+    /// marking it down.
+    async fn best_effort<T, F>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(ConnectionManager) -> F,
+    ) -> Option<T>
+    where
+        F: Future<Output = RedisResult<T>>,
+    {
+        self.run(op, f, false).await
+    }
+
+    /// One call within the timeout. A failure is counted; it marks the store down when
+    /// `may_mark_down`, except a slow image transfer (a large value on the image connection is
+    /// not a sign that Redis is gone, and must not switch rate limits to per replica).
+    async fn run<T, F>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(ConnectionManager) -> F,
+        may_mark_down: bool,
+    ) -> Option<T>
+    where
+        F: Future<Output = RedisResult<T>>,
+    {
+        let bulk = matches!(op, "cache_get" | "cache_put");
+        let conn = if bulk {
+            self.bulk.clone()
+        } else {
+            self.conn.clone()
+        };
+        let (why, timed_out) = match tokio::time::timeout(self.timeout, f(conn)).await {
+            Ok(Ok(v)) => return Some(v),
+            Ok(Err(e)) => (e.to_string(), e.is_timeout()),
+            Err(_) => ("timed out".to_owned(), true),
+        };
+        self.failed(op, &why, may_mark_down && !(bulk && timed_out));
+        None
+    }
+
+    fn failed(&self, op: &'static str, why: &str, mark_down: bool) {
         self.errors.with_label_values(&[op]).inc();
+        if !mark_down {
+            tracing::debug!(op, error = why, "Redis call failed");
+            return;
+        }
         if self.up.swap(false, Ordering::Relaxed) {
             self.up_gauge.set(0);
             tracing::warn!(
@@ -261,7 +304,18 @@ impl RedisStore {
             Local::Refused(wait) => return Some(Err(wait)),
             Local::Ask(n) => n,
         };
+        // If this request goes away mid-call, its ask must not stay "in flight" for ever.
+        struct Asking<'a>(&'a Leases, &'a str, u32, bool);
+        impl Drop for Asking<'_> {
+            fn drop(&mut self) {
+                if !self.3 {
+                    self.0.abandoned(self.1, self.2);
+                }
+            }
+        }
+        let mut asking = Asking(&self.leases, client, want, false);
         let answer = self.take_tokens(client, rate, burst, want).await;
+        asking.3 = true;
         self.leases.answered(client, want, answer, Instant::now());
         Some(answer?.map(drop))
     }
@@ -352,7 +406,7 @@ impl RedisStore {
         let ttl_ms = u64::try_from(self.cache_ttl.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        self.call("cache_put", |mut c| async move {
+        self.best_effort("cache_put", |mut c| async move {
             redis::cmd("SET")
                 .arg(k)
                 .arg(bytes)
@@ -365,7 +419,7 @@ impl RedisStore {
     }
 
     async fn try_lock(&self, lock: &str, token: &str) -> Option<bool> {
-        let ttl_ms = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = LOCK_TTL.as_millis() as u64;
         let set: Option<String> = self
             .call("coalesce", |mut c| async move {
                 redis::cmd("SET")
@@ -382,7 +436,7 @@ impl RedisStore {
     }
 
     async fn unlock(&self, lock: &str, token: &str) {
-        self.call("coalesce", |mut c| async move {
+        self.best_effort("coalesce", |mut c| async move {
             self.release
                 .key(lock)
                 .arg(token)
@@ -392,10 +446,29 @@ impl RedisStore {
         .await;
     }
 
+    async fn renew_lock(&self, lock: &str, token: &str) {
+        let ttl_ms = LOCK_TTL.as_millis() as u64;
+        self.best_effort("coalesce", |mut c| async move {
+            self.renew
+                .key(lock)
+                .arg(token)
+                .arg(ttl_ms)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+    }
+
     /// The image if another replica stored it; else the lock if free; else wait a poll interval
-    /// and look again, until `deadline`. A holder that died frees the lock by expiry (the
-    /// request deadline and a second): a waiter then takes over.
+    /// and look again, never past `deadline`. A holder that died frees the lock by expiry
+    /// ([`LOCK_TTL`]): a waiter then takes over.
     pub(super) async fn lead_or_wait(self: &Arc<Self>, key: &CacheKey, deadline: Instant) -> Turn {
+        tokio::time::timeout_at(deadline.into(), self.lead_or_wait_now(key, deadline))
+            .await
+            .unwrap_or(Turn::Late)
+    }
+
+    async fn lead_or_wait_now(self: &Arc<Self>, key: &CacheKey, deadline: Instant) -> Turn {
         let lock = self.lock_key(key);
         let token = format!("{:032x}", rand::random::<u128>());
         loop {
@@ -408,12 +481,7 @@ impl RedisStore {
             match self.try_lock(&lock, &token).await {
                 None => return Turn::Alone,
                 Some(true) => {
-                    let guard = LockGuard {
-                        store: self.clone(),
-                        lock,
-                        token,
-                        held: true,
-                    };
+                    let guard = LockGuard::new(self.clone(), lock, token);
                     // The holder before us may have stored the image just before it let go.
                     if let Some(v) = self.cache_get(key).await {
                         guard.release().await;
@@ -424,32 +492,51 @@ impl RedisStore {
                 Some(false) => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Turn::Late;
-            }
             tokio::time::sleep(self.poll.min(left)).await;
         }
     }
 }
 
-/// The coalescing lock of one image, released when the leader is done with it (or dropped: a
-/// cancelled leader frees it at once instead of by expiry).
+/// The coalescing lock of one image: renewed while its leader generates, released when it is
+/// done (or dropped: a cancelled leader frees it at once instead of by expiry).
 pub struct LockGuard {
     store: Arc<RedisStore>,
     lock: String,
     token: String,
     held: bool,
+    renewal: tokio::task::JoinHandle<()>,
 }
 
 impl LockGuard {
+    fn new(store: Arc<RedisStore>, lock: String, token: String) -> LockGuard {
+        let renewal = {
+            let (store, lock, token) = (store.clone(), lock.clone(), token.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LOCK_RENEW).await;
+                    store.renew_lock(&lock, &token).await;
+                }
+            })
+        };
+        LockGuard {
+            store,
+            lock,
+            token,
+            held: true,
+            renewal,
+        }
+    }
+
     pub async fn release(mut self) {
         self.held = false;
+        self.renewal.abort();
         self.store.unlock(&self.lock, &self.token).await;
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.renewal.abort();
         if !self.held {
             return;
         }

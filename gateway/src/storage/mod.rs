@@ -79,6 +79,22 @@ pub enum StoreError {
     UnknownRequest(String),
 }
 
+impl StoreError {
+    /// A record the database refuses for what it is (invalid data, a broken constraint: SQLSTATE
+    /// classes 22 and 23), so that retrying it can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => e
+                .code()
+                .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+            StoreError::Sql(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            _ => false,
+        }
+    }
+}
+
 /// What experiments need from a database. Every call is one transaction; `record` is idempotent
 /// by request id, so a write retried after a timeout cannot store a result twice.
 #[async_trait::async_trait]
@@ -253,9 +269,11 @@ impl Storage {
     }
 
     /// Store a record now if the database takes it within the timeout, else keep it for retry:
-    /// the caller never waits longer, and the record is not lost.
+    /// the caller never waits longer, and the record is not lost, even when the caller goes
+    /// away meanwhile (the write runs as its own task).
     pub async fn record(&self, r: Record) {
-        self.writer.write(r).await;
+        let writer = self.writer.clone();
+        let _ = tokio::spawn(async move { writer.write(r).await }).await;
     }
 
     pub async fn image(

@@ -4,8 +4,10 @@
 //! `storage.retry_secs`, oldest first. While records wait there, new ones queue behind them
 //! (nothing waits on a database known to be failing, and order is kept). Nothing is dropped
 //! silently: a full buffer drops its oldest record with an error log line giving the count, and
-//! `kleingate_storage_*` metrics show failures, pending and dropped records. What is still
-//! pending at shutdown is logged with its count.
+//! `kleingate_storage_*` metrics show failures, pending and dropped records. A record the
+//! database refuses for what it holds (invalid data: it would fail for ever) is dropped at once,
+//! counted and logged with the reason, instead of blocking the records behind it. Shutdown tries
+//! once more for a bounded time and logs the count of what is still pending.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,16 @@ use prometheus::{IntCounter, IntGauge};
 use super::Record;
 use super::{ExperimentStore, StorageConfig};
 use crate::metrics::Metrics;
+
+/// How long shutdown spends writing pending records.
+const FINISH_WITHIN: Duration = Duration::from_secs(10);
+
+enum Failure {
+    /// Down, slow, or failing for now: retry.
+    Later(String),
+    /// Refused for its content: a retry cannot succeed.
+    Refused(String),
+}
 
 pub struct RecordWriter {
     store: Arc<dyn ExperimentStore>,
@@ -57,12 +69,27 @@ impl RecordWriter {
         self.queue().len()
     }
 
-    async fn try_write(&self, r: &Record) -> Result<(), String> {
+    async fn try_write(&self, r: &Record) -> Result<(), Failure> {
         match tokio::time::timeout(self.timeout, self.store.record(r)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            Ok(Err(e)) if e.is_permanent() => Err(Failure::Refused(e.to_string())),
+            Ok(Err(e)) => Err(Failure::Later(e.to_string())),
+            Err(_) => Err(Failure::Later(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
         }
+    }
+
+    fn refused(&self, r: &Record, why: &str) {
+        self.failures.inc();
+        self.dropped.inc();
+        tracing::error!(
+            experiment = %r.experiment,
+            error = why,
+            dropped_total = self.dropped.get(),
+            "the database refused an experiment record for what it holds: dropped (a retry cannot succeed)"
+        );
     }
 
     /// Write `r` now, or keep it for retry.
@@ -70,7 +97,8 @@ impl RecordWriter {
         if self.pending() == 0 {
             match self.try_write(&r).await {
                 Ok(()) => return,
-                Err(e) => {
+                Err(Failure::Refused(e)) => return self.refused(&r, &e),
+                Err(Failure::Later(e)) => {
                     self.failures.inc();
                     tracing::warn!(experiment = %r.experiment, error = %e, "experiment record not stored now; kept for retry");
                 }
@@ -103,10 +131,14 @@ impl RecordWriter {
             let Some(next) = self.queue().front().cloned() else {
                 break;
             };
-            if let Err(e) = self.try_write(&next).await {
-                self.failures.inc();
-                tracing::debug!(error = %e, pending = self.pending(), "experiment records still waiting for the database");
-                break;
+            match self.try_write(&next).await {
+                Ok(()) => written += 1,
+                Err(Failure::Refused(e)) => self.refused(&next, &e),
+                Err(Failure::Later(e)) => {
+                    self.failures.inc();
+                    tracing::debug!(error = %e, pending = self.pending(), "experiment records still waiting for the database");
+                    break;
+                }
             }
             let mut q = self.queue();
             // Idempotent writes make a record written twice harmless; still, take off only the
@@ -115,7 +147,6 @@ impl RecordWriter {
                 q.pop_front();
             }
             self.pending_gauge.set(q.len() as i64);
-            written += 1;
         }
         if written > 0 {
             tracing::info!(
@@ -137,12 +168,13 @@ impl RecordWriter {
         }
     }
 
-    /// At shutdown: one last try, then say what could not be stored.
+    /// At shutdown: one last try (for at most [`FINISH_WITHIN`]), then say what could not be
+    /// stored.
     pub async fn finish(&self) {
         if self.pending() == 0 {
             return;
         }
-        self.flush().await;
+        let _ = tokio::time::timeout(FINISH_WITHIN, self.flush()).await;
         let left = self.pending();
         if left > 0 {
             tracing::error!(
