@@ -120,32 +120,37 @@ impl Budgets {
         let Some(limit) = self.cfg.limit(key) else {
             return Verdict::Within;
         };
-        match self.shared.spent(key, day).await {
-            Some(spent) => Self::verdict(spent, limit),
-            None => self.check_on(key, day),
-        }
+        let spent = match self.shared.spent(key, day).await {
+            Some(spent) => spent,
+            None => self.spent_here(key, day),
+        };
+        Self::verdict(spent, limit)
     }
 
     /// Counted here always (what this replica goes by while Redis is down), and in Redis when
     /// shared.
     pub async fn charge(&self, key: &str, usd: f64) {
         let day = today();
-        if usd <= 0.0 || self.cfg.limit(key).is_none() {
-            return;
+        if self.charge_on(key, usd, day) {
+            self.shared.charge(key, usd, day).await;
         }
-        self.charge_on(key, usd, day);
-        self.shared.charge(key, usd, day).await;
     }
 
-    fn check_on(&self, key: &str, day: u64) -> Verdict {
-        let Some(limit) = self.cfg.limit(key) else {
-            return Verdict::Within;
-        };
-        let spent = match &*self.spent.lock().unwrap_or_else(|p| p.into_inner()) {
+    /// What this replica counted for `key` on `day`.
+    fn spent_here(&self, key: &str, day: u64) -> f64 {
+        match &*self.spent.lock().unwrap_or_else(|p| p.into_inner()) {
             (d, map) if *d == day => map.get(key).copied().unwrap_or(0.0),
             _ => 0.0,
-        };
-        Self::verdict(spent, limit)
+        }
+    }
+
+    /// [`Budgets::check`] on this replica's count for a given day (the unit tests' clock).
+    #[cfg(test)]
+    fn check_on(&self, key: &str, day: u64) -> Verdict {
+        match self.cfg.limit(key) {
+            Some(limit) => Self::verdict(self.spent_here(key, day), limit),
+            None => Verdict::Within,
+        }
     }
 
     fn verdict(spent: f64, limit: f64) -> Verdict {
@@ -156,9 +161,10 @@ impl Budgets {
         }
     }
 
-    fn charge_on(&self, key: &str, usd: f64, day: u64) {
+    /// Count `usd` for a budgeted `key`; `false` when there was nothing to count.
+    fn charge_on(&self, key: &str, usd: f64, day: u64) -> bool {
         if usd <= 0.0 || self.cfg.limit(key).is_none() {
-            return;
+            return false;
         }
         let mut guard = self.spent.lock().unwrap_or_else(|p| p.into_inner());
         let (d, map) = &mut *guard;
@@ -167,6 +173,7 @@ impl Budgets {
             map.clear();
         }
         *map.entry(key.to_owned()).or_insert(0.0) += usd;
+        true
     }
 }
 

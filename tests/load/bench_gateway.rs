@@ -332,6 +332,27 @@ async fn at_rate(a: &Args, addr: SocketAddr, body: &Bytes, label: &str) -> Stats
     s
 }
 
+/// One closed-loop (maximum throughput) run against `addr`, printed as a row.
+async fn at_max(a: &Args, addr: SocketAddr, body: &Bytes, label: &str) -> Stats {
+    let s = load(
+        addr,
+        PATH,
+        body.clone(),
+        a.image_bytes,
+        a.max_connections,
+        None,
+        a.seconds,
+    )
+    .await;
+    row(label, &s);
+    s
+}
+
+/// A few requests (10/s, not measured) so that `body`'s image is in `addr`'s cache.
+async fn prime(a: &Args, addr: SocketAddr, body: &Bytes) {
+    let _ = load(addr, PATH, body.clone(), a.image_bytes, 1, Some(10), 0).await;
+}
+
 /// Added latency at p50 and p99 (ms) of `via` over `direct`.
 fn added(via: &Stats, direct: &Stats) -> (f64, f64) {
     (
@@ -417,38 +438,14 @@ async fn run(a: Args) {
         }
     }
 
-    let direct_max = load(
-        fake.addr,
-        PATH,
-        seeded.clone(),
-        n,
-        a.max_connections,
-        None,
-        a.seconds,
-    )
-    .await;
-    row("direct to upstream, max", &direct_max);
+    let direct_max = at_max(&a, fake.addr, &seeded, "direct to upstream, max").await;
     let nginx_max = match &nginx {
-        Some(ng) => {
-            let s = load(
-                ng.addr,
-                PATH,
-                seeded.clone(),
-                n,
-                a.max_connections,
-                None,
-                a.seconds,
-            )
-            .await;
-            row("nginx proxying, max", &s);
-            Some(s)
-        }
+        Some(ng) => Some(at_max(&a, ng.addr, &seeded, "nginx proxying, max").await),
         None => None,
     };
     // Prime the cache, then every request is a hit.
-    let _ = load(gw.addr, PATH, seeded.clone(), n, 1, Some(10), 0).await;
-    let hits = load(gw.addr, PATH, seeded, n, a.max_connections, None, a.seconds).await;
-    row("gateway cache hits, max", &hits);
+    prime(&a, gw.addr, &seeded).await;
+    let hits = at_max(&a, gw.addr, &seeded, "gateway cache hits, max").await;
 
     println!();
     println!(
@@ -540,33 +537,12 @@ async fn redis_phase(a: &Args, upstream: SocketAddr) {
         "redis, a call per request",
     )
     .await;
-    let n = a.image_bytes;
     // Made once through the Redis gateway: in Redis (and that gateway's moka); the memory
     // gateway primes its own moka.
-    let _ = load(redis_gw.addr, PATH, seeded.clone(), n, 1, Some(10), 0).await;
-    let _ = load(memory_gw.addr, PATH, seeded.clone(), n, 1, Some(10), 0).await;
-    let moka = load(
-        memory_gw.addr,
-        PATH,
-        seeded.clone(),
-        n,
-        a.max_connections,
-        None,
-        a.seconds,
-    )
-    .await;
-    row("cache hits from moka, max", &moka);
-    let shared_hits = load(
-        reader.addr,
-        PATH,
-        seeded,
-        n,
-        a.max_connections,
-        None,
-        a.seconds,
-    )
-    .await;
-    row("cache hits from Redis, max", &shared_hits);
+    prime(a, redis_gw.addr, &seeded).await;
+    prime(a, memory_gw.addr, &seeded).await;
+    let moka = at_max(a, memory_gw.addr, &seeded, "cache hits from moka, max").await;
+    let shared_hits = at_max(a, reader.addr, &seeded, "cache hits from Redis, max").await;
     let store = &reader.state.metrics;
     println!(
         "\nshared state on Redis (same run, median of {} pairs each): pass-through adds p50 {r50:+.3} ms, p99 {r99:+.3} ms; memory state p50 {m50:+.3} ms, p99 {m99:+.3} ms: p99 {:.2}x, p50 {:.2}x the memory state's",

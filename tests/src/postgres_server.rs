@@ -2,7 +2,6 @@
 //! loopback port, started, stopped and restarted by a test; stopped when dropped. PostgreSQL
 //! refuses to run as root, so under root it runs as the `postgres` user (the package makes it).
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,14 +19,12 @@ pub struct PostgresServer {
 /// `initdb` on the PATH, else in the newest `/usr/lib/postgresql/<version>/bin` (Debian keeps
 /// the server binaries there).
 fn bin_dir() -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        // Through a symlink (as /usr/local/bin/initdb may be) to the directory that also
-        // holds pg_isready and psql.
-        let found = std::fs::canonicalize(PathBuf::from(dir).join("initdb"));
-        if let Some(d) = found.ok().as_deref().and_then(Path::parent) {
-            if d.join("postgres").is_file() && d.join("pg_isready").is_file() {
-                return d.to_path_buf();
-            }
+    // Through a symlink (as /usr/local/bin/initdb may be) to the directory that also holds
+    // pg_isready and psql.
+    let found = crate::in_path("initdb").and_then(|p| std::fs::canonicalize(p).ok());
+    if let Some(d) = found.as_deref().and_then(Path::parent) {
+        if d.join("postgres").is_file() && d.join("pg_isready").is_file() {
+            return d.to_path_buf();
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
@@ -65,10 +62,7 @@ fn is_root() -> bool {
 impl PostgresServer {
     /// initdb, then start on a free loopback port and wait until it accepts connections.
     pub async fn start() -> PostgresServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::free_port();
         let user = if is_root() {
             Some(
                 user("postgres")

@@ -1,7 +1,6 @@
 //! A real `redis-server` (Debian package `redis-server`) on a loopback port with a temporary
 //! directory and no persistence, started and stopped by a test. Killed when dropped.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,11 +12,8 @@ pub struct RedisServer {
 }
 
 fn binary() -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = PathBuf::from(dir).join("redis-server");
-        if p.is_file() {
-            return p;
-        }
+    if let Some(p) = crate::in_path("redis-server") {
+        return p;
     }
     let debian = PathBuf::from("/usr/bin/redis-server");
     assert!(
@@ -30,10 +26,7 @@ fn binary() -> PathBuf {
 impl RedisServer {
     /// Start on a free loopback port and wait until it answers.
     pub async fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::free_port();
         let mut s = RedisServer {
             port,
             dir: tempfile::tempdir().expect("temp dir"),

@@ -38,6 +38,37 @@ struct Lease {
     asking: bool,
 }
 
+/// Room for one more entry, after dropping the dead ones if the table is full.
+fn make_room(map: &mut HashMap<String, Lease>, now: Instant) -> bool {
+    if map.len() >= MAX_LEASES {
+        map.retain(|_, l| l.live(now));
+    }
+    map.len() < MAX_LEASES
+}
+
+/// An ask to the shared bucket in flight (see [`Leases::asking`]).
+pub(super) struct Asking<'a> {
+    leases: &'a Leases,
+    client: &'a str,
+    asked: u32,
+    answered: bool,
+}
+
+impl Asking<'_> {
+    pub(super) fn answered(mut self, answer: Option<Result<u32, Duration>>, now: Instant) {
+        self.answered = true;
+        self.leases.answered(self.client, self.asked, answer, now);
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.leases.abandoned(self.client, self.asked);
+        }
+    }
+}
+
 impl Lease {
     /// Worth keeping: tokens still usable, a refusal still running, or an ask in flight.
     fn live(&self, now: Instant) -> bool {
@@ -90,10 +121,7 @@ impl Leases {
         if size == 1 {
             return Local::Ask(1);
         }
-        if map.len() >= MAX_LEASES {
-            map.retain(|_, l| l.live(now));
-        }
-        if map.len() >= MAX_LEASES {
+        if !make_room(&mut map, now) {
             // No room to remember an ask in flight: no lease (one token at a time is exact).
             return Local::Ask(1);
         }
@@ -105,6 +133,17 @@ impl Leases {
             },
         );
         Local::Ask(size)
+    }
+
+    /// Hold while asking the shared bucket for `asked` tokens: answer it with
+    /// [`Asking::answered`]; dropped unanswered (its request went away), it frees the next ask.
+    pub(super) fn asking<'a>(&'a self, client: &'a str, asked: u32) -> Asking<'a> {
+        Asking {
+            leases: self,
+            client,
+            asked,
+            answered: false,
+        }
     }
 
     /// An ask for `asked` tokens that will not be answered (its request went away): the next
@@ -156,13 +195,9 @@ impl Leases {
         if !l.live(now) {
             return;
         }
-        if map.len() >= MAX_LEASES {
-            map.retain(|_, l| l.live(now));
-            if map.len() >= MAX_LEASES {
-                return;
-            }
+        if make_room(&mut map, now) {
+            map.insert(client.to_owned(), l);
         }
-        map.insert(client.to_owned(), l);
     }
 
     pub(super) fn clear(&self) {

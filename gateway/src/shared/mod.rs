@@ -130,15 +130,6 @@ impl SharedState {
         self.0.as_ref().is_some_and(|s| s.is_up())
     }
 
-    /// `Some("redis")` when a shared store is configured (for `/v1/backends`-like reports).
-    pub fn kind(&self) -> &'static str {
-        if self.0.is_some() {
-            "redis"
-        } else {
-            "memory"
-        }
-    }
-
     /// Probe a down store until it answers again; runs for the server's lifetime (returns at
     /// once for memory state).
     pub async fn monitor(self) {

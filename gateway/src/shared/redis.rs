@@ -60,15 +60,45 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return tostring(taken) .. ' ' .. tostring(wait)
 ";
 
-/// The `op` label values of `kleingate_state_store_errors_total`.
-const OPS: [&str; 6] = [
-    "rate_limit",
-    "budget",
-    "cache_get",
-    "cache_put",
-    "cache_decode",
-    "coalesce",
-];
+/// What a call is for: the `op` label of `kleingate_state_store_errors_total`, and which
+/// connection it takes.
+#[derive(Clone, Copy)]
+enum Op {
+    RateLimit,
+    Budget,
+    CacheGet,
+    CachePut,
+    /// An entry that did not decode (no call of its own: counted where it is read).
+    CacheDecode,
+    Coalesce,
+}
+
+impl Op {
+    const ALL: [Op; 6] = [
+        Op::RateLimit,
+        Op::Budget,
+        Op::CacheGet,
+        Op::CachePut,
+        Op::CacheDecode,
+        Op::Coalesce,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Op::RateLimit => "rate_limit",
+            Op::Budget => "budget",
+            Op::CacheGet => "cache_get",
+            Op::CachePut => "cache_put",
+            Op::CacheDecode => "cache_decode",
+            Op::Coalesce => "coalesce",
+        }
+    }
+
+    /// Image bytes go on their own connection.
+    fn is_bulk(self) -> bool {
+        matches!(self, Op::CacheGet | Op::CachePut)
+    }
+}
 
 /// How long a coalescing lock lives unless its leader renews it (every [`LOCK_RENEW`] while it
 /// generates): a leader that died, or lost Redis, holds the others up this long at most.
@@ -149,8 +179,8 @@ impl RedisStore {
         up_gauge.set(0);
         // Every operation's error series exists from the start (at 0), so a rate over it is
         // data, not absence, on a healthy gateway.
-        for op in OPS {
-            metrics.state_store_errors.with_label_values(&[op]);
+        for op in Op::ALL {
+            metrics.state_store_errors.with_label_values(&[op.label()]);
         }
         Ok(RedisStore {
             conn,
@@ -176,11 +206,7 @@ impl RedisStore {
     }
 
     /// Run one call if the store is up; a failure marks it down (see [`RedisStore::run`]).
-    async fn call<T, F>(
-        &self,
-        op: &'static str,
-        f: impl FnOnce(ConnectionManager) -> F,
-    ) -> Option<T>
+    async fn call<T, F>(&self, op: Op, f: impl FnOnce(ConnectionManager) -> F) -> Option<T>
     where
         F: Future<Output = RedisResult<T>>,
     {
@@ -193,11 +219,7 @@ impl RedisStore {
     /// A leader's own lock and image: tried even while the store is marked down (that may be
     /// only a moment's view, and a lock left behind would hold other replicas' waiters), never
     /// marking it down.
-    async fn best_effort<T, F>(
-        &self,
-        op: &'static str,
-        f: impl FnOnce(ConnectionManager) -> F,
-    ) -> Option<T>
+    async fn best_effort<T, F>(&self, op: Op, f: impl FnOnce(ConnectionManager) -> F) -> Option<T>
     where
         F: Future<Output = RedisResult<T>>,
     {
@@ -209,14 +231,14 @@ impl RedisStore {
     /// not a sign that Redis is gone, and must not switch rate limits to per replica).
     async fn run<T, F>(
         &self,
-        op: &'static str,
+        op: Op,
         f: impl FnOnce(ConnectionManager) -> F,
         may_mark_down: bool,
     ) -> Option<T>
     where
         F: Future<Output = RedisResult<T>>,
     {
-        let bulk = matches!(op, "cache_get" | "cache_put");
+        let bulk = op.is_bulk();
         let conn = if bulk {
             self.bulk.clone()
         } else {
@@ -231,16 +253,16 @@ impl RedisStore {
         None
     }
 
-    fn failed(&self, op: &'static str, why: &str, mark_down: bool) {
-        self.errors.with_label_values(&[op]).inc();
+    fn failed(&self, op: Op, why: &str, mark_down: bool) {
+        self.errors.with_label_values(&[op.label()]).inc();
         if !mark_down {
-            tracing::debug!(op, error = why, "Redis call failed");
+            tracing::debug!(op = op.label(), error = why, "Redis call failed");
             return;
         }
         if self.up.swap(false, Ordering::Relaxed) {
             self.up_gauge.set(0);
             tracing::warn!(
-                op,
+                op = op.label(),
                 error = why,
                 "Redis state store unreachable: rate limits, budgets, cache and coalescing are per replica until it answers again"
             );
@@ -304,19 +326,10 @@ impl RedisStore {
             Local::Refused(wait) => return Some(Err(wait)),
             Local::Ask(n) => n,
         };
-        // If this request goes away mid-call, its ask must not stay "in flight" for ever.
-        struct Asking<'a>(&'a Leases, &'a str, u32, bool);
-        impl Drop for Asking<'_> {
-            fn drop(&mut self) {
-                if !self.3 {
-                    self.0.abandoned(self.1, self.2);
-                }
-            }
-        }
-        let mut asking = Asking(&self.leases, client, want, false);
+        // If this request goes away mid-call, dropping `asking` frees the next ask.
+        let asking = self.leases.asking(client, want);
         let answer = self.take_tokens(client, rate, burst, want).await;
-        asking.3 = true;
-        self.leases.answered(client, want, answer, Instant::now());
+        asking.answered(answer, Instant::now());
         Some(answer?.map(drop))
     }
 
@@ -331,7 +344,7 @@ impl RedisStore {
     ) -> Option<Result<u32, Duration>> {
         let key = self.client_key("rate:", client);
         let answer: String = self
-            .call("rate_limit", |mut c| async move {
+            .call(Op::RateLimit, |mut c| async move {
                 self.take_tokens
                     .key(key)
                     .arg(rate)
@@ -356,7 +369,7 @@ impl RedisStore {
     pub(super) async fn spent(&self, client: &str, day: u64) -> Option<f64> {
         let key = self.client_key(&format!("budget:{day}:"), client);
         let v: Option<String> = self
-            .call("budget", |mut c| async move {
+            .call(Op::Budget, |mut c| async move {
                 redis::cmd("GET").arg(key).query_async(&mut c).await
             })
             .await?;
@@ -367,7 +380,7 @@ impl RedisStore {
         let key = self.client_key(&format!("budget:{day}:"), client);
         // Kept one day past its own, so a late charge near midnight is not lost.
         let expire_at = (day + 2) * 86_400;
-        self.call("budget", |mut c| async move {
+        self.call(Op::Budget, |mut c| async move {
             redis::pipe()
                 .cmd("INCRBYFLOAT")
                 .arg(&key)
@@ -387,7 +400,7 @@ impl RedisStore {
     pub(super) async fn cache_get(&self, key: &CacheKey) -> Option<CachedImage> {
         let k = self.image_key(key);
         let raw: Option<Vec<u8>> = self
-            .call("cache_get", |mut c| async move {
+            .call(Op::CacheGet, |mut c| async move {
                 redis::cmd("GET").arg(k).query_async(&mut c).await
             })
             .await?;
@@ -395,7 +408,9 @@ impl RedisStore {
         let decoded = codec::decode(&raw);
         if decoded.is_none() {
             // Written by another version, or damaged: a miss, and counted.
-            self.errors.with_label_values(&["cache_decode"]).inc();
+            self.errors
+                .with_label_values(&[Op::CacheDecode.label()])
+                .inc();
         }
         decoded
     }
@@ -406,7 +421,7 @@ impl RedisStore {
         let ttl_ms = u64::try_from(self.cache_ttl.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        self.best_effort("cache_put", |mut c| async move {
+        self.best_effort(Op::CachePut, |mut c| async move {
             redis::cmd("SET")
                 .arg(k)
                 .arg(bytes)
@@ -421,7 +436,7 @@ impl RedisStore {
     async fn try_lock(&self, lock: &str, token: &str) -> Option<bool> {
         let ttl_ms = LOCK_TTL.as_millis() as u64;
         let set: Option<String> = self
-            .call("coalesce", |mut c| async move {
+            .call(Op::Coalesce, |mut c| async move {
                 redis::cmd("SET")
                     .arg(lock)
                     .arg(token)
@@ -436,7 +451,7 @@ impl RedisStore {
     }
 
     async fn unlock(&self, lock: &str, token: &str) {
-        self.best_effort("coalesce", |mut c| async move {
+        self.best_effort(Op::Coalesce, |mut c| async move {
             self.release
                 .key(lock)
                 .arg(token)
@@ -448,7 +463,7 @@ impl RedisStore {
 
     async fn renew_lock(&self, lock: &str, token: &str) {
         let ttl_ms = LOCK_TTL.as_millis() as u64;
-        self.best_effort("coalesce", |mut c| async move {
+        self.best_effort(Op::Coalesce, |mut c| async move {
             self.renew
                 .key(lock)
                 .arg(token)

@@ -99,8 +99,6 @@ impl StoreError {
 /// by request id, so a write retried after a timeout cannot store a result twice.
 #[async_trait::async_trait]
 pub trait ExperimentStore: Send + Sync {
-    /// `sqlite` or `postgres` (for logs and `/v1/experiments`).
-    fn kind(&self) -> &'static str;
     async fn record(&self, r: &Record) -> Result<(), StoreError>;
     /// A stored image of `experiment`'s request `request_id`: (content type, bytes).
     async fn image(
@@ -253,10 +251,6 @@ impl Storage {
             store,
             timeout,
         }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        self.store.kind()
     }
 
     async fn bounded<T>(

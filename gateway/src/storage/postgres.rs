@@ -171,10 +171,6 @@ fn cutoff(d: Duration) -> i64 {
 
 #[async_trait::async_trait]
 impl ExperimentStore for PostgresStore {
-    fn kind(&self) -> &'static str {
-        "postgres"
-    }
-
     async fn record(&self, r: &Record) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         // One transaction: a result never exists without the image it was stored with.

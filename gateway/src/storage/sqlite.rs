@@ -281,10 +281,6 @@ impl SqliteStore {
 
 #[async_trait::async_trait]
 impl ExperimentStore for SqliteStore {
-    fn kind(&self) -> &'static str {
-        "sqlite"
-    }
-
     async fn record(&self, r: &Record) -> Result<(), StoreError> {
         let r = r.clone();
         self.blocking(move |s| s.record_now(&r)).await
