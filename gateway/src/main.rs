@@ -1,5 +1,13 @@
 use std::path::PathBuf;
 
+/// mimalloc rather than glibc's malloc: the engine's CPU backend allocates a fresh output for
+/// every tensor op, megabytes each, which glibc serves with new `mmap`s whose pages fault in (and
+/// are zeroed by the kernel) on first touch, from every thread at once. mimalloc reuses freed
+/// pages. Measured on a 384x768x2304 linear layer on 2 threads: ~17 ms with glibc, ~12 ms with
+/// mimalloc, as fast as the same gemm into a reused buffer (docs/engine.md has the stage table).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kleingate_gateway::{server, telemetry, AppState, Config};

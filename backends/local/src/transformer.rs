@@ -33,8 +33,11 @@ impl ModParams {
         crate::nn::modulate(x, &self.shift, &self.scale, eps)
     }
 
-    /// The gated residual `x + gate * y`.
+    /// The gated residual `x + gate * y` (one pass in f32 on the CPU).
     fn gated_add(&self, x: Tensor<3>, y: Tensor<3>) -> Tensor<3> {
+        if let Some(r) = crate::cpu::elementwise::gated_add(&x, &self.gate, &y) {
+            return r;
+        }
         x.add(self.gate.clone().mul(y))
     }
 }
@@ -129,6 +132,8 @@ struct Rope {
     cos: Tensor<4>,
     /// The sine with the even entries negated (see [`Self::apply`]).
     sin: Tensor<4>,
+    /// The same two as `[S, head_dim]` rows, for the CPU kernel that rotates while it norms.
+    rows: (Tensor<2>, Tensor<2>),
 }
 
 impl Rope {
@@ -147,8 +152,12 @@ impl Rope {
             ),
             &sin.device(),
         );
-        let sin = sin.mul(sign.reshape([1, hd])).reshape([1, 1, s, hd]);
-        Rope { cos, sin }
+        let sin = sin.mul(sign.reshape([1, hd]));
+        Rope {
+            rows: (cos.clone().reshape([s, hd]), sin.clone()),
+            cos,
+            sin: sin.reshape([1, 1, s, hd]),
+        }
     }
 
     /// Rotate `t` `[B, heads, S, head_dim]`: in f32 with f32 tables and rounded once, as the
@@ -178,6 +187,70 @@ fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rope: &Rope) -> Tensor<3>
     sdpa(rope.apply(q), rope.apply(k), v, None)
         .swap_dims(1, 2)
         .reshape([b, s, nh * hd])
+}
+
+/// One stream's share of a joint attention: its q, k and v projections `[B, len, heads *
+/// head_dim]` and its q and k RMS-norm scales.
+struct Stream<'a> {
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    norm_q: &'a Tensor<1>,
+    norm_k: &'a Tensor<1>,
+}
+
+/// Attention over the streams one after the other along the sequence (text, then image): q and
+/// k RMS-normed per stream and rotated, `[B, S_total, heads * head_dim]` out. In f32 on the CPU
+/// q, k and v are each normed, rotated and laid out in one pass from the projections' slices
+/// ([`crate::cpu::norm::join_heads`]) and attention writes its rows in this output's layout;
+/// otherwise burn's ops (norm, cat, RoPE, attention, transpose).
+fn joint_attention(streams: &[Stream<'_>], rope: &Rope, nh: usize, hd: usize, eps: f64) -> Tensor<3> {
+    use crate::cpu::norm::{join_heads, Part, RopeTables};
+    let split = |t: &Tensor<3>| heads(t.clone(), nh, hd);
+    let (qs, ks, vs): (Vec<_>, Vec<_>, Vec<_>) = (
+        streams.iter().map(|s| split(&s.q)).collect(),
+        streams.iter().map(|s| split(&s.k)).collect(),
+        streams.iter().map(|s| split(&s.v)).collect(),
+    );
+    let tables = RopeTables {
+        cos: &rope.rows.0,
+        sin: &rope.rows.1,
+    };
+    let join = |xs: &[Tensor<4>], norms: Option<Vec<&Tensor<1>>>, rotate: bool| {
+        let parts: Vec<Part<'_>> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| Part {
+                x,
+                norm: norms.as_ref().map(|n| n[i]),
+            })
+            .collect();
+        join_heads(&parts, rotate.then_some(&tables), eps)
+    };
+    let fused = (|| {
+        let q = join(&qs, Some(streams.iter().map(|s| s.norm_q).collect()), true)?;
+        let k = join(&ks, Some(streams.iter().map(|s| s.norm_k).collect()), true)?;
+        let v = join(&vs, None, false)?;
+        crate::cpu::attention::sdpa(&q.swap_dims(1, 2), &k.swap_dims(1, 2), &v.swap_dims(1, 2))
+    })();
+    if let Some(a) = fused {
+        let [b, _, s, _] = a.dims();
+        return a.swap_dims(1, 2).reshape([b, s, nh * hd]);
+    }
+    let normed = |xs: Vec<Tensor<4>>, norms: Vec<&Tensor<1>>| {
+        Tensor::cat(
+            xs.into_iter()
+                .zip(norms)
+                .map(|(x, w)| rms_norm(x, w, eps))
+                .collect(),
+            1,
+        )
+        .swap_dims(1, 2)
+    };
+    let q = normed(qs, streams.iter().map(|s| s.norm_q).collect());
+    let k = normed(ks, streams.iter().map(|s| s.norm_k).collect());
+    let v = Tensor::cat(vs, 1).swap_dims(1, 2);
+    attention(q, k, v, rope)
 }
 
 /// f16 tops out at 65504: the reference clips the text stream after each double block and the
@@ -258,32 +331,24 @@ impl DoubleBlock {
         let n = img.dims()[1];
         let ni = mi[0].modulate(img.clone(), eps);
         let nt = mt[0].modulate(txt.clone(), eps);
-        let ti = lin(ni, &self.to_qkv).chunk(3, 2);
-        let tt = lin(nt, &self.add_qkv).chunk(3, 2);
-        let q = Tensor::cat(
-            vec![
-                rms_norm(heads(tt[0].clone(), nh, hd), &self.norm_added_q, eps),
-                rms_norm(heads(ti[0].clone(), nh, hd), &self.norm_q, eps),
-            ],
-            1,
-        );
-        let k = Tensor::cat(
-            vec![
-                rms_norm(heads(tt[1].clone(), nh, hd), &self.norm_added_k, eps),
-                rms_norm(heads(ti[1].clone(), nh, hd), &self.norm_k, eps),
-            ],
-            1,
-        );
-        let v = Tensor::cat(
-            vec![heads(tt[2].clone(), nh, hd), heads(ti[2].clone(), nh, hd)],
-            1,
-        );
-        let a = attention(
-            q.swap_dims(1, 2),
-            k.swap_dims(1, 2),
-            v.swap_dims(1, 2),
-            rope,
-        );
+        let mut ti = lin(ni, &self.to_qkv).chunk(3, 2).into_iter();
+        let mut tt = lin(nt, &self.add_qkv).chunk(3, 2).into_iter();
+        let next = |it: &mut std::vec::IntoIter<Tensor<3>>| it.next().expect("three chunks");
+        let txt_stream = Stream {
+            q: next(&mut tt),
+            k: next(&mut tt),
+            v: next(&mut tt),
+            norm_q: &self.norm_added_q,
+            norm_k: &self.norm_added_k,
+        };
+        let img_stream = Stream {
+            q: next(&mut ti),
+            k: next(&mut ti),
+            v: next(&mut ti),
+            norm_q: &self.norm_q,
+            norm_k: &self.norm_k,
+        };
+        let a = joint_attention(&[txt_stream, img_stream], rope, nh, hd, eps);
         let a_txt = a.clone().narrow(1, 0, l);
         let a_img = a.narrow(1, l, n);
         let img = mi[0].gated_add(img, lin(a_img, &self.to_out));
@@ -346,12 +411,19 @@ impl SingleBlock {
         );
         let proj = lin(ms.modulate(h.clone(), eps), &self.qkv_mlp);
         let parts = proj.split_with_sizes(vec![d, d, d, 2 * m], 2);
-        let q = rms_norm(heads(parts[0].clone(), nh, hd), &self.norm_q, eps).swap_dims(1, 2);
-        let k = rms_norm(heads(parts[1].clone(), nh, hd), &self.norm_k, eps).swap_dims(1, 2);
-        let v = heads(parts[2].clone(), nh, hd).swap_dims(1, 2);
-        let a = attention(q, k, v, rope);
+        let mut parts = parts.into_iter();
+        let mut next = || parts.next().expect("four parts");
+        let stream = Stream {
+            q: next(),
+            k: next(),
+            v: next(),
+            norm_q: &self.norm_q,
+            norm_k: &self.norm_k,
+        };
+        let mlp = next();
+        let a = joint_attention(&[stream], rope, nh, hd, eps);
         let out = lin(
-            Tensor::cat(vec![a, swiglu(parts[3].clone())], 2),
+            Tensor::cat(vec![a, swiglu(mlp)], 2),
             &self.to_out,
         );
         clip_f16(ms.gated_add(h, out))

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::VaeConfig;
 use crate::error::EngineError;
-use crate::nn::{group_norm, lin_bias, sdpa, silu, Conv};
+use crate::nn::{group_norm, group_norm_silu, lin_bias, sdpa, Conv};
 use crate::precision::Precision;
 use crate::weights::{Source, WeightStore};
 
@@ -143,25 +143,13 @@ impl Loader<'_> {
 
 impl Resnet {
     fn forward(&self, x: Tensor<4>, groups: usize) -> Tensor<4> {
-        let h = self.conv1.forward(silu(group_norm(
-            x.clone(),
-            groups,
-            &self.norm1.gamma,
-            &self.norm1.beta,
-            GN_EPS,
-        )));
-        let h = self.conv2.forward(silu(group_norm(
-            h,
-            groups,
-            &self.norm2.gamma,
-            &self.norm2.beta,
-            GN_EPS,
-        )));
+        let pre = |x: Tensor<4>, n: &Norm| group_norm_silu(x, groups, &n.gamma, &n.beta, GN_EPS);
+        let h = self.conv1.forward(pre(x.clone(), &self.norm1));
         let skip = match &self.shortcut {
             Some(c) => c.forward(x),
             None => x,
         };
-        skip.add(h)
+        self.conv2.forward_add(pre(h, &self.norm2), skip)
     }
 }
 
@@ -188,14 +176,6 @@ impl Mid {
         };
         self.res1.forward(x, groups)
     }
-}
-
-/// Nearest-neighbour x2 upsampling, exact (each value repeated into a 2x2 block).
-fn upsample2(x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1])
-        .expand([b, c, h, 2, w, 2])
-        .reshape([b, c, 2 * h, 2 * w])
 }
 
 impl Vae {
@@ -351,16 +331,16 @@ impl Vae {
                 x = r.forward(x, g);
             }
             if let Some(up) = &level.resample {
-                x = up.forward(upsample2(x));
+                x = up.forward_up2(x);
             }
         }
-        d.conv_out.forward(silu(group_norm(
+        d.conv_out.forward(group_norm_silu(
             x,
             g,
             &d.norm_out.gamma,
             &d.norm_out.beta,
             GN_EPS,
-        )))
+        ))
     }
 
     /// Pixels `[B, 3, H, W]` in [-1, 1] -> (posterior mean, log-variance clamped to [-30, 20]).
@@ -380,13 +360,13 @@ impl Vae {
             }
         }
         x = e.mid.forward(x, g);
-        let mut moments = e.conv_out.forward(silu(group_norm(
+        let mut moments = e.conv_out.forward(group_norm_silu(
             x,
             g,
             &e.norm_out.gamma,
             &e.norm_out.beta,
             GN_EPS,
-        )));
+        ));
         if let Some(q) = &self.quant {
             moments = q.forward(moments);
         }

@@ -1,0 +1,182 @@
+//! 2-D convolution for the VAE: im2col by tiles of output pixels straight from the NCHW input,
+//! one gemm per tile into the NCHW output, the tiles spread over the pool.
+//!
+//! burn-flex's own convolution copies its input to NHWC on one thread and re-lays the weight out
+//! on every call before its tiled gemm, then scatters each tile's result. Here the weight is used
+//! as stored (`[out, in * kh * kw]` is already the im2col order `(in, ky, kx)`), the output starts
+//! as the bias (plus a residual to add, which saves the resnet's separate add), the gemm
+//! accumulates into it in place, and a nearest-neighbour x2 upsampling before the convolution is
+//! read through instead of materialised.
+
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use super::{tensor, Dense, SendPtr};
+
+/// A convolution's geometry: kernel `k x k`, `stride`, padding (top/left, bottom/right), and an
+/// integer nearest-neighbour upsampling of the input first (1 = none).
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    pub stride: usize,
+    pub pad: (usize, usize),
+    pub upsample: usize,
+}
+
+/// Bytes of im2col columns one task builds before its gemm: about half this CPU's L2.
+const TILE_BYTES: usize = 512 * 1024;
+
+/// `conv(x, w) + bias (+ residual)` for `x` `[B, Ci, H, W]`, `w` `[Co, Ci, k, k]`; `None` unless
+/// every tensor is an f32 CPU tensor (or the shapes do not fit, which the caller's burn path
+/// then reports).
+pub fn conv2d(
+    x: &Tensor<4>,
+    w: &Tensor<4>,
+    bias: &Tensor<1>,
+    g: Geometry,
+    residual: Option<&Tensor<4>>,
+) -> Option<Tensor<4>> {
+    let (xd, wd, bd) = (Dense::of(x)?, Dense::of(w)?, Dense::of(bias)?);
+    let [b, ci, h, wi] = x.dims();
+    let [co, wci, kh, kw] = w.dims();
+    let (s, (pt, pb), up) = (g.stride, g.pad, g.upsample.max(1));
+    let (vh, vw) = (h * up, wi * up);
+    if wci != ci || s == 0 || vh + pt + pb < kh || vw + pt + pb < kw {
+        return None;
+    }
+    let oh = (vh + pt + pb - kh) / s + 1;
+    let ow = (vw + pt + pb - kw) / s + 1;
+    let p = oh * ow;
+    let k = ci * kh * kw;
+
+    // The output starts as bias (+ residual); the gemm adds the convolution to it.
+    let mut out = match residual {
+        Some(r) => {
+            if r.dims() != [b, co, oh, ow] {
+                return None;
+            }
+            Dense::of(r)?.slice().to_vec()
+        }
+        None => vec![0f32; b * co * p],
+    };
+    let bias = bd.slice();
+    out.par_chunks_mut(p).enumerate().for_each(|(i, plane)| {
+        let bv = bias[i % co];
+        plane.iter_mut().for_each(|v| *v += bv);
+    });
+
+    let (xs, ws) = (xd.slice(), wd.slice());
+    let direct = kh == 1 && kw == 1 && s == 1 && pt == 0 && pb == 0 && up == 1;
+    // Columns per tile: a multiple of 16 (gemm's register tiles) near TILE_BYTES, and enough
+    // tiles that every thread gets several.
+    let threads = rayon::current_num_threads().max(1);
+    let by_cache = (TILE_BYTES / 4 / k).max(16);
+    let by_spread = (b * p).div_ceil(4 * threads).max(16);
+    let tile = (by_cache.min(by_spread) + 15) / 16 * 16;
+    let tiles = p.div_ceil(tile);
+    let dst = SendPtr::new(&mut out);
+
+    (0..b * tiles).into_par_iter().for_each_init(Vec::new, |col, task| {
+        let (bi, t) = (task / tiles, task % tiles);
+        let p0 = t * tile;
+        let n = tile.min(p - p0);
+        let x_b = &xs[bi * ci * h * wi..(bi + 1) * ci * h * wi];
+        let (rhs, rhs_rs) = if direct {
+            (x_b[p0..].as_ptr(), p as isize)
+        } else {
+            col.resize(k * n, 0.0);
+            im2col(col, x_b, (ci, h, wi), (kh, kw), (oh, ow), g, p0, n);
+            (col.as_ptr(), n as isize)
+        };
+        // SAFETY: columns p0..p0 + n of image bi's output planes belong to this task alone;
+        // the operands are in bounds by the shapes checked above.
+        unsafe {
+            gemm::gemm(
+                co,
+                n,
+                k,
+                dst.at(bi * co * p + p0),
+                1,
+                p as isize,
+                true,
+                ws.as_ptr(),
+                1,
+                k as isize,
+                rhs,
+                1,
+                rhs_rs,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    Some(tensor(out, [b, co, oh, ow]))
+}
+
+/// Columns `p0..p0 + n` of the im2col matrix `[ci * kh * kw, n]` (row `(c, ky, kx)` holds the
+/// input value each output pixel sees through that tap; zero in the padding).
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    col: &mut [f32],
+    x: &[f32],
+    (ci, h, w): (usize, usize, usize),
+    (kh, kw): (usize, usize),
+    (_oh, ow): (usize, usize),
+    g: Geometry,
+    p0: usize,
+    n: usize,
+) {
+    let (s, (pt, _), up) = (g.stride, g.pad, g.upsample.max(1));
+    let (vh, vw) = ((h * up) as isize, (w * up) as isize);
+    let mut row = 0;
+    for c in 0..ci {
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let dst = &mut col[row * n..(row + 1) * n];
+                row += 1;
+                // Walk the tile's pixels one output row segment at a time.
+                let mut p = p0;
+                let mut i = 0;
+                while i < n {
+                    let (oy, ox0) = (p / ow, p % ow);
+                    let len = (ow - ox0).min(n - i);
+                    let seg = &mut dst[i..i + len];
+                    let iy = (oy * s + ky) as isize - pt as isize;
+                    if iy < 0 || iy >= vh {
+                        seg.fill(0.0);
+                    } else {
+                        let src = &plane[(iy as usize / up) * w..(iy as usize / up + 1) * w];
+                        if s == 1 && up == 1 {
+                            // ix = ox0 + j + kx - pt: one copy between the padded ends.
+                            let shift = (ox0 + kx) as isize - pt as isize;
+                            let lo = (-shift).clamp(0, len as isize) as usize;
+                            let hi = (w as isize - shift).clamp(lo as isize, len as isize) as usize;
+                            seg[..lo].fill(0.0);
+                            seg[lo..hi].copy_from_slice(
+                                &src[(lo as isize + shift) as usize..(hi as isize + shift) as usize],
+                            );
+                            seg[hi..].fill(0.0);
+                            p += len;
+                            i += len;
+                            continue;
+                        }
+                        for (j, v) in seg.iter_mut().enumerate() {
+                            let ix = ((ox0 + j) * s + kx) as isize - pt as isize;
+                            *v = if ix < 0 || ix >= vw {
+                                0.0
+                            } else {
+                                src[ix as usize / up]
+                            };
+                        }
+                    }
+                    p += len;
+                    i += len;
+                }
+            }
+        }
+    }
+}

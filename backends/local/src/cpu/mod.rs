@@ -1,0 +1,155 @@
+//! Fused f32 kernels for the CPU backend (burn's flex).
+//!
+//! burn composes a norm, SiLU or attention from several whole-tensor passes, and burn-flex's
+//! convolution transposes its input to NHWC on one thread and re-lays its weight out on every
+//! call. Each kernel here does the same arithmetic in the fewest passes the operation allows, on
+//! every core (rayon's pool, the one `threads` sizes), with gemm for the matrix products and
+//! AVX2/FMA code where the CPU has it ([`simd`]).
+//!
+//! They run only for f32 tensors of the flex backend ([`flex_f32`] says so); every other dtype
+//! and device keeps burn's ops (`nn.rs` chooses). The parity tests run the engine on the CPU in
+//! f32, so they check these kernels against diffusers; `tests` below checks each kernel against
+//! the burn composition it replaces.
+
+pub mod attention;
+pub mod conv;
+pub mod elementwise;
+pub mod norm;
+pub mod simd;
+
+use burn::tensor::{Bytes, DType, Shape, Tensor};
+use burn_flex::{Flex, FlexTensor, Layout};
+
+/// The flex tensor under `t` when `t` is an f32 tensor on the CPU backend (an O(1) clone).
+pub fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    t.clone().try_into_primitive::<Flex>().ok()
+}
+
+/// `t` laid out row-major in its own buffer, when it is a CPU tensor (any dtype); `None` on other
+/// devices.
+pub fn contiguous<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
+    let p = t.clone().try_into_primitive::<Flex>().ok()?;
+    Some(Tensor::from_primitive::<Flex>(p.to_contiguous()))
+}
+
+/// An f32 tensor read as a dense row-major slice: zero-copy when its layout already is one,
+/// copied once otherwise.
+pub struct Dense {
+    t: FlexTensor,
+}
+
+impl Dense {
+    pub fn new(t: FlexTensor) -> Self {
+        let t = match t.layout().contiguous_offsets() {
+            Some(_) => t,
+            None => t.to_contiguous(),
+        };
+        Dense { t }
+    }
+
+    pub fn of<const D: usize>(t: &Tensor<D>) -> Option<Self> {
+        flex_f32(t).map(Self::new)
+    }
+
+    pub fn slice(&self) -> &[f32] {
+        let (start, end) = self
+            .t
+            .layout()
+            .contiguous_offsets()
+            .expect("made contiguous in new");
+        &self.t.storage::<f32>()[start..end]
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.t.layout().shape()
+    }
+}
+
+/// A strided f32 view (positive strides, in elements) of a flex tensor's storage.
+pub struct Strided {
+    t: FlexTensor,
+}
+
+impl Strided {
+    /// `None` when a stride is negative (a flipped view), which the kernels do not take.
+    pub fn new(t: FlexTensor) -> Option<Self> {
+        if t.layout().strides().iter().any(|&s| s < 0) {
+            return None;
+        }
+        Some(Strided { t })
+    }
+
+    /// The whole storage; index it with [`Self::offset`] and [`Self::strides`].
+    pub fn storage(&self) -> &[f32] {
+        self.t.storage::<f32>()
+    }
+
+    pub fn offset(&self) -> usize {
+        self.t.layout().start_offset()
+    }
+
+    pub fn strides(&self) -> Vec<usize> {
+        self.t
+            .layout()
+            .strides()
+            .iter()
+            .map(|&s| s as usize)
+            .collect()
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.t.layout().shape()
+    }
+}
+
+/// A new CPU tensor of `shape` holding `data` (row-major).
+pub fn tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+    debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+    Tensor::from_primitive::<Flex>(FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(Shape::from(shape.to_vec())),
+        DType::F32,
+    ))
+}
+
+/// A CPU tensor of `shape` over `data` laid out with `strides` (a permuted view of it).
+pub fn tensor_strided<const D: usize>(
+    data: Vec<f32>,
+    shape: [usize; D],
+    strides: [usize; D],
+) -> Tensor<D> {
+    Tensor::from_primitive::<Flex>(FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::new(
+            Shape::from(shape.to_vec()),
+            strides.iter().map(|&s| s as isize).collect(),
+            0,
+        ),
+        DType::F32,
+    ))
+}
+
+/// Pointers handed to rayon tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(*mut f32);
+// SAFETY: each task writes a range no other task touches (every use says which).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    pub(crate) fn new(buf: &mut [f32]) -> Self {
+        SendPtr(buf.as_mut_ptr())
+    }
+
+    /// The pointer `i` elements in (a method, so closures capture the `Sync` wrapper, not the
+    /// raw pointer field).
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+#[cfg(test)]
+mod tests;

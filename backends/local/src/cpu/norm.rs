@@ -1,0 +1,244 @@
+//! Norms in one read for the statistics and one for the output: group norm (with the SiLU that
+//! follows it in the VAE folded in), RMS norm, and the transformer's q/k preparation (RMS norm,
+//! RoPE and the joint text + image layout in one pass).
+
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use super::simd::{dispatch, fmadd, silu};
+use super::{flex_f32, tensor, Dense, SendPtr, Strided};
+
+/// The sum of `x`, in eight f32 lanes (so that it vectorises) added up in f64.
+#[inline(always)]
+fn sum_body<const FMA: bool>(x: &[f32]) -> f64 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + rest.iter().map(|&a| a as f64).sum::<f64>()
+}
+dispatch!(fn sum(x: &[f32]) -> f64 => sum_body);
+
+/// The sum of `(x - mean)^2`, likewise.
+#[inline(always)]
+fn sq_dev_body<const FMA: bool>(x: &[f32], mean: f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let d = c[i] - mean;
+            acc[i] = fmadd::<FMA>(d, d, acc[i]);
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>()
+        + rest
+            .iter()
+            .map(|&a| ((a - mean) as f64).powi(2))
+            .sum::<f64>()
+}
+dispatch!(fn sq_dev(x: &[f32], mean: f32) -> f64 => sq_dev_body);
+
+#[inline(always)]
+fn affine_body<const FMA: bool>(x: &[f32], a: f32, b: f32, act: bool, out: &mut [f32]) {
+    if act {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = silu::<FMA>(fmadd::<FMA>(v, a, b));
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = fmadd::<FMA>(v, a, b);
+        }
+    }
+}
+dispatch!(fn affine(x: &[f32], a: f32, b: f32, act: bool, out: &mut [f32]) => affine_body);
+
+/// GroupNorm over `[B, C, H, W]` with per-channel `gamma`/`beta`, then SiLU when `act`: mean
+/// and variance of each group (two reads, f64 totals), then one pass that normalises, scales
+/// and activates. `None` unless the tensors are f32 CPU tensors.
+pub fn group_norm(
+    x: &Tensor<4>,
+    groups: usize,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    eps: f64,
+    act: bool,
+) -> Option<Tensor<4>> {
+    let (xd, gd, bd) = (Dense::of(x)?, Dense::of(gamma)?, Dense::of(beta)?);
+    let [b, c, h, w] = x.dims();
+    if groups == 0 || c % groups != 0 {
+        return None;
+    }
+    let (cg, hw) = (c / groups, h * w);
+    let (xs, gs, bs) = (xd.slice(), gd.slice(), bd.slice());
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(cg * hw)
+        .zip(xs.par_chunks(cg * hw))
+        .enumerate()
+        .for_each(|(bg, (o, src))| {
+            let n = src.len() as f64;
+            let mean = (sum(src) / n) as f32;
+            let var = sq_dev(src, mean) / n;
+            let rstd = (1.0 / (var + eps).sqrt()) as f32;
+            let g0 = (bg % groups) * cg;
+            for (j, (oc, sc)) in o.chunks_mut(hw).zip(src.chunks(hw)).enumerate() {
+                let a = gs[g0 + j] * rstd;
+                let shift = bs[g0 + j] - mean * a;
+                affine(sc, a, shift, act, oc);
+            }
+        });
+    let _ = b;
+    Some(tensor(out, [b, c, h, w]))
+}
+
+/// One row of the q/k preparation: RMS norm with `w` (when given), then the interleaved RoPE
+/// rotation with `cos` and the sign-folded `sin` of the row's position (when given):
+/// `y[j] * cos[j] + y[j ^ 1] * sin[j]`.
+#[inline(always)]
+fn prep_row_body<const FMA: bool>(
+    x: &[f32],
+    w: Option<&[f32]>,
+    eps: f32,
+    rope: Option<(&[f32], &[f32])>,
+    out: &mut [f32],
+) {
+    match w {
+        Some(w) => {
+            let mut acc = [0f32; 8];
+            for c in x.chunks_exact(8) {
+                for i in 0..8 {
+                    acc[i] = fmadd::<FMA>(c[i], c[i], acc[i]);
+                }
+            }
+            let mut ss: f32 = acc.iter().sum();
+            for &v in x.chunks_exact(8).remainder() {
+                ss = fmadd::<FMA>(v, v, ss);
+            }
+            let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+            for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+                *o = (v * inv) * w;
+            }
+        }
+        None => out.copy_from_slice(x),
+    }
+    if let Some((cos, sin)) = rope {
+        for ((pair, c), s) in out
+            .chunks_exact_mut(2)
+            .zip(cos.chunks_exact(2))
+            .zip(sin.chunks_exact(2))
+        {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = fmadd::<FMA>(b, s[0], a * c[0]);
+            pair[1] = fmadd::<FMA>(a, s[1], b * c[1]);
+        }
+    }
+}
+dispatch!(fn prep_row(x: &[f32], w: Option<&[f32]>, eps: f32, rope: Option<(&[f32], &[f32])>, out: &mut [f32]) => prep_row_body);
+
+/// One stream's part of a joint q, k or v: `[B, S, H, D]` (any strides, unit last stride),
+/// RMS-normed with `norm` when given and rotated by the RoPE tables' rows from `pos0` on when
+/// given.
+pub struct Part<'a> {
+    pub x: &'a Tensor<4>,
+    pub norm: Option<&'a Tensor<1>>,
+}
+
+/// RoPE tables `[S, D]`: the cosine and the sine with its even entries negated.
+pub struct RopeTables<'a> {
+    pub cos: &'a Tensor<2>,
+    pub sin: &'a Tensor<2>,
+}
+
+/// The parts one after the other along the sequence, as one `[B, S_total, H, D]` tensor, each
+/// normed and rotated as asked (`rope` rows follow the joint sequence). The transformer's q and
+/// k (RMS norm, RoPE, text then image) and v (text then image) in one pass each. `None` unless
+/// every tensor is an f32 CPU tensor with unit last stride.
+pub fn join_heads(parts: &[Part<'_>], rope: Option<&RopeTables<'_>>, eps: f64) -> Option<Tensor<4>> {
+    let [b, _, h, d] = parts.first()?.x.dims();
+    let views = parts
+        .iter()
+        .map(|p| Strided::new(flex_f32(p.x)?))
+        .collect::<Option<Vec<_>>>()?;
+    let norms = parts
+        .iter()
+        .map(|p| p.norm.map(Dense::of))
+        .map(|n| match n {
+            None => Some(None),
+            Some(Some(d)) => Some(Some(d)),
+            Some(None) => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let tables = match rope {
+        Some(r) => Some((Dense::of(r.cos)?, Dense::of(r.sin)?)),
+        None => None,
+    };
+    let mut starts = Vec::with_capacity(parts.len());
+    let mut total = 0;
+    for (p, v) in parts.iter().zip(&views) {
+        let [pb, s, ph, pd] = p.x.dims();
+        if pb != b || ph != h || pd != d || v.strides()[3] != 1 {
+            return None;
+        }
+        starts.push(total);
+        total += s;
+    }
+    if let Some((c, _)) = &tables {
+        if c.shape() != [total, d] {
+            return None;
+        }
+    }
+    let mut out = vec![0f32; b * total * h * d];
+    let ptr = SendPtr::new(&mut out);
+    for ((v, norm), &s0) in views.iter().zip(&norms).zip(&starts) {
+        let [_, s, _, _] = <[usize; 4]>::try_from(v.shape()).ok()?;
+        let st = v.strides();
+        let (data, off) = (v.storage(), v.offset());
+        let w = norm.as_ref().map(|n| n.slice());
+        (0..b * s).into_par_iter().for_each(|bs| {
+            let (bi, si) = (bs / s, bs % s);
+            let pos = s0 + si;
+            let rope = tables.as_ref().map(|(c, sn)| {
+                (
+                    &c.slice()[pos * d..(pos + 1) * d],
+                    &sn.slice()[pos * d..(pos + 1) * d],
+                )
+            });
+            for hi in 0..h {
+                let src = off + bi * st[0] + si * st[1] + hi * st[2];
+                // SAFETY: row (bi, pos, hi) of `out` is written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        ptr.at(((bi * total + pos) * h + hi) * d),
+                        d,
+                    )
+                };
+                prep_row(&data[src..src + d], w, eps as f32, rope, dst);
+            }
+        });
+    }
+    Some(tensor(out, [b, total, h, d]))
+}
+
+/// RMS norm over the last dimension of `[.., D]` with scale `w`; `None` unless f32 CPU tensors.
+pub fn rms_norm<const N: usize>(x: &Tensor<N>, w: &Tensor<1>, eps: f64) -> Option<Tensor<N>> {
+    let (xd, wd) = (Dense::of(x)?, Dense::of(w)?);
+    let dims = x.dims();
+    let d = dims[N - 1];
+    let ws = wd.slice();
+    if ws.len() != d {
+        return None;
+    }
+    let mut out = vec![0f32; xd.slice().len()];
+    out.par_chunks_mut(d * 16)
+        .zip(xd.slice().par_chunks(d * 16))
+        .for_each(|(o, src)| {
+            for (orow, srow) in o.chunks_mut(d).zip(src.chunks(d)) {
+                prep_row(srow, Some(ws), eps as f32, None, orow);
+            }
+        });
+    Some(tensor(out, dims))
+}

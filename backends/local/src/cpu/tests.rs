@@ -1,0 +1,169 @@
+//! Each kernel against the burn composition it replaces, on random inputs of awkward sizes
+//! (remainders of every vector width and tile), strided views included.
+
+use burn::tensor::module::{attention, conv2d};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::{Device, Distribution, Tensor};
+
+use super::*;
+
+fn rand<const D: usize>(shape: [usize; D]) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex())
+}
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    a.sub(b).abs().max().into_scalar::<f32>()
+}
+
+
+#[test]
+fn silu_and_swiglu_match_burn() {
+    let x = rand([3, 37, 2 * 77]).mul_scalar(6.0);
+    let got = elementwise::silu(&x).expect("f32 cpu");
+    let want = burn::tensor::activation::silu(x.clone());
+    assert!(max_diff(got, want.clone()) < 1e-5);
+    // A slice of a wider projection, as the single block's MLP input is.
+    let wide = rand([2, 19, 3 + 2 * 45]).mul_scalar(4.0);
+    let part = wide.clone().narrow(2, 3, 90);
+    let got = elementwise::swiglu(&part).expect("strided rows");
+    let mut halves = part.chunk(2, 2);
+    let up = halves.pop().unwrap();
+    let gate = halves.pop().unwrap();
+    let want = burn::tensor::activation::silu(gate).mul(up);
+    assert!(max_diff(got, want) < 1e-5);
+}
+
+#[test]
+fn gated_add_matches_burn() {
+    let (x, g, y) = (rand([2, 33, 70]), rand([2, 1, 70]), rand([2, 33, 70]));
+    let got = elementwise::gated_add(&x, &g, &y).expect("f32 cpu");
+    assert!(max_diff(got, x.add(g.mul(y))) < 1e-5);
+}
+
+#[test]
+fn group_norm_with_and_without_silu_matches_burn() {
+    let (b, c, h, w, groups) = (2, 12, 9, 11, 4);
+    let x = rand([b, c, h, w]).mul_scalar(3.0).add_scalar(1.5);
+    let (gamma, beta) = (rand([c]), rand([c]));
+    let normed = x
+        .clone()
+        .reshape([b, groups, c / groups * h * w]);
+    let mean = normed.clone().mean_dim(2);
+    let var = normed.clone().sub(mean.clone()).square().mean_dim(2);
+    let want = normed
+        .sub(mean)
+        .div(var.add_scalar(1e-6).sqrt())
+        .reshape([b, c, h, w])
+        .mul(gamma.clone().reshape([1, c, 1, 1]))
+        .add(beta.clone().reshape([1, c, 1, 1]));
+    let got = norm::group_norm(&x, groups, &gamma, &beta, 1e-6, false).expect("f32 cpu");
+    assert!(max_diff(got, want.clone()) < 1e-4);
+    let got = norm::group_norm(&x, groups, &gamma, &beta, 1e-6, true).expect("f32 cpu");
+    assert!(max_diff(got, burn::tensor::activation::silu(want)) < 1e-4);
+}
+
+#[test]
+fn conv_matches_burn_for_every_geometry_the_vae_uses() {
+    // (cin, cout, k, stride, pad, upsample, residual)
+    let cases = [
+        (5, 7, 3, 1, (1, 1), 1, false),
+        (5, 7, 3, 1, (1, 1), 1, true),
+        (6, 6, 3, 2, (0, 1), 1, false),
+        (4, 9, 1, 1, (0, 0), 1, true),
+        (3, 5, 3, 1, (1, 1), 2, false),
+    ];
+    for (ci, co, k, s, pad, up, res) in cases {
+        let x = rand([2, ci, 13, 10]);
+        let (w, bias) = (rand([co, ci, k, k]), rand([co]));
+        let input = if up == 2 {
+            let [b, c, h, wd] = x.dims();
+            x.clone()
+                .reshape([b, c, h, 1, wd, 1])
+                .expand([b, c, h, 2, wd, 2])
+                .reshape([b, c, 2 * h, 2 * wd])
+        } else {
+            x.clone()
+        };
+        let want = conv2d(
+            input,
+            w.clone(),
+            Some(bias.clone()),
+            ConvOptions::new_with_padding([s; 2], [pad; 2], [1, 1], 1),
+        );
+        let geometry = conv::Geometry {
+            stride: s,
+            pad,
+            upsample: up,
+        };
+        let r = rand(want.dims());
+        let got = conv::conv2d(&x, &w, &bias, geometry, res.then_some(&r)).expect("f32 cpu");
+        let want = if res { want.add(r) } else { want };
+        let d = max_diff(got, want);
+        assert!(d < 1e-4, "conv {ci}->{co} k{k} s{s} {pad:?} up{up}: {d}");
+    }
+}
+
+#[test]
+fn attention_matches_burn_on_strided_heads() {
+    let (b, h, s, d) = (2, 3, 150, 16);
+    // q, k, v as the heads of one fused projection `[B, S, 3 * H * D]`.
+    let proj = rand([b, s, 3 * h * d]);
+    let head = |i: usize| {
+        proj.clone()
+            .narrow(2, i * h * d, h * d)
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2)
+    };
+    let (q, k, v) = (head(0), head(1), head(2));
+    let got = attention::sdpa(&q, &k, &v).expect("f32 cpu");
+    let want = attention(q, k, v, None, None, AttentionModuleOptions::default());
+    assert!(max_diff(got, want) < 1e-5);
+}
+
+#[test]
+fn joined_heads_are_normed_rotated_and_in_sequence_order() {
+    let (b, h, d) = (2, 3, 8);
+    let (txt, img) = (rand([b, 5, h, d]), rand([b, 7, h, d]));
+    let (wt, wi) = (rand([d]), rand([d]));
+    let (cos, sin) = (rand([12, d]), rand([12, d]));
+    let got = norm::join_heads(
+        &[
+            norm::Part {
+                x: &txt,
+                norm: Some(&wt),
+            },
+            norm::Part {
+                x: &img,
+                norm: Some(&wi),
+            },
+        ],
+        Some(&norm::RopeTables {
+            cos: &cos,
+            sin: &sin,
+        }),
+        1e-6,
+    )
+    .expect("f32 cpu");
+    let rms = |x: Tensor<4>, w: &Tensor<1>| {
+        let inv = x.clone().square().mean_dim(3).add_scalar(1e-6).sqrt().recip();
+        x.mul(inv).mul(w.clone().reshape([1, 1, 1, d]))
+    };
+    let joint = Tensor::cat(vec![rms(txt, &wt), rms(img, &wi)], 1);
+    let swapped = joint
+        .clone()
+        .reshape([b, 12, h, d / 2, 2])
+        .flip([4])
+        .reshape([b, 12, h, d]);
+    let want = joint
+        .mul(cos.reshape([1, 12, 1, d]))
+        .add(swapped.mul(sin.reshape([1, 12, 1, d])));
+    assert!(max_diff(got, want) < 1e-5);
+}
+
+#[test]
+fn other_dtypes_are_left_to_burn() {
+    let x = rand([2, 4, 6]).cast(burn::tensor::FloatDType::F16);
+    assert!(elementwise::silu(&x).is_none());
+    assert!(flex_f32(&x).is_none());
+}
