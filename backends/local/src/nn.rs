@@ -68,7 +68,12 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
 /// shape `[B, 1, C]`. For one row of modulation (batch 1) the affine part is the fused kernel's
 /// own scale and bias: one pass instead of three. In reduced precision the three ops round one by
 /// one, as diffusers' `(1 + scale) * norm(x) + shift` does.
+///
+/// In f32 on the CPU, for any batch size, one pass per row ([`cpu::norm::modulate`]).
 pub fn modulate(x: Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f64) -> Tensor<3> {
+    if let Some(y) = cpu::norm::modulate(&x, shift, scale, eps) {
+        return y;
+    }
     let [b, _, c] = x.dims();
     if b == 1 && x.dtype() == DType::F32 {
         let gamma = scale.clone().reshape([c]).add_scalar(1.0);
@@ -215,19 +220,15 @@ impl Conv {
         self.run(x, 2, None)
     }
 
-    fn run(&self, x: Tensor<4>, upsample: usize, residual: Option<Tensor<4>>) -> Tensor<4> {
+    fn run(&self, x: Tensor<4>, upsample: usize, mut residual: Option<Tensor<4>>) -> Tensor<4> {
         let geometry = cpu::conv::Geometry {
             stride: self.stride,
             pad: self.pad,
             upsample,
         };
-        if let Some(y) = cpu::conv::conv2d(
-            &x,
-            &self.weight,
-            &self.bias,
-            geometry,
-            residual.as_ref(),
-        ) {
+        // The kernel takes the residual (and adds to it in place when nothing else holds it)
+        // only when it runs; otherwise it is left here for the burn path.
+        if let Some(y) = cpu::conv::conv2d(&x, &self.weight, &self.bias, geometry, &mut residual) {
             return y;
         }
         let x = if upsample == 2 { upsample2(x) } else { x };

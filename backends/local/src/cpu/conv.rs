@@ -11,7 +11,10 @@
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::{tensor, Dense, SendPtr};
+use burn::tensor::{Bytes, DType, Shape};
+use burn_flex::{Flex, FlexTensor, Layout};
+
+use super::{flex_f32, Dense, SendPtr};
 
 /// A convolution's geometry: kernel `k x k`, `stride`, padding (top/left, bottom/right), and an
 /// integer nearest-neighbour upsampling of the input first (1 = none).
@@ -27,13 +30,13 @@ const TILE_BYTES: usize = 512 * 1024;
 
 /// `conv(x, w) + bias (+ residual)` for `x` `[B, Ci, H, W]`, `w` `[Co, Ci, k, k]`; `None` unless
 /// every tensor is an f32 CPU tensor (or the shapes do not fit, which the caller's burn path
-/// then reports).
+/// then reports); `residual` is taken (left `None`) only when the result is `Some`.
 pub fn conv2d(
     x: &Tensor<4>,
     w: &Tensor<4>,
     bias: &Tensor<1>,
     g: Geometry,
-    residual: Option<&Tensor<4>>,
+    residual: &mut Option<Tensor<4>>,
 ) -> Option<Tensor<4>> {
     let (xd, wd, bd) = (Dense::of(x)?, Dense::of(w)?, Dense::of(bias)?);
     let [b, ci, h, wi] = x.dims();
@@ -48,16 +51,31 @@ pub fn conv2d(
     let p = oh * ow;
     let k = ci * kh * kw;
 
-    // The output starts as bias (+ residual); the gemm adds the convolution to it.
-    let mut out = match residual {
-        Some(r) => {
-            if r.dims() != [b, co, oh, ow] {
-                return None;
-            }
-            Dense::of(r)?.slice().to_vec()
+    // The output starts as bias (+ residual); the gemm adds the convolution to it. A residual
+    // nothing else holds (the resnet's skip, usually) is added to in place.
+    if let Some(r) = residual.as_ref() {
+        if r.dims() != [b, co, oh, ow] || flex_f32(r).is_none() {
+            return None;
         }
-        None => vec![0f32; b * co * p],
+    }
+    let mut out_t = match residual.take() {
+        Some(r) => {
+            let t = r.try_into_primitive::<Flex>().ok()?;
+            let whole = t.layout().contiguous_offsets() == Some((0, b * co * p))
+                && t.storage::<f32>().len() == b * co * p;
+            if t.is_unique() && whole {
+                t
+            } else {
+                FlexTensor::new(
+                    Bytes::from_elems(Dense::new(t).slice().to_vec()),
+                    Layout::contiguous(Shape::from(vec![b, co, oh, ow])),
+                    DType::F32,
+                )
+            }
+        }
+        None => FlexTensor::zeros(Shape::from(vec![b, co, oh, ow]), DType::F32),
     };
+    let out = out_t.storage_mut::<f32>();
     let bias = bd.slice();
     out.par_chunks_mut(p).enumerate().for_each(|(i, plane)| {
         let bv = bias[i % co];
@@ -73,7 +91,7 @@ pub fn conv2d(
     let by_spread = (b * p).div_ceil(4 * threads).max(16);
     let tile = (by_cache.min(by_spread) + 15) / 16 * 16;
     let tiles = p.div_ceil(tile);
-    let dst = SendPtr::new(&mut out);
+    let dst = SendPtr::new(out);
 
     (0..b * tiles).into_par_iter().for_each_init(Vec::new, |col, task| {
         let (bi, t) = (task / tiles, task % tiles);
@@ -113,7 +131,7 @@ pub fn conv2d(
             );
         }
     });
-    Some(tensor(out, [b, co, oh, ow]))
+    Some(Tensor::from_primitive::<Flex>(out_t))
 }
 
 /// Columns `p0..p0 + n` of the im2col matrix `[ci * kh * kw, n]` (row `(c, ky, kx)` holds the
@@ -150,33 +168,41 @@ fn im2col(
                         seg.fill(0.0);
                     } else {
                         let src = &plane[(iy as usize / up) * w..(iy as usize / up + 1) * w];
-                        if s == 1 && up == 1 {
-                            // ix = ox0 + j + kx - pt: one copy between the padded ends.
-                            let shift = (ox0 + kx) as isize - pt as isize;
-                            let lo = (-shift).clamp(0, len as isize) as usize;
-                            let hi = (w as isize - shift).clamp(lo as isize, len as isize) as usize;
-                            seg[..lo].fill(0.0);
-                            seg[lo..hi].copy_from_slice(
-                                &src[(lo as isize + shift) as usize..(hi as isize + shift) as usize],
-                            );
-                            seg[hi..].fill(0.0);
-                            p += len;
-                            i += len;
-                            continue;
+                        // ix(j) = j * s + shift; the taps inside the image are j in lo..hi.
+                        let shift = (ox0 * s + kx) as isize - pt as isize;
+                        let si = s as isize;
+                        let lo = (((-shift).max(0) + si - 1) / si).min(len as isize) as usize;
+                        let hi = ((vw - shift).max(0) + si - 1) / si;
+                        let hi = hi.clamp(lo as isize, len as isize) as usize;
+                        seg[..lo].fill(0.0);
+                        let inside = &mut seg[lo..hi];
+                        let first = lo as isize * si + shift;
+                        match (s, up) {
+                            (1, 1) => inside.copy_from_slice(
+                                &src[first as usize..first as usize + inside.len()],
+                            ),
+                            (1, 2) => gather::<1, 2>(inside, src, first as usize),
+                            (2, 1) => gather::<2, 1>(inside, src, first as usize),
+                            _ => {
+                                for (j, v) in inside.iter_mut().enumerate() {
+                                    *v = src[(first as usize + j * s) / up];
+                                }
+                            }
                         }
-                        for (j, v) in seg.iter_mut().enumerate() {
-                            let ix = ((ox0 + j) * s + kx) as isize - pt as isize;
-                            *v = if ix < 0 || ix >= vw {
-                                0.0
-                            } else {
-                                src[ix as usize / up]
-                            };
-                        }
+                        seg[hi..].fill(0.0);
                     }
                     p += len;
                     i += len;
                 }
             }
         }
+    }
+}
+
+/// `dst[j] = src[(first + j * S) / UP]`, monomorphised so the index arithmetic is shifts.
+#[inline(always)]
+fn gather<const S: usize, const UP: usize>(dst: &mut [f32], src: &[f32], first: usize) {
+    for (j, v) in dst.iter_mut().enumerate() {
+        *v = src[(first + j * S) / UP];
     }
 }

@@ -242,3 +242,44 @@ pub fn rms_norm<const N: usize>(x: &Tensor<N>, w: &Tensor<1>, eps: f64) -> Optio
         });
     Some(tensor(out, dims))
 }
+
+#[inline(always)]
+fn modulate_row_body<const FMA: bool>(
+    x: &[f32],
+    shift: &[f32],
+    scale: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
+    let n = x.len() as f64;
+    let mean = (sum_body::<FMA>(x) / n) as f32;
+    let rstd = 1.0 / ((sq_dev_body::<FMA>(x, mean) / n) as f32 + eps).sqrt();
+    for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
+        *o = fmadd::<FMA>((v - mean) * rstd, 1.0 + sc, sh);
+    }
+}
+dispatch!(fn modulate_row(x: &[f32], shift: &[f32], scale: &[f32], eps: f32, out: &mut [f32]) => modulate_row_body);
+
+/// The transformer's modulation `layer_norm(x) * (1 + scale) + shift` (no affine parameters in
+/// the norm; `shift`/`scale` `[B, 1, C]`, one row per batch entry) in one pass per row, for
+/// any batch size. `None` unless f32 CPU tensors.
+pub fn modulate(x: &Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f64) -> Option<Tensor<3>> {
+    let (xd, shd, scd) = (Dense::of(x)?, Dense::of(shift)?, Dense::of(scale)?);
+    let [b, s, c] = x.dims();
+    if shift.dims() != [b, 1, c] || scale.dims() != [b, 1, c] {
+        return None;
+    }
+    let (xs, sh, sc) = (xd.slice(), shd.slice(), scd.slice());
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(c * 16)
+        .zip(xs.par_chunks(c * 16))
+        .enumerate()
+        .for_each(|(chunk, (o, src))| {
+            for (i, (orow, srow)) in o.chunks_mut(c).zip(src.chunks(c)).enumerate() {
+                let bi = (chunk * 16 + i) / s;
+                let row = bi * c..(bi + 1) * c;
+                modulate_row(srow, &sh[row.clone()], &sc[row], eps as f32, orow);
+            }
+        });
+    Some(tensor(out, [b, s, c]))
+}

@@ -53,18 +53,18 @@ pub fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `e^x` for f32, branch-free so that loops over it vectorise: Cephes' `expf` (range reduction
-/// by ln 2 in two parts, a degree-6 polynomial, the exponent put in by bit arithmetic); within 2
-/// ulp of `f32::exp` over [-87, 88]. Below -87.3 it returns e^-87.3 (about 1.2e-38) rather than
-/// a denormal or 0, which no caller can tell apart after adding 1 or dividing a sum by it; above
-/// 88.3 it returns e^88.3.
+/// `e^x` for f32, branch-free and without float-to-int casts (which LLVM does one lane at a
+/// time) so that loops over it vectorise: Cephes' `expf` (range reduction by ln 2 in two parts,
+/// a degree-6 polynomial), with `n = round(x / ln 2)` and `2^n` both taken from the bits of
+/// `x / ln 2 + 1.5 * 2^23` (whose low mantissa bits hold `n`). Within 2 ulp of `f32::exp` over
+/// [-87, 88]. Below -87.3 it returns e^-87.3 (about 1.2e-38) rather than a denormal or 0, which
+/// no caller can tell apart after adding 1 or dividing a sum by it; above 88.3 it returns e^88.3.
 #[inline(always)]
 pub fn exp<const FMA: bool>(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     let x = x.clamp(-87.3, 88.3);
-    let fx = fmadd::<FMA>(x, std::f32::consts::LOG2_E, 0.5);
-    // floor(fx) without a library call: truncate, then step down where that rounded up.
-    let t = fx as i32 as f32;
-    let n = if t > fx { t - 1.0 } else { t };
+    let k = fmadd::<FMA>(x, std::f32::consts::LOG2_E, MAGIC);
+    let n = k - MAGIC;
     let r = fmadd::<FMA>(n, -0.693_359_4, x);
     let r = fmadd::<FMA>(n, 2.121_944_4e-4, r);
     let mut p = 1.987_569_1e-4f32;
@@ -74,8 +74,8 @@ pub fn exp<const FMA: bool>(x: f32) -> f32 {
     p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
     p = fmadd::<FMA>(p, r, 5.000_000_1e-1);
     let y = fmadd::<FMA>(p, r * r, r) + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    y * scale
+    let n_bits = k.to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// SiLU, `x / (1 + e^-x)`.

@@ -97,7 +97,10 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
             upsample: up,
         };
         let r = rand(want.dims());
-        let got = conv::conv2d(&x, &w, &bias, geometry, res.then_some(&r)).expect("f32 cpu");
+        // The 3x3 case adds to a residual nothing else holds (in place), the 1x1 case to a shared one.
+        let mut residual = res.then(|| if k == 3 { Tensor::from_data(r.to_data(), &Device::flex()) } else { r.clone() });
+        let got = conv::conv2d(&x, &w, &bias, geometry, &mut residual).expect("f32 cpu");
+        assert!(residual.is_none());
         let want = if res { want.add(r) } else { want };
         let d = max_diff(got, want);
         assert!(d < 1e-4, "conv {ci}->{co} k{k} s{s} {pad:?} up{up}: {d}");
@@ -166,4 +169,22 @@ fn other_dtypes_are_left_to_burn() {
     let x = rand([2, 4, 6]).cast(burn::tensor::FloatDType::F16);
     assert!(elementwise::silu(&x).is_none());
     assert!(flex_f32(&x).is_none());
+}
+
+#[test]
+fn modulate_matches_burn_for_a_batch_of_two() {
+    let (x, shift, scale) = (
+        rand([2, 21, 40]).mul_scalar(2.0).add_scalar(0.7),
+        rand([2, 1, 40]),
+        rand([2, 1, 40]),
+    );
+    let got = norm::modulate(&x, &shift, &scale, 1e-6).expect("f32 cpu");
+    let mean = x.clone().mean_dim(2);
+    let var = x.clone().sub(mean.clone()).square().mean_dim(2);
+    let want = x
+        .sub(mean)
+        .div(var.add_scalar(1e-6).sqrt())
+        .mul(scale.add_scalar(1.0))
+        .add(shift);
+    assert!(max_diff(got, want) < 1e-5);
 }
