@@ -4,7 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
-pub mod cpu;
+mod cpu;
 pub mod device;
 pub mod error;
 pub mod hub;

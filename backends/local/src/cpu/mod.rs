@@ -20,9 +20,10 @@ pub mod simd;
 use burn::tensor::{Bytes, DType, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor, Layout};
 
-/// The flex tensor under `t` when `t` is an f32 tensor on the CPU backend (an O(1) clone).
+/// The flex tensor under `t` when `t` is a non-empty f32 tensor on the CPU backend (an O(1)
+/// clone). Empty tensors are left to burn: the kernels' chunking assumes every dimension > 0.
 pub fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
-    if t.dtype() != DType::F32 {
+    if t.dtype() != DType::F32 || t.dims().contains(&0) {
         return None;
     }
     t.clone().try_into_primitive::<Flex>().ok()
