@@ -84,6 +84,7 @@ pub fn conv2d(
 
     let (xs, ws) = (xd.slice(), wd.slice());
     let direct = kh == 1 && kw == 1 && s == 1 && pt == 0 && pb == 0 && up == 1;
+    let dst = SendPtr::new(out);
     // Columns per tile: a multiple of 16 (gemm's register tiles) near TILE_BYTES, and enough
     // tiles that every thread gets several.
     let threads = rayon::current_num_threads().max(1);
@@ -91,7 +92,6 @@ pub fn conv2d(
     let by_spread = (b * p).div_ceil(4 * threads).max(16);
     let tile = (by_cache.min(by_spread) + 15) / 16 * 16;
     let tiles = p.div_ceil(tile);
-    let dst = SendPtr::new(out);
 
     (0..b * tiles).into_par_iter().for_each_init(Vec::new, |col, task| {
         let (bi, t) = (task / tiles, task % tiles);
@@ -168,34 +168,57 @@ fn im2col(
                         seg.fill(0.0);
                     } else {
                         let src = &plane[(iy as usize / up) * w..(iy as usize / up + 1) * w];
-                        // ix(j) = j * s + shift; the taps inside the image are j in lo..hi.
-                        let shift = (ox0 * s + kx) as isize - pt as isize;
-                        let si = s as isize;
-                        let lo = (((-shift).max(0) + si - 1) / si).min(len as isize) as usize;
-                        let hi = ((vw - shift).max(0) + si - 1) / si;
-                        let hi = hi.clamp(lo as isize, len as isize) as usize;
-                        seg[..lo].fill(0.0);
-                        let inside = &mut seg[lo..hi];
-                        let first = lo as isize * si + shift;
-                        match (s, up) {
-                            (1, 1) => inside.copy_from_slice(
-                                &src[first as usize..first as usize + inside.len()],
-                            ),
-                            (1, 2) => gather::<1, 2>(inside, src, first as usize),
-                            (2, 1) => gather::<2, 1>(inside, src, first as usize),
-                            _ => {
-                                for (j, v) in inside.iter_mut().enumerate() {
-                                    *v = src[(first as usize + j * s) / up];
-                                }
-                            }
-                        }
-                        seg[hi..].fill(0.0);
+                        tap_row(seg, src, (ox0 * s + kx) as isize - pt as isize, s, up, vw);
                     }
                     p += len;
                     i += len;
                 }
             }
         }
+    }
+}
+
+/// One row segment of taps: `seg[j]` = the (virtual, `up`-times upsampled) input row `src` at
+/// `j * s + shift`, zero outside `0..vw`.
+fn tap_row(seg: &mut [f32], src: &[f32], shift: isize, s: usize, up: usize, vw: isize) {
+    let len = seg.len();
+    // ix(j) = j * s + shift; the taps inside the image are j in lo..hi.
+    let si = s as isize;
+    let lo = (((-shift).max(0) + si - 1) / si).min(len as isize) as usize;
+    let hi = ((vw - shift).max(0) + si - 1) / si;
+    let hi = hi.clamp(lo as isize, len as isize) as usize;
+    seg[..lo].fill(0.0);
+    let inside = &mut seg[lo..hi];
+    let first = (lo as isize * si + shift) as usize;
+    match (s, up) {
+        (1, 1) => inside.copy_from_slice(&src[first..first + inside.len()]),
+        (1, 2) => dup2(inside, src, first),
+        (2, 1) => gather::<2, 1>(inside, src, first),
+        _ => {
+            for (j, v) in inside.iter_mut().enumerate() {
+                *v = src[(first + j * s) / up];
+            }
+        }
+    }
+    seg[hi..].fill(0.0);
+}
+
+/// `dst[j] = src[(first + j) / 2]`: each value twice, in pairs.
+fn dup2(dst: &mut [f32], src: &[f32], first: usize) {
+    let (mut j, mut at) = (0, first / 2);
+    if first % 2 == 1 && !dst.is_empty() {
+        dst[0] = src[at];
+        (j, at) = (1, at + 1);
+    }
+    let body = &mut dst[j..];
+    let pairs = body.len() / 2;
+    for (pair, &v) in body.chunks_exact_mut(2).zip(&src[at..at + pairs]) {
+        pair[0] = v;
+        pair[1] = v;
+    }
+    if body.len() % 2 == 1 {
+        let last = body.len() - 1;
+        body[last] = src[at + pairs];
     }
 }
 
