@@ -215,17 +215,19 @@ impl Conv {
     }
 
     /// The convolution of `x` upsampled x2 by nearest neighbour (the decoder's upsamplers): on
-    /// the CPU in f32 read through, elsewhere materialised first.
+    /// the CPU in f32 as four 2x2 convolutions of `x` (a 3x3 kernel, see
+    /// [`cpu::conv::conv_up2_3x3`]) or read through, elsewhere materialised first.
     pub fn forward_up2(&self, x: Tensor<4>) -> Tensor<4> {
         self.run(x, 2, None)
     }
 
     fn run(&self, x: Tensor<4>, upsample: usize, mut residual: Option<Tensor<4>>) -> Tensor<4> {
-        let geometry = cpu::conv::Geometry {
-            stride: self.stride,
-            pad: self.pad,
-            upsample,
-        };
+        if upsample == 2 && self.stride == 1 && self.pad == (1, 1) && residual.is_none() {
+            if let Some(y) = cpu::conv::conv_up2_3x3(&x, &self.weight, &self.bias) {
+                return y;
+            }
+        }
+        let geometry = cpu::conv::Geometry::new(self.stride, self.pad, upsample);
         // The kernel takes the residual (and adds to it in place when nothing else holds it)
         // only when it runs; otherwise it is left here for the burn path.
         if let Some(y) = cpu::conv::conv2d(&x, &self.weight, &self.bias, geometry, &mut residual) {

@@ -16,13 +16,30 @@ use burn_flex::{Flex, FlexTensor, Layout};
 
 use super::{flex_f32, Dense, SendPtr};
 
-/// A convolution's geometry: kernel `k x k`, `stride`, padding (top/left, bottom/right), and an
-/// integer nearest-neighbour upsampling of the input first (1 = none).
+/// A convolution's geometry: `stride`, padding (top/left, bottom/right), and an integer
+/// nearest-neighbour upsampling of the input first (1 = none). `pad_x`, when given, pads the
+/// width differently (left, right) from the height.
 #[derive(Clone, Copy, Debug)]
 pub struct Geometry {
     pub stride: usize,
     pub pad: (usize, usize),
     pub upsample: usize,
+    pub pad_x: Option<(usize, usize)>,
+}
+
+impl Geometry {
+    pub fn new(stride: usize, pad: (usize, usize), upsample: usize) -> Self {
+        Geometry {
+            stride,
+            pad,
+            upsample,
+            pad_x: None,
+        }
+    }
+
+    fn pads(&self) -> ((usize, usize), (usize, usize)) {
+        (self.pad, self.pad_x.unwrap_or(self.pad))
+    }
 }
 
 /// Bytes of im2col columns one task builds before its gemm: about half this CPU's L2.
@@ -41,13 +58,14 @@ pub fn conv2d(
     let (xd, wd, bd) = (Dense::of(x)?, Dense::of(w)?, Dense::of(bias)?);
     let [b, ci, h, wi] = x.dims();
     let [co, wci, kh, kw] = w.dims();
-    let (s, (pt, pb), up) = (g.stride, g.pad, g.upsample.max(1));
+    let (s, up) = (g.stride, g.upsample.max(1));
+    let ((pt, pb), (pl, pr)) = g.pads();
     let (vh, vw) = (h * up, wi * up);
-    if wci != ci || s == 0 || vh + pt + pb < kh || vw + pt + pb < kw {
+    if wci != ci || s == 0 || vh + pt + pb < kh || vw + pl + pr < kw {
         return None;
     }
     let oh = (vh + pt + pb - kh) / s + 1;
-    let ow = (vw + pt + pb - kw) / s + 1;
+    let ow = (vw + pl + pr - kw) / s + 1;
     let p = oh * ow;
     let k = ci * kh * kw;
 
@@ -83,7 +101,7 @@ pub fn conv2d(
     });
 
     let (xs, ws) = (xd.slice(), wd.slice());
-    let direct = kh == 1 && kw == 1 && s == 1 && pt == 0 && pb == 0 && up == 1;
+    let direct = kh == 1 && kw == 1 && s == 1 && pt + pb + pl + pr == 0 && up == 1;
     let dst = SendPtr::new(out);
     // Columns per tile: a multiple of 16 (gemm's register tiles) near TILE_BYTES, and enough
     // tiles that every thread gets several.
@@ -134,6 +152,80 @@ pub fn conv2d(
     Some(Tensor::from_primitive::<Flex>(out_t))
 }
 
+/// The decoder's upsampler, nearest-neighbour x2 then a 3x3 convolution (stride 1, padding 1),
+/// as four 2x2 convolutions of the low-resolution input, one per output pixel parity (dy, dx):
+/// the upsampled image repeats each input pixel in a 2x2 block, so of the 3x3 taps of an output
+/// pixel those that land on the same input pixel can be summed into one weight first. 4/9 of the
+/// multiply-adds of convolving the upsampled image; the same sums in another order. `None`
+/// unless f32 CPU tensors and a 3x3 kernel.
+pub fn conv_up2_3x3(x: &Tensor<4>, w: &Tensor<4>, bias: &Tensor<1>) -> Option<Tensor<4>> {
+    let (wd, bd) = (Dense::of(w)?, Dense::of(bias)?);
+    let [b, ci, h, wi] = x.dims();
+    let [co, wci, kh, kw] = w.dims();
+    if wci != ci || kh != 3 || kw != 3 || flex_f32(x).is_none() {
+        return None;
+    }
+    let ws = wd.slice();
+    // Along one axis, output parity 0 reads input offsets (-1, 0) through taps ({0}, {1, 2});
+    // parity 1 reads (0, +1) through ({0, 1}, {2}).
+    let taps = |parity: usize, r: usize| -> &'static [usize] {
+        match (parity, r) {
+            (0, 0) => &[0],
+            (0, _) => &[1, 2],
+            (_, 0) => &[0, 1],
+            _ => &[2],
+        }
+    };
+    let zero = super::tensor(vec![0f32; co], [co]);
+    let mut parts = Vec::with_capacity(4);
+    for dy in 0..2 {
+        for dx in 0..2 {
+            let mut wc = vec![0f32; co * ci * 4];
+            for oc in 0..co {
+                for c in 0..ci {
+                    let src = &ws[(oc * ci + c) * 9..(oc * ci + c + 1) * 9];
+                    for r in 0..2 {
+                        for q in 0..2 {
+                            let mut sum = 0f32;
+                            for &ky in taps(dy, r) {
+                                for &kx in taps(dx, q) {
+                                    sum += src[ky * 3 + kx];
+                                }
+                            }
+                            wc[((oc * ci + c) * 2 + r) * 2 + q] = sum;
+                        }
+                    }
+                }
+            }
+            let wc = super::tensor(wc, [co, ci, 2, 2]);
+            let g = Geometry {
+                stride: 1,
+                pad: (1 - dy, dy),
+                upsample: 1,
+                pad_x: Some((1 - dx, dx)),
+            };
+            parts.push(Dense::of(&conv2d(x, &wc, &zero, g, &mut None)?)?);
+        }
+    }
+    let bias = bd.slice();
+    let (oh, ow) = (2 * h, 2 * wi);
+    let mut out = vec![0f32; b * co * oh * ow];
+    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
+        let bv = bias[plane % co];
+        for (pi, part) in parts.iter().enumerate() {
+            let (dy, dx) = (pi / 2, pi % 2);
+            let src = &part.slice()[plane * h * wi..(plane + 1) * h * wi];
+            for i in 0..h {
+                let row = &mut o[(2 * i + dy) * ow..(2 * i + dy + 1) * ow];
+                for (j, &v) in src[i * wi..(i + 1) * wi].iter().enumerate() {
+                    row[2 * j + dx] = v + bv;
+                }
+            }
+        }
+    });
+    Some(super::tensor(out, [b, co, oh, ow]))
+}
+
 /// Columns `p0..p0 + n` of the im2col matrix `[ci * kh * kw, n]` (row `(c, ky, kx)` holds the
 /// input value each output pixel sees through that tap; zero in the padding).
 #[allow(clippy::too_many_arguments)]
@@ -147,7 +239,8 @@ fn im2col(
     p0: usize,
     n: usize,
 ) {
-    let (s, (pt, _), up) = (g.stride, g.pad, g.upsample.max(1));
+    let (s, up) = (g.stride, g.upsample.max(1));
+    let ((pt, _), (pl, _)) = g.pads();
     let (vh, vw) = ((h * up) as isize, (w * up) as isize);
     let mut row = 0;
     for c in 0..ci {
@@ -168,7 +261,7 @@ fn im2col(
                         seg.fill(0.0);
                     } else {
                         let src = &plane[(iy as usize / up) * w..(iy as usize / up + 1) * w];
-                        tap_row(seg, src, (ox0 * s + kx) as isize - pt as isize, s, up, vw);
+                        tap_row(seg, src, (ox0 * s + kx) as isize - pl as isize, s, up, vw);
                     }
                     p += len;
                     i += len;

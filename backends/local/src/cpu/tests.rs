@@ -94,11 +94,8 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
             Some(bias.clone()),
             ConvOptions::new_with_padding([s; 2], [pad; 2], [1, 1], 1),
         );
-        let geometry = conv::Geometry {
-            stride: s,
-            pad,
-            upsample: up,
-        };
+        let geometry = conv::Geometry::new(s, pad, up);
+        let want_plain = want.clone();
         let r = rand(want.dims());
         // The 3x3 case adds to a residual nothing else holds (in place), the 1x1 case to a shared one.
         let mut residual = res.then(|| if k == 3 { Tensor::from_data(r.to_data(), &Device::flex()) } else { r.clone() });
@@ -107,6 +104,11 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
         let want = if res { want.add(r) } else { want };
         let d = max_diff(got, want);
         assert!(d < 1e-4, "conv {ci}->{co} k{k} s{s} {pad:?} up{up}: {d}");
+        if up == 2 && k == 3 {
+            let got = conv::conv_up2_3x3(&x, &w, &bias).expect("3x3 on f32 cpu");
+            let d = max_diff(got, want_plain.clone());
+            assert!(d < 1e-4, "the four 2x2 convolutions of the x2 upsampler: {d}");
+        }
     }
 }
 
