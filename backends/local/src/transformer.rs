@@ -204,7 +204,13 @@ struct Stream<'a> {
 /// q, k and v are each normed, rotated and laid out in one pass from the projections' slices
 /// ([`crate::cpu::norm::join_heads`]) and attention writes its rows in this output's layout;
 /// otherwise burn's ops (norm, cat, RoPE, attention, transpose).
-fn joint_attention(streams: &[Stream<'_>], rope: &Rope, nh: usize, hd: usize, eps: f64) -> Tensor<3> {
+fn joint_attention(
+    streams: &[Stream<'_>],
+    rope: &Rope,
+    nh: usize,
+    hd: usize,
+    eps: f64,
+) -> Tensor<3> {
     use crate::cpu::norm::{join_heads, Part, RopeTables};
     let split = |t: &Tensor<3>| heads(t.clone(), nh, hd);
     let (qs, ks, vs): (Vec<_>, Vec<_>, Vec<_>) = (
@@ -422,10 +428,7 @@ impl SingleBlock {
         };
         let mlp = next();
         let a = joint_attention(&[stream], rope, nh, hd, eps);
-        let out = lin(
-            Tensor::cat(vec![a, swiglu(mlp)], 2),
-            &self.to_out,
-        );
+        let out = lin(Tensor::cat(vec![a, swiglu(mlp)], 2), &self.to_out);
         clip_f16(ms.gated_add(h, out))
     }
 }

@@ -26,9 +26,10 @@ fn softmax_body<const FMA: bool>(row: &mut [f32]) -> f32 {
             m[i] = m[i].max(c[i]);
         }
     }
-    let max = rest.iter().fold(m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| {
-        a.max(b)
-    });
+    let max = rest.iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
     let mut acc = [0f32; 8];
     let mut chunks = row.chunks_exact_mut(8);
     for c in &mut chunks {

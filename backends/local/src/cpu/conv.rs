@@ -108,47 +108,49 @@ pub fn conv2d(
     let threads = rayon::current_num_threads().max(1);
     let by_cache = (TILE_BYTES / 4 / k).max(16);
     let by_spread = (b * p).div_ceil(4 * threads).max(16);
-    let tile = (by_cache.min(by_spread) + 15) / 16 * 16;
+    let tile = by_cache.min(by_spread).div_ceil(16) * 16;
     let tiles = p.div_ceil(tile);
 
-    (0..b * tiles).into_par_iter().for_each_init(Vec::new, |col, task| {
-        let (bi, t) = (task / tiles, task % tiles);
-        let p0 = t * tile;
-        let n = tile.min(p - p0);
-        let x_b = &xs[bi * ci * h * wi..(bi + 1) * ci * h * wi];
-        let (rhs, rhs_rs) = if direct {
-            (x_b[p0..].as_ptr(), p as isize)
-        } else {
-            col.resize(k * n, 0.0);
-            im2col(col, x_b, (ci, h, wi), (kh, kw), (oh, ow), g, p0, n);
-            (col.as_ptr(), n as isize)
-        };
-        // SAFETY: columns p0..p0 + n of image bi's output planes belong to this task alone;
-        // the operands are in bounds by the shapes checked above.
-        unsafe {
-            gemm::gemm(
-                co,
-                n,
-                k,
-                dst.at(bi * co * p + p0),
-                1,
-                p as isize,
-                true,
-                ws.as_ptr(),
-                1,
-                k as isize,
-                rhs,
-                1,
-                rhs_rs,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+    (0..b * tiles)
+        .into_par_iter()
+        .for_each_init(Vec::new, |col, task| {
+            let (bi, t) = (task / tiles, task % tiles);
+            let p0 = t * tile;
+            let n = tile.min(p - p0);
+            let x_b = &xs[bi * ci * h * wi..(bi + 1) * ci * h * wi];
+            let (rhs, rhs_rs) = if direct {
+                (x_b[p0..].as_ptr(), p as isize)
+            } else {
+                col.resize(k * n, 0.0);
+                im2col(col, x_b, (ci, h, wi), (kh, kw), (oh, ow), g, p0, n);
+                (col.as_ptr(), n as isize)
+            };
+            // SAFETY: columns p0..p0 + n of image bi's output planes belong to this task alone;
+            // the operands are in bounds by the shapes checked above.
+            unsafe {
+                gemm::gemm(
+                    co,
+                    n,
+                    k,
+                    dst.at(bi * co * p + p0),
+                    1,
+                    p as isize,
+                    true,
+                    ws.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs,
+                    1,
+                    rhs_rs,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
     Some(Tensor::from_primitive::<Flex>(out_t))
 }
 
@@ -210,19 +212,21 @@ pub fn conv_up2_3x3(x: &Tensor<4>, w: &Tensor<4>, bias: &Tensor<1>) -> Option<Te
     let bias = bd.slice();
     let (oh, ow) = (2 * h, 2 * wi);
     let mut out = vec![0f32; b * co * oh * ow];
-    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
-        let bv = bias[plane % co];
-        for (pi, part) in parts.iter().enumerate() {
-            let (dy, dx) = (pi / 2, pi % 2);
-            let src = &part.slice()[plane * h * wi..(plane + 1) * h * wi];
-            for i in 0..h {
-                let row = &mut o[(2 * i + dy) * ow..(2 * i + dy + 1) * ow];
-                for (j, &v) in src[i * wi..(i + 1) * wi].iter().enumerate() {
-                    row[2 * j + dx] = v + bv;
+    out.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(plane, o)| {
+            let bv = bias[plane % co];
+            for (pi, part) in parts.iter().enumerate() {
+                let (dy, dx) = (pi / 2, pi % 2);
+                let src = &part.slice()[plane * h * wi..(plane + 1) * h * wi];
+                for i in 0..h {
+                    let row = &mut o[(2 * i + dy) * ow..(2 * i + dy + 1) * ow];
+                    for (j, &v) in src[i * wi..(i + 1) * wi].iter().enumerate() {
+                        row[2 * j + dx] = v + bv;
+                    }
                 }
             }
-        }
-    });
+        });
     Some(super::tensor(out, [b, co, oh, ow]))
 }
 

@@ -157,7 +157,11 @@ pub struct RopeTables<'a> {
 /// normed and rotated as asked (`rope` rows follow the joint sequence). The transformer's q and
 /// k (RMS norm, RoPE, text then image) and v (text then image) in one pass each. `None` unless
 /// every tensor is an f32 CPU tensor with unit last stride.
-pub fn join_heads(parts: &[Part<'_>], rope: Option<&RopeTables<'_>>, eps: f64) -> Option<Tensor<4>> {
+pub fn join_heads(
+    parts: &[Part<'_>],
+    rope: Option<&RopeTables<'_>>,
+    eps: f64,
+) -> Option<Tensor<4>> {
     let [b, _, h, d] = parts.first()?.x.dims();
     let views = parts
         .iter()
@@ -211,10 +215,7 @@ pub fn join_heads(parts: &[Part<'_>], rope: Option<&RopeTables<'_>>, eps: f64) -
                 let src = off + bi * st[0] + si * st[1] + hi * st[2];
                 // SAFETY: row (bi, pos, hi) of `out` is written by this task only.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        ptr.at(((bi * total + pos) * h + hi) * d),
-                        d,
-                    )
+                    std::slice::from_raw_parts_mut(ptr.at(((bi * total + pos) * h + hi) * d), d)
                 };
                 prep_row(&data[src..src + d], w, eps as f32, rope, dst);
             }
@@ -263,7 +264,12 @@ dispatch!(fn modulate_row(x: &[f32], shift: &[f32], scale: &[f32], eps: f32, out
 /// The transformer's modulation `layer_norm(x) * (1 + scale) + shift` (no affine parameters in
 /// the norm; `shift`/`scale` `[B, 1, C]`, one row per batch entry) in one pass per row, for
 /// any batch size. `None` unless f32 CPU tensors.
-pub fn modulate(x: &Tensor<3>, shift: &Tensor<3>, scale: &Tensor<3>, eps: f64) -> Option<Tensor<3>> {
+pub fn modulate(
+    x: &Tensor<3>,
+    shift: &Tensor<3>,
+    scale: &Tensor<3>,
+    eps: f64,
+) -> Option<Tensor<3>> {
     let (xd, shd, scd) = (Dense::of(x)?, Dense::of(shift)?, Dense::of(scale)?);
     let [b, s, c] = x.dims();
     if shift.dims() != [b, 1, c] || scale.dims() != [b, 1, c] {

@@ -19,7 +19,6 @@ fn max_diff<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
     got.sub(want).abs().div(scale).max().into_scalar::<f32>()
 }
 
-
 #[test]
 fn silu_and_swiglu_match_burn() {
     let x = rand([3, 37, 2 * 77]).mul_scalar(6.0);
@@ -49,9 +48,7 @@ fn group_norm_with_and_without_silu_matches_burn() {
     let (b, c, h, w, groups) = (2, 12, 9, 11, 4);
     let x = rand([b, c, h, w]).mul_scalar(3.0).add_scalar(1.5);
     let (gamma, beta) = (rand([c]), rand([c]));
-    let normed = x
-        .clone()
-        .reshape([b, groups, c / groups * h * w]);
+    let normed = x.clone().reshape([b, groups, c / groups * h * w]);
     let mean = normed.clone().mean_dim(2);
     let var = normed.clone().sub(mean.clone()).square().mean_dim(2);
     let want = normed
@@ -98,7 +95,13 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
         let want_plain = want.clone();
         let r = rand(want.dims());
         // The 3x3 case adds to a residual nothing else holds (in place), the 1x1 case to a shared one.
-        let mut residual = res.then(|| if k == 3 { Tensor::from_data(r.to_data(), &Device::flex()) } else { r.clone() });
+        let mut residual = res.then(|| {
+            if k == 3 {
+                Tensor::from_data(r.to_data(), &Device::flex())
+            } else {
+                r.clone()
+            }
+        });
         let got = conv::conv2d(&x, &w, &bias, geometry, &mut residual).expect("f32 cpu");
         assert!(residual.is_none());
         let want = if res { want.add(r) } else { want };
@@ -107,7 +110,10 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
         if up == 2 && k == 3 {
             let got = conv::conv_up2_3x3(&x, &w, &bias).expect("3x3 on f32 cpu");
             let d = max_diff(got, want_plain.clone());
-            assert!(d < 1e-4, "the four 2x2 convolutions of the x2 upsampler: {d}");
+            assert!(
+                d < 1e-4,
+                "the four 2x2 convolutions of the x2 upsampler: {d}"
+            );
         }
     }
 }
@@ -154,7 +160,13 @@ fn joined_heads_are_normed_rotated_and_in_sequence_order() {
     )
     .expect("f32 cpu");
     let rms = |x: Tensor<4>, w: &Tensor<1>| {
-        let inv = x.clone().square().mean_dim(3).add_scalar(1e-6).sqrt().recip();
+        let inv = x
+            .clone()
+            .square()
+            .mean_dim(3)
+            .add_scalar(1e-6)
+            .sqrt()
+            .recip();
         x.mul(inv).mul(w.clone().reshape([1, 1, 1, d]))
     };
     let joint = Tensor::cat(vec![rms(txt, &wt), rms(img, &wi)], 1);
