@@ -58,6 +58,9 @@ pub fn conv2d(
     let (xd, wd, bd) = (Dense::of(x)?, Dense::of(w)?, Dense::of(bias)?);
     let [b, ci, h, wi] = x.dims();
     let [co, wci, kh, kw] = w.dims();
+    if bias.dims() != [co] {
+        return None;
+    }
     let (s, up) = (g.stride, g.upsample.max(1));
     let ((pt, pb), (pl, pr)) = g.pads();
     let (vh, vw) = (h * up, wi * up);
@@ -164,7 +167,7 @@ pub fn conv_up2_3x3(x: &Tensor<4>, w: &Tensor<4>, bias: &Tensor<1>) -> Option<Te
     let (wd, bd) = (Dense::of(w)?, Dense::of(bias)?);
     let [b, ci, h, wi] = x.dims();
     let [co, wci, kh, kw] = w.dims();
-    if wci != ci || kh != 3 || kw != 3 || flex_f32(x).is_none() {
+    if wci != ci || kh != 3 || kw != 3 || bias.dims() != [co] || flex_f32(x).is_none() {
         return None;
     }
     let ws = wd.slice();
@@ -284,6 +287,12 @@ fn tap_row(seg: &mut [f32], src: &[f32], shift: isize, s: usize, up: usize, vw: 
     let lo = (((-shift).max(0) + si - 1) / si).min(len as isize) as usize;
     let hi = ((vw - shift).max(0) + si - 1) / si;
     let hi = hi.clamp(lo as isize, len as isize) as usize;
+    if lo == hi {
+        // No tap inside the image (a segment within a wide padding): `first` below would be
+        // out of the row.
+        seg.fill(0.0);
+        return;
+    }
     seg[..lo].fill(0.0);
     let inside = &mut seg[lo..hi];
     let first = (lo as isize * si + shift) as usize;

@@ -8,38 +8,52 @@ use rayon::prelude::*;
 use super::simd::{dispatch, fmadd, silu};
 use super::{flex_f32, tensor, Dense, SendPtr, Strided};
 
-/// The sum of `x`, in eight f32 lanes (so that it vectorises) added up in f64.
+/// Values summed in f32 lanes before the lanes' totals go into the f64 total: short enough that
+/// a lane's f32 total stays precise (a group of a 1024x1024 decode is millions of values).
+const F32_BLOCK: usize = 4096;
+
+/// The sum of `x`: eight f32 lanes (so that it vectorises) per block of [`F32_BLOCK`] values,
+/// the blocks added up in f64.
 #[inline(always)]
 fn sum_body<const FMA: bool>(x: &[f32]) -> f64 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i];
+    let mut total = 0f64;
+    for block in x.chunks(F32_BLOCK) {
+        let mut acc = [0f32; 8];
+        let chunks = block.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..8 {
+                acc[i] += c[i];
+            }
         }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>()
+            + rest.iter().map(|&a| a as f64).sum::<f64>();
     }
-    acc.iter().map(|&a| a as f64).sum::<f64>() + rest.iter().map(|&a| a as f64).sum::<f64>()
+    total
 }
 dispatch!(fn sum(x: &[f32]) -> f64 => sum_body);
 
 /// The sum of `(x - mean)^2`, likewise.
 #[inline(always)]
 fn sq_dev_body<const FMA: bool>(x: &[f32], mean: f32) -> f64 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            let d = c[i] - mean;
-            acc[i] = fmadd::<FMA>(d, d, acc[i]);
+    let mut total = 0f64;
+    for block in x.chunks(F32_BLOCK) {
+        let mut acc = [0f32; 8];
+        let chunks = block.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..8 {
+                let d = c[i] - mean;
+                acc[i] = fmadd::<FMA>(d, d, acc[i]);
+            }
         }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>()
+            + rest
+                .iter()
+                .map(|&a| ((a - mean) as f64).powi(2))
+                .sum::<f64>();
     }
-    acc.iter().map(|&a| a as f64).sum::<f64>()
-        + rest
-            .iter()
-            .map(|&a| ((a - mean) as f64).powi(2))
-            .sum::<f64>()
+    total
 }
 dispatch!(fn sq_dev(x: &[f32], mean: f32) -> f64 => sq_dev_body);
 
@@ -71,6 +85,9 @@ pub fn group_norm(
     let (xd, gd, bd) = (Dense::of(x)?, Dense::of(gamma)?, Dense::of(beta)?);
     let [b, c, h, w] = x.dims();
     if groups == 0 || c % groups != 0 {
+        return None;
+    }
+    if gamma.dims() != [c] || beta.dims() != [c] {
         return None;
     }
     let (cg, hw) = (c / groups, h * w);
@@ -190,10 +207,13 @@ pub fn join_heads(
         starts.push(total);
         total += s;
     }
-    if let Some((c, _)) = &tables {
-        if c.shape() != [total, d] {
+    if let Some((c, sn)) = &tables {
+        if c.shape() != [total, d] || sn.shape() != [total, d] || d % 2 != 0 {
             return None;
         }
+    }
+    if norms.iter().flatten().any(|n| n.slice().len() != d) {
+        return None;
     }
     let mut out = vec![0f32; b * total * h * d];
     let ptr = SendPtr::new(&mut out);

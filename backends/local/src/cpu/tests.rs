@@ -66,15 +66,19 @@ fn group_norm_with_and_without_silu_matches_burn() {
 #[test]
 fn conv_matches_burn_for_every_geometry_the_vae_uses() {
     // (cin, cout, k, stride, pad, upsample, residual)
+    // (cin, cout, k, stride, pad, upsample, residual, input width)
     let cases = [
-        (5, 7, 3, 1, (1, 1), 1, false),
-        (5, 7, 3, 1, (1, 1), 1, true),
-        (6, 6, 3, 2, (0, 1), 1, false),
-        (4, 9, 1, 1, (0, 0), 1, true),
-        (3, 5, 3, 1, (1, 1), 2, false),
+        (5, 7, 3, 1, (1, 1), 1, false, 10),
+        (5, 7, 3, 1, (1, 1), 1, true, 10),
+        (6, 6, 3, 2, (0, 1), 1, false, 10),
+        (4, 9, 1, 1, (0, 0), 1, true, 10),
+        (3, 5, 3, 1, (1, 1), 2, false, 10),
+        // A pad wider than one: a tile that ends one pixel into a row leaves a segment with no
+        // tap inside the image.
+        (2, 3, 5, 1, (2, 2), 1, false, 15),
     ];
-    for (ci, co, k, s, pad, up, res) in cases {
-        let x = rand([2, ci, 13, 10]);
+    for (ci, co, k, s, pad, up, res, width) in cases {
+        let x = rand([2, ci, 13, width]);
         let (w, bias) = (rand([co, ci, k, k]), rand([co]));
         let input = if up == 2 {
             let [b, c, h, wd] = x.dims();
@@ -206,4 +210,41 @@ fn modulate_matches_burn_for_a_batch_of_two() {
         .mul(scale.add_scalar(1.0))
         .add(shift);
     assert!(max_diff(got, want) < 1e-5);
+}
+
+#[test]
+fn rms_norm_matches_burn() {
+    let (x, w) = (rand([3, 7, 24]).mul_scalar(3.0), rand([24]));
+    let got = norm::rms_norm(&x, &w, 1e-6).expect("f32 cpu");
+    let inv = x
+        .clone()
+        .square()
+        .mean_dim(2)
+        .add_scalar(1e-6)
+        .sqrt()
+        .recip();
+    assert!(max_diff(got, x.mul(inv).mul(w.reshape([1, 1, 24]))) < 1e-5);
+}
+
+#[test]
+fn group_norm_statistics_hold_over_a_large_plane() {
+    // One group of 2^20 values 10 +- 0.01: mean 10, variance 1e-4 exactly. Lanes that summed a
+    // whole plane in f32 lose the 0.01s against totals in the millions.
+    let n = 1 << 20;
+    let v: Vec<f32> = (0..n)
+        .map(|i| if i % 2 == 0 { 10.01 } else { 9.99 })
+        .collect();
+    let x = Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(v, [1, 4, 512, 512]),
+        &Device::flex(),
+    );
+    let ones = Tensor::<1>::ones([4], &Device::flex());
+    let zeros = Tensor::<1>::zeros([4], &Device::flex());
+    let got = norm::group_norm(&x, 1, &ones, &zeros, 1e-6, false).expect("f32 cpu");
+    let want = 0.01 / (1e-4f64 + 1e-6).sqrt();
+    let got = got.into_data().to_vec::<f32>().expect("f32");
+    for (i, g) in got.iter().enumerate().step_by(4099) {
+        let w = if i % 2 == 0 { want } else { -want };
+        assert!((*g as f64 - w).abs() < 2e-3, "value {i}: {g}, want {w}");
+    }
 }
