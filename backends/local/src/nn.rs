@@ -164,20 +164,7 @@ pub fn group_norm(
     beta: &Tensor<1>,
     eps: f64,
 ) -> Tensor<4> {
-    // A group's normalisation is a layer norm over its `(C / groups) * H * W` values. In reduced
-    // precision the affine part is in f32 too and the result rounds once (PyTorch's group norm).
-    if let Some(y) = cpu::norm::group_norm(&x, groups, gamma, beta, eps, false) {
-        return y;
-    }
-    let [b, c, h, w] = x.dims();
-    let f = FloatDType::F32;
-    in_f32(x, |x| {
-        let normed =
-            layer_norm(x.reshape([b, groups, (c / groups) * h * w]), eps).reshape([b, c, h, w]);
-        normed
-            .mul(gamma.clone().cast(f).reshape([1, c, 1, 1]))
-            .add(beta.clone().cast(f).reshape([1, c, 1, 1]))
-    })
+    group_norm_then(x, groups, gamma, beta, eps, false)
 }
 
 /// `silu(group_norm(x))`, the VAE's pre-activation: one fused kernel in f32 on the CPU
@@ -189,10 +176,37 @@ pub fn group_norm_silu(
     beta: &Tensor<1>,
     eps: f64,
 ) -> Tensor<4> {
-    if let Some(y) = cpu::norm::group_norm(&x, groups, gamma, beta, eps, true) {
+    group_norm_then(x, groups, gamma, beta, eps, true)
+}
+
+/// Group norm, then SiLU when `act`.
+fn group_norm_then(
+    x: Tensor<4>,
+    groups: usize,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    eps: f64,
+    act: bool,
+) -> Tensor<4> {
+    if let Some(y) = cpu::norm::group_norm(&x, groups, gamma, beta, eps, act) {
         return y;
     }
-    silu(group_norm(x, groups, gamma, beta, eps))
+    // A group's normalisation is a layer norm over its `(C / groups) * H * W` values. In reduced
+    // precision the affine part is in f32 too and the result rounds once (PyTorch's group norm).
+    let [b, c, h, w] = x.dims();
+    let f = FloatDType::F32;
+    let y = in_f32(x, |x| {
+        let normed =
+            layer_norm(x.reshape([b, groups, (c / groups) * h * w]), eps).reshape([b, c, h, w]);
+        normed
+            .mul(gamma.clone().cast(f).reshape([1, c, 1, 1]))
+            .add(beta.clone().cast(f).reshape([1, c, 1, 1]))
+    });
+    if act {
+        silu(y)
+    } else {
+        y
+    }
 }
 
 /// A 2-D convolution with PyTorch-layout weights `[out, in, kh, kw]` and a bias.
@@ -222,12 +236,12 @@ impl Conv {
     }
 
     fn run(&self, x: Tensor<4>, upsample: usize, mut residual: Option<Tensor<4>>) -> Tensor<4> {
-        if upsample == 2 && self.stride == 1 && self.pad == (1, 1) && residual.is_none() {
-            if let Some(y) = cpu::conv::conv_up2_3x3(&x, &self.weight, &self.bias) {
+        let geometry = cpu::conv::Geometry::new(self.stride, self.pad, upsample);
+        if residual.is_none() {
+            if let Some(y) = cpu::conv::conv_up2_3x3(&x, &self.weight, &self.bias, geometry) {
                 return y;
             }
         }
-        let geometry = cpu::conv::Geometry::new(self.stride, self.pad, upsample);
         // The kernel takes the residual (and adds to it in place when nothing else holds it)
         // only when it runs; otherwise it is left here for the burn path.
         if let Some(y) = cpu::conv::conv2d(&x, &self.weight, &self.bias, geometry, &mut residual) {

@@ -189,14 +189,33 @@ fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, rope: &Rope) -> Tensor<3>
         .reshape([b, s, nh * hd])
 }
 
-/// One stream's share of a joint attention: its q, k and v projections `[B, len, heads *
-/// head_dim]` and its q and k RMS-norm scales.
+/// One stream's share of a joint attention: its q, k and v projections split into heads
+/// `[B, len, heads, head_dim]`, and its q and k RMS-norm scales.
 struct Stream<'a> {
-    q: Tensor<3>,
-    k: Tensor<3>,
-    v: Tensor<3>,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     norm_q: &'a Tensor<1>,
     norm_k: &'a Tensor<1>,
+}
+
+impl<'a> Stream<'a> {
+    /// The next three projections of `parts` (`[B, len, heads * head_dim]` each) as q, k, v.
+    fn new(
+        parts: &mut impl Iterator<Item = Tensor<3>>,
+        (nh, hd): (usize, usize),
+        norm_q: &'a Tensor<1>,
+        norm_k: &'a Tensor<1>,
+    ) -> Self {
+        let mut next = || heads(parts.next().expect("q, k and v projections"), nh, hd);
+        Stream {
+            q: next(),
+            k: next(),
+            v: next(),
+            norm_q,
+            norm_k,
+        }
+    }
 }
 
 /// Attention over the streams one after the other along the sequence (text, then image): q and
@@ -204,59 +223,45 @@ struct Stream<'a> {
 /// q, k and v are each normed, rotated and laid out in one pass from the projections' slices
 /// ([`crate::cpu::norm::join_heads`]) and attention writes its rows in this output's layout;
 /// otherwise burn's ops (norm, cat, RoPE, attention, transpose).
-fn joint_attention(
-    streams: &[Stream<'_>],
-    rope: &Rope,
-    nh: usize,
-    hd: usize,
-    eps: f64,
-) -> Tensor<3> {
+fn joint_attention(streams: &[Stream<'_>], rope: &Rope, eps: f64) -> Tensor<3> {
     use crate::cpu::norm::{join_heads, Part, RopeTables};
-    let split = |t: &Tensor<3>| heads(t.clone(), nh, hd);
-    let (qs, ks, vs): (Vec<_>, Vec<_>, Vec<_>) = (
-        streams.iter().map(|s| split(&s.q)).collect(),
-        streams.iter().map(|s| split(&s.k)).collect(),
-        streams.iter().map(|s| split(&s.v)).collect(),
+    type Pick = for<'s, 'a> fn(&'s Stream<'a>) -> (&'s Tensor<4>, Option<&'s Tensor<1>>);
+    let (q, k, v): (Pick, Pick, Pick) = (
+        |s| (&s.q, Some(s.norm_q)),
+        |s| (&s.k, Some(s.norm_k)),
+        |s| (&s.v, None),
     );
     let tables = RopeTables {
         cos: &rope.rows.0,
         sin: &rope.rows.1,
     };
-    let join = |xs: &[Tensor<4>], norms: Option<Vec<&Tensor<1>>>, rotate: bool| {
-        let parts: Vec<Part<'_>> = xs
+    let join = |pick: Pick, rotate: bool| {
+        let parts: Vec<Part<'_>> = streams
             .iter()
-            .enumerate()
-            .map(|(i, x)| Part {
-                x,
-                norm: norms.as_ref().map(|n| n[i]),
+            .map(|s| {
+                let (x, norm) = pick(s);
+                Part { x, norm }
             })
             .collect();
-        join_heads(&parts, rotate.then_some(&tables), eps)
+        join_heads(&parts, rotate.then_some(&tables), eps).map(|t| t.swap_dims(1, 2))
     };
-    let fused = (|| {
-        let q = join(&qs, Some(streams.iter().map(|s| s.norm_q).collect()), true)?;
-        let k = join(&ks, Some(streams.iter().map(|s| s.norm_k).collect()), true)?;
-        let v = join(&vs, None, false)?;
-        crate::cpu::attention::sdpa(&q.swap_dims(1, 2), &k.swap_dims(1, 2), &v.swap_dims(1, 2))
-    })();
-    if let Some(a) = fused {
-        let [b, _, s, _] = a.dims();
-        return a.swap_dims(1, 2).reshape([b, s, nh * hd]);
-    }
-    let normed = |xs: Vec<Tensor<4>>, norms: Vec<&Tensor<1>>| {
-        Tensor::cat(
-            xs.into_iter()
-                .zip(norms)
-                .map(|(x, w)| rms_norm(x, w, eps))
-                .collect(),
-            1,
-        )
-        .swap_dims(1, 2)
+    let fused = || crate::cpu::attention::sdpa(&join(q, true)?, &join(k, true)?, &join(v, false)?);
+    let a = match fused() {
+        Some(a) => a,
+        None => {
+            // Normed per stream, joined, rotated by `attention`.
+            let joined = |pick: Pick| {
+                let parts = streams.iter().map(|s| match pick(s) {
+                    (x, Some(w)) => rms_norm(x.clone(), w, eps),
+                    (x, None) => x.clone(),
+                });
+                Tensor::cat(parts.collect(), 1).swap_dims(1, 2)
+            };
+            return attention(joined(q), joined(k), joined(v), rope);
+        }
     };
-    let q = normed(qs, streams.iter().map(|s| s.norm_q).collect());
-    let k = normed(ks, streams.iter().map(|s| s.norm_k).collect());
-    let v = Tensor::cat(vs, 1).swap_dims(1, 2);
-    attention(q, k, v, rope)
+    let [b, nh, s, hd] = a.dims();
+    a.swap_dims(1, 2).reshape([b, s, nh * hd])
 }
 
 /// f16 tops out at 65504: the reference clips the text stream after each double block and the
@@ -337,24 +342,11 @@ impl DoubleBlock {
         let n = img.dims()[1];
         let ni = mi[0].modulate(img.clone(), eps);
         let nt = mt[0].modulate(txt.clone(), eps);
-        let mut ti = lin(ni, &self.to_qkv).chunk(3, 2).into_iter();
-        let mut tt = lin(nt, &self.add_qkv).chunk(3, 2).into_iter();
-        let next = |it: &mut std::vec::IntoIter<Tensor<3>>| it.next().expect("three chunks");
-        let txt_stream = Stream {
-            q: next(&mut tt),
-            k: next(&mut tt),
-            v: next(&mut tt),
-            norm_q: &self.norm_added_q,
-            norm_k: &self.norm_added_k,
-        };
-        let img_stream = Stream {
-            q: next(&mut ti),
-            k: next(&mut ti),
-            v: next(&mut ti),
-            norm_q: &self.norm_q,
-            norm_k: &self.norm_k,
-        };
-        let a = joint_attention(&[txt_stream, img_stream], rope, nh, hd, eps);
+        let ti = &mut lin(ni, &self.to_qkv).chunk(3, 2).into_iter();
+        let tt = &mut lin(nt, &self.add_qkv).chunk(3, 2).into_iter();
+        let txt_stream = Stream::new(tt, (nh, hd), &self.norm_added_q, &self.norm_added_k);
+        let img_stream = Stream::new(ti, (nh, hd), &self.norm_q, &self.norm_k);
+        let a = joint_attention(&[txt_stream, img_stream], rope, eps);
         let a_txt = a.clone().narrow(1, 0, l);
         let a_img = a.narrow(1, l, n);
         let img = mi[0].gated_add(img, lin(a_img, &self.to_out));
@@ -416,18 +408,10 @@ impl SingleBlock {
             self.mlp_hidden,
         );
         let proj = lin(ms.modulate(h.clone(), eps), &self.qkv_mlp);
-        let parts = proj.split_with_sizes(vec![d, d, d, 2 * m], 2);
-        let mut parts = parts.into_iter();
-        let mut next = || parts.next().expect("four parts");
-        let stream = Stream {
-            q: next(),
-            k: next(),
-            v: next(),
-            norm_q: &self.norm_q,
-            norm_k: &self.norm_k,
-        };
-        let mlp = next();
-        let a = joint_attention(&[stream], rope, nh, hd, eps);
+        let parts = &mut proj.split_with_sizes(vec![d, d, d, 2 * m], 2).into_iter();
+        let stream = Stream::new(parts, (nh, hd), &self.norm_q, &self.norm_k);
+        let mlp = parts.next().expect("the MLP's input after q, k, v");
+        let a = joint_attention(&[stream], rope, eps);
         let out = lin(Tensor::cat(vec![a, swiglu(mlp)], 2), &self.to_out);
         clip_f16(ms.gated_add(h, out))
     }

@@ -162,8 +162,17 @@ pub fn conv2d(
 /// the upsampled image repeats each input pixel in a 2x2 block, so of the 3x3 taps of an output
 /// pixel those that land on the same input pixel can be summed into one weight first. 4/9 of the
 /// multiply-adds of convolving the upsampled image; the same sums in another order. `None`
-/// unless f32 CPU tensors and a 3x3 kernel.
-pub fn conv_up2_3x3(x: &Tensor<4>, w: &Tensor<4>, bias: &Tensor<1>) -> Option<Tensor<4>> {
+/// unless `g` is that geometry (x2, stride 1, padding 1 all round), the kernel 3x3 and the
+/// tensors f32 CPU tensors.
+pub fn conv_up2_3x3(
+    x: &Tensor<4>,
+    w: &Tensor<4>,
+    bias: &Tensor<1>,
+    g: Geometry,
+) -> Option<Tensor<4>> {
+    if g.upsample != 2 || g.stride != 1 || g.pads() != ((1, 1), (1, 1)) {
+        return None;
+    }
     let (wd, bd) = (Dense::of(w)?, Dense::of(bias)?);
     let [b, ci, h, wi] = x.dims();
     let [co, wci, kh, kw] = w.dims();

@@ -4,10 +4,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, fmadd, silu as silu1};
-use super::{flex_f32, tensor, Dense, Strided};
-
-/// Rows handed to one rayon task: enough work to be worth a task, small enough to spread.
-const ROW_CHUNK: usize = 16;
+use super::{flex_f32, par_rows, tensor, Dense, Strided};
 
 #[inline(always)]
 fn silu_rows<const FMA: bool>(src: &[f32], dst: &mut [f32]) {
@@ -48,15 +45,10 @@ pub fn swiglu(x: &Tensor<3>) -> Option<Tensor<3>> {
     let m = c2 / 2;
     let (data, off) = (v.storage(), v.offset());
     let mut out = vec![0f32; b * s * m];
-    out.par_chunks_mut(m * ROW_CHUNK)
-        .enumerate()
-        .for_each(|(chunk, o)| {
-            for (i, row) in o.chunks_mut(m).enumerate() {
-                let r = chunk * ROW_CHUNK + i;
-                let base = off + (r / s) * st[0] + (r % s) * st[1];
-                swiglu_slice(&data[base..base + m], &data[base + m..base + 2 * m], row);
-            }
-        });
+    par_rows(&mut out, m, |r, row| {
+        let base = off + (r / s) * st[0] + (r % s) * st[1];
+        swiglu_slice(&data[base..base + m], &data[base + m..base + 2 * m], row);
+    });
     Some(tensor(out, [b, s, m]))
 }
 
@@ -78,14 +70,9 @@ pub fn gated_add(x: &Tensor<3>, gate: &Tensor<3>, y: &Tensor<3>) -> Option<Tenso
     }
     let (xs, gs, ys) = (xd.slice(), gd.slice(), yd.slice());
     let mut out = vec![0f32; b * s * c];
-    out.par_chunks_mut(c * ROW_CHUNK)
-        .enumerate()
-        .for_each(|(chunk, o)| {
-            for (i, row) in o.chunks_mut(c).enumerate() {
-                let r = chunk * ROW_CHUNK + i;
-                let g = &gs[(r / s) * c..(r / s + 1) * c];
-                gated_slice(&xs[r * c..(r + 1) * c], g, &ys[r * c..(r + 1) * c], row);
-            }
-        });
+    par_rows(&mut out, c, |r, row| {
+        let g = &gs[(r / s) * c..(r / s + 1) * c];
+        gated_slice(&xs[r * c..(r + 1) * c], g, &ys[r * c..(r + 1) * c], row);
+    });
     Some(tensor(out, [b, s, c]))
 }

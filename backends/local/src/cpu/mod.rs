@@ -19,6 +19,7 @@ pub mod simd;
 
 use burn::tensor::{Bytes, DType, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor, Layout};
+use rayon::prelude::*;
 
 /// The flex tensor under `t` when `t` is a non-empty f32 tensor on the CPU backend (an O(1)
 /// clone). Empty tensors are left to burn: the kernels' chunking assumes every dimension > 0.
@@ -100,10 +101,6 @@ impl Strided {
             .map(|&s| s as usize)
             .collect()
     }
-
-    pub fn shape(&self) -> &[usize] {
-        self.t.layout().shape()
-    }
 }
 
 /// A new CPU tensor of `shape` holding `data` (row-major).
@@ -131,6 +128,21 @@ pub fn tensor_strided<const D: usize>(
         ),
         DType::F32,
     ))
+}
+
+/// Rows handed to one rayon task by [`par_rows`]: enough work to be worth a task, small enough
+/// to spread over the pool.
+const ROW_CHUNK: usize = 16;
+
+/// `f(r, row)` for every row `r` of `out` (rows of `width` values), spread over the pool.
+pub(crate) fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    out.par_chunks_mut(width * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(chunk, rows)| {
+            for (i, row) in rows.chunks_mut(width).enumerate() {
+                f(chunk * ROW_CHUNK + i, row);
+            }
+        });
 }
 
 /// Pointers handed to rayon tasks that write disjoint parts of one buffer.

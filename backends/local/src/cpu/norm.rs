@@ -6,16 +6,16 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, fmadd, silu};
-use super::{flex_f32, tensor, Dense, SendPtr, Strided};
+use super::{flex_f32, par_rows, tensor, Dense, SendPtr, Strided};
 
 /// Values summed in f32 lanes before the lanes' totals go into the f64 total: short enough that
 /// a lane's f32 total stays precise (a group of a 1024x1024 decode is millions of values).
 const F32_BLOCK: usize = 4096;
 
-/// The sum of `x`: eight f32 lanes (so that it vectorises) per block of [`F32_BLOCK`] values,
-/// the blocks added up in f64.
+/// `x` folded by `step` in eight f32 lanes (so that it vectorises) per block of [`F32_BLOCK`]
+/// values, the blocks' lane totals added up in f64.
 #[inline(always)]
-fn sum_body<const FMA: bool>(x: &[f32]) -> f64 {
+fn lane_sum(x: &[f32], step: impl Fn(f32, f32) -> f32) -> f64 {
     let mut total = 0f64;
     for block in x.chunks(F32_BLOCK) {
         let mut acc = [0f32; 8];
@@ -23,37 +23,29 @@ fn sum_body<const FMA: bool>(x: &[f32]) -> f64 {
         let rest = chunks.remainder();
         for c in chunks {
             for i in 0..8 {
-                acc[i] += c[i];
+                acc[i] = step(acc[i], c[i]);
             }
         }
         total += acc.iter().map(|&a| a as f64).sum::<f64>()
-            + rest.iter().map(|&a| a as f64).sum::<f64>();
+            + rest.iter().fold(0.0, |a, &v| step(a, v)) as f64;
     }
     total
 }
+
+/// The sum of `x`.
+#[inline(always)]
+fn sum_body<const FMA: bool>(x: &[f32]) -> f64 {
+    lane_sum(x, |a, v| a + v)
+}
 dispatch!(fn sum(x: &[f32]) -> f64 => sum_body);
 
-/// The sum of `(x - mean)^2`, likewise.
+/// The sum of `(x - mean)^2`.
 #[inline(always)]
 fn sq_dev_body<const FMA: bool>(x: &[f32], mean: f32) -> f64 {
-    let mut total = 0f64;
-    for block in x.chunks(F32_BLOCK) {
-        let mut acc = [0f32; 8];
-        let chunks = block.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for i in 0..8 {
-                let d = c[i] - mean;
-                acc[i] = fmadd::<FMA>(d, d, acc[i]);
-            }
-        }
-        total += acc.iter().map(|&a| a as f64).sum::<f64>()
-            + rest
-                .iter()
-                .map(|&a| ((a - mean) as f64).powi(2))
-                .sum::<f64>();
-    }
-    total
+    lane_sum(x, |a, v| {
+        let d = v - mean;
+        fmadd::<FMA>(d, d, a)
+    })
 }
 dispatch!(fn sq_dev(x: &[f32], mean: f32) -> f64 => sq_dev_body);
 
@@ -108,7 +100,6 @@ pub fn group_norm(
                 affine(sc, a, shift, act, oc);
             }
         });
-    let _ = b;
     Some(tensor(out, [b, c, h, w]))
 }
 
@@ -184,27 +175,24 @@ pub fn join_heads(
         .iter()
         .map(|p| Strided::new(flex_f32(p.x)?))
         .collect::<Option<Vec<_>>>()?;
+    // `None` (no norm) is fine, a norm that is not an f32 CPU tensor is not.
     let norms = parts
         .iter()
-        .map(|p| p.norm.map(Dense::of))
-        .map(|n| match n {
-            None => Some(None),
-            Some(Some(d)) => Some(Some(d)),
-            Some(None) => None,
-        })
+        .map(|p| p.norm.map_or(Some(None), |w| Dense::of(w).map(Some)))
         .collect::<Option<Vec<_>>>()?;
     let tables = match rope {
         Some(r) => Some((Dense::of(r.cos)?, Dense::of(r.sin)?)),
         None => None,
     };
-    let mut starts = Vec::with_capacity(parts.len());
+    // Each part's first row in the joint sequence and its length.
+    let mut spans = Vec::with_capacity(parts.len());
     let mut total = 0;
     for (p, v) in parts.iter().zip(&views) {
         let [pb, s, ph, pd] = p.x.dims();
         if pb != b || ph != h || pd != d || v.strides()[3] != 1 {
             return None;
         }
-        starts.push(total);
+        spans.push((total, s));
         total += s;
     }
     if let Some((c, sn)) = &tables {
@@ -217,8 +205,7 @@ pub fn join_heads(
     }
     let mut out = vec![0f32; b * total * h * d];
     let ptr = SendPtr::new(&mut out);
-    for ((v, norm), &s0) in views.iter().zip(&norms).zip(&starts) {
-        let [_, s, _, _] = <[usize; 4]>::try_from(v.shape()).ok()?;
+    for ((v, norm), &(s0, s)) in views.iter().zip(&norms).zip(&spans) {
         let st = v.strides();
         let (data, off) = (v.storage(), v.offset());
         let w = norm.as_ref().map(|n| n.slice());
@@ -253,14 +240,11 @@ pub fn rms_norm<const N: usize>(x: &Tensor<N>, w: &Tensor<1>, eps: f64) -> Optio
     if ws.len() != d {
         return None;
     }
-    let mut out = vec![0f32; xd.slice().len()];
-    out.par_chunks_mut(d * 16)
-        .zip(xd.slice().par_chunks(d * 16))
-        .for_each(|(o, src)| {
-            for (orow, srow) in o.chunks_mut(d).zip(src.chunks(d)) {
-                prep_row(srow, Some(ws), eps as f32, None, orow);
-            }
-        });
+    let xs = xd.slice();
+    let mut out = vec![0f32; xs.len()];
+    par_rows(&mut out, d, |r, row| {
+        prep_row(&xs[r * d..(r + 1) * d], Some(ws), eps as f32, None, row)
+    });
     Some(tensor(out, dims))
 }
 
@@ -297,15 +281,10 @@ pub fn modulate(
     }
     let (xs, sh, sc) = (xd.slice(), shd.slice(), scd.slice());
     let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(c * 16)
-        .zip(xs.par_chunks(c * 16))
-        .enumerate()
-        .for_each(|(chunk, (o, src))| {
-            for (i, (orow, srow)) in o.chunks_mut(c).zip(src.chunks(c)).enumerate() {
-                let bi = (chunk * 16 + i) / s;
-                let row = bi * c..(bi + 1) * c;
-                modulate_row(srow, &sh[row.clone()], &sc[row], eps as f32, orow);
-            }
-        });
+    par_rows(&mut out, c, |r, row| {
+        let m = (r / s) * c..(r / s + 1) * c;
+        let src = &xs[r * c..(r + 1) * c];
+        modulate_row(src, &sh[m.clone()], &sc[m], eps as f32, row);
+    });
     Some(tensor(out, [b, s, c]))
 }

@@ -112,7 +112,7 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
         let d = max_diff(got, want);
         assert!(d < 1e-4, "conv {ci}->{co} k{k} s{s} {pad:?} up{up}: {d}");
         if up == 2 && k == 3 {
-            let got = conv::conv_up2_3x3(&x, &w, &bias).expect("3x3 on f32 cpu");
+            let got = conv::conv_up2_3x3(&x, &w, &bias, geometry).expect("3x3 on f32 cpu");
             let d = max_diff(got, want_plain.clone());
             assert!(
                 d < 1e-4,
