@@ -28,7 +28,21 @@ pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<
 
 /// `x @ w` for a weight already in burn's `[in, out]` layout (see `WeightStore::linear`).
 pub fn lin<const D: usize>(x: Tensor<D>, w: &Tensor<2>) -> Tensor<D> {
-    linear(x, w.clone(), None)
+    rows_at_once(x, |x| linear(x, w.clone(), None))
+}
+
+/// `f` (a linear layer) on `x` `[.., in]` with every leading dimension folded into the rows: one
+/// `[rows, in] @ [in, out]` product. burn folds them only when the rows per batch are not a
+/// multiple of its tile; otherwise burn-flex runs one gemm per batch entry, each packing the
+/// whole weight again and splitting a smaller product over the pool (the CFG step's batch of
+/// two). A reshape of a contiguous tensor is free.
+fn rows_at_once<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let y = f(x.reshape([rows, dims[D - 1]]));
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
 }
 
 /// RMSNorm over the last dimension, with a learned scale: `x / sqrt(mean(x^2) + eps) * w`.
@@ -150,10 +164,13 @@ pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Boo
 pub fn lin_bias<const D: usize>(x: Tensor<D>, w: &Tensor<2>, b: &Tensor<1>) -> Tensor<D> {
     let dtype = x.dtype();
     if dtype == DType::F32 {
-        return linear(x, w.clone(), Some(b.clone()));
+        return rows_at_once(x, |x| linear(x, w.clone(), Some(b.clone())));
     }
     let f = FloatDType::F32;
-    linear(x.cast(f), w.clone().cast(f), Some(b.clone().cast(f))).cast(dtype)
+    rows_at_once(x.cast(f), |x| {
+        linear(x, w.clone().cast(f), Some(b.clone().cast(f)))
+    })
+    .cast(dtype)
 }
 
 /// GroupNorm over `[B, C, H, W]` with per-channel affine parameters.
@@ -276,4 +293,37 @@ pub fn upsample2(x: Tensor<4>) -> Tensor<4> {
     x.reshape([b, c, h, 1, w, 1])
         .expand([b, c, h, 2, w, 2])
         .reshape([b, c, 2 * h, 2 * w])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    fn close<const D: usize>(got: Tensor<D>, want: Tensor<D>) {
+        assert_eq!(got.dims(), want.dims());
+        let diff = got.sub(want).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    /// Folding the leading dimensions into the rows gives burn's batched product: a batch of
+    /// two with 32 rows each (which burn itself would run batch by batch), a strided input (a
+    /// slice of a wider tensor), a 4-D input, and with a bias.
+    #[test]
+    fn linear_layers_fold_the_batch_into_rows() {
+        let dev = Device::flex();
+        let w = Tensor::<2>::random([24, 40], Distribution::Default, &dev);
+        let b = Tensor::<1>::random([40], Distribution::Default, &dev);
+        let x = Tensor::<3>::random([2, 32, 24], Distribution::Default, &dev);
+        let want = x.clone().matmul(w.clone().unsqueeze::<3>());
+        close(lin(x.clone(), &w), want.clone());
+        close(lin_bias(x, &w, &b), want.add(b.clone().unsqueeze::<3>()));
+        let part = Tensor::<3>::random([2, 32, 30], Distribution::Default, &dev).narrow(2, 3, 24);
+        close(
+            lin(part.clone(), &w),
+            part.matmul(w.clone().unsqueeze::<3>()),
+        );
+        let x4 = Tensor::<4>::random([2, 3, 5, 24], Distribution::Default, &dev);
+        close(lin(x4.clone(), &w), x4.matmul(w.unsqueeze::<4>()));
+    }
 }
