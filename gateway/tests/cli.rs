@@ -377,6 +377,16 @@ fn bench_engine_times_every_stage_on_random_weights() {
         ]
     );
     assert_eq!(v["step_ops"].as_array().unwrap().len(), 2);
+    for op in v["step_ops"].as_array().unwrap() {
+        // The operation count comes from the config, the rate from the measured time.
+        assert!(op["gflop"].as_f64().unwrap() > 0.0, "{op}");
+        assert!(op["gflop_per_s"].as_f64().unwrap() > 0.0, "{op}");
+    }
+    // The CPU's FMA peak is measured in the same run wherever AVX2 + FMA exist.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        assert!(v["cpu_peak_gflop_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
     // A size the VAE cannot take is refused with the reason.
     let bad = Command::new(env!("CARGO_BIN_EXE_kleingate"))
         .args(["bench-engine", "--random-weights", "--configs", configs])

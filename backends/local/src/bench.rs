@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Distribution, Tensor};
 
-use crate::config::VaeConfig;
+use crate::config::{Flux2Config, VaeConfig};
 use crate::error::EngineError;
 use crate::nn::{lin, sdpa};
 use crate::pipeline::{TextEncoderMode, TEXT_OUT_LAYERS};
@@ -127,6 +127,57 @@ pub struct Stage {
 pub struct OpShare {
     pub kind: &'static str,
     pub time: Duration,
+    /// Floating-point operations this kind does in one step (a multiply-add counts two), so
+    /// `flops / time` is the rate it runs at, to hold against the device's peak.
+    pub flops: f64,
+}
+
+impl OpShare {
+    /// The rate this op kind ran at, in GFLOP/s.
+    pub fn gflop_per_s(&self) -> f64 {
+        self.flops / self.time.as_secs_f64().max(f64::MIN_POSITIVE) / 1e9
+    }
+}
+
+/// Every linear layer of one transformer step as `(rows, in, out, times per step)`, for one
+/// batch entry (the modulation and timestep layers, one row each, left out).
+fn step_linears(
+    c: &Flux2Config,
+    text_tokens: usize,
+    image_tokens: usize,
+) -> [(usize, usize, usize, usize); 9] {
+    let (d, m) = (c.inner_dim(), c.mlp_hidden());
+    let tokens = text_tokens + image_tokens;
+    let (nd, ns) = (c.num_layers, c.num_single_layers);
+    [
+        (text_tokens, c.joint_attention_dim, d, 1), // txt_in
+        (image_tokens, c.in_channels, d, 1),        // img_in
+        (tokens, d, 3 * d, nd),                     // double: qkv
+        (tokens, d, d, nd),                         // double: attention out
+        (tokens, d, 2 * m, nd),                     // double: SwiGLU in
+        (tokens, m, d, nd),                         // double: SwiGLU out
+        (tokens, d, 3 * d + 2 * m, ns),             // single: fused qkv + MLP in
+        (tokens, d + m, d, ns),                     // single: fused out
+        (image_tokens, d, c.out_channels(), 1),     // proj_out
+    ]
+}
+
+/// Floating-point operations of one step's linear layers and of its attention (`q k^T` and
+/// `p v` over every token, in every block), for `batch` images.
+pub fn step_flops(
+    c: &Flux2Config,
+    batch: usize,
+    text_tokens: usize,
+    image_tokens: usize,
+) -> (f64, f64) {
+    let linear: usize = step_linears(c, text_tokens, image_tokens)
+        .iter()
+        .map(|&(rows, din, dout, count)| 2 * rows * din * dout * count)
+        .sum();
+    let t = text_tokens + image_tokens;
+    let blocks = c.num_layers + c.num_single_layers;
+    let attention = blocks * 4 * c.num_attention_heads * t * t * c.attention_head_dim;
+    ((batch * linear) as f64, (batch * attention) as f64)
 }
 
 #[derive(Clone, Debug)]
@@ -144,6 +195,9 @@ pub struct BenchReport {
     pub step_ops: Vec<OpShare>,
     /// Building the models (reading or generating the weights, uploading them).
     pub load_time: Duration,
+    /// On the CPU: the pool's peak 8-lane FMA rate measured in this run (GFLOP/s), the ceiling
+    /// for the step's op rates (`None` on GPU devices and CPUs without AVX2 + FMA).
+    pub cpu_peak_gflop_per_s: Option<f64>,
 }
 
 fn sync(device: &Device) -> Result<(), EngineError> {
@@ -316,6 +370,11 @@ pub fn run(
         Ok(())
     })?);
     let step_ops = profile_step(&tr, &mut timer, 1, l, h * w)?;
+    let cpu_peak_gflop_per_s = if *device == Device::flex() {
+        crate::cpu::simd::fma_peak_gflop_per_s()
+    } else {
+        None
+    };
     Ok(BenchReport {
         stages,
         weight_bytes,
@@ -323,6 +382,7 @@ pub fn run(
         peak_reserved_bytes: timer.peak,
         step_ops,
         load_time,
+        cpu_peak_gflop_per_s,
     })
 }
 
@@ -340,28 +400,13 @@ fn profile_step(
     image_tokens: usize,
 ) -> Result<Vec<OpShare>, EngineError> {
     let c = &tr.config;
-    let (d, m, heads, hd) = (
-        c.inner_dim(),
-        c.mlp_hidden(),
-        c.num_attention_heads,
-        c.attention_head_dim,
-    );
+    let (heads, hd) = (c.num_attention_heads, c.attention_head_dim);
     let device = timer.device.clone();
     let f = tr.precision().float();
     let tokens = text_tokens + image_tokens;
-    let (nd, ns) = (c.num_layers, c.num_single_layers);
-    // (rows, in, out, count)
-    let shapes = [
-        (text_tokens, c.joint_attention_dim, d, 1), // txt_in
-        (image_tokens, c.in_channels, d, 1),        // img_in
-        (tokens, d, 3 * d, nd),                     // double: qkv
-        (tokens, d, d, nd),                         // double: attention out
-        (tokens, d, 2 * m, nd),                     // double: SwiGLU in
-        (tokens, m, d, nd),                         // double: SwiGLU out
-        (tokens, d, 3 * d + 2 * m, ns),             // single: fused qkv + MLP in
-        (tokens, d + m, d, ns),                     // single: fused out
-        (image_tokens, d, c.out_channels(), 1),     // proj_out
-    ];
+    let blocks = c.num_layers + c.num_single_layers;
+    let shapes = step_linears(c, text_tokens, image_tokens);
+    let (linear_flops, attention_flops) = step_flops(c, batch, text_tokens, image_tokens);
     let mut linear_time = Duration::ZERO;
     for (rows, din, dout, count) in shapes {
         let x = Tensor::<3>::random([batch, rows, din], Distribution::Default, &device).cast(f);
@@ -381,10 +426,12 @@ fn profile_step(
         OpShare {
             kind: "linear (matmul)",
             time: linear_time,
+            flops: linear_flops,
         },
         OpShare {
             kind: "attention",
-            time: att.median * (nd + ns) as u32,
+            time: att.median * blocks as u32,
+            flops: attention_flops,
         },
     ])
 }
@@ -471,6 +518,27 @@ mod tests {
             let _ = std::fs::remove_dir_all(dir);
         }
         assert!(preset_dir("flux2-klein-7b").is_err());
+    }
+
+    /// The step's operation count for `cpu-mid` at 256x256 (256 image tokens) and 128 prompt
+    /// tokens, worked out by hand from its config (d = 768, MLP 2304, 6 heads x 128, 2 double and
+    /// 4 single blocks, 384 tokens): the per-token weights of a double block (qkv, out, SwiGLU
+    /// in and out: 768 x 2304 + 768 x 768 + 768 x 4608 + 2304 x 768) and of a single block
+    /// (768 x 6912 + 3072 x 768) are both 7,667,712.
+    #[test]
+    fn a_steps_operation_count_follows_the_config() {
+        let dir = preset_dir("cpu-mid").unwrap();
+        let t = Flux2Config::load(&dir.join("transformer/config.json")).unwrap();
+        let per_token = 7_667_712.0;
+        let linear = 2.0 * 384.0 * per_token * 6.0
+            + 2.0 * 128.0 * 768.0 * 768.0 // txt_in
+            + 2.0 * 256.0 * 128.0 * 768.0 // img_in
+            + 2.0 * 256.0 * 768.0 * 128.0; // proj_out
+        let attention = 6.0 * 4.0 * 6.0 * 384.0 * 384.0 * 128.0;
+        assert_eq!(step_flops(&t, 1, 128, 256), (linear, attention));
+        // A CFG batch of two does twice the work.
+        assert_eq!(step_flops(&t, 2, 128, 256), (2.0 * linear, 2.0 * attention));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -282,8 +282,9 @@ fn json(a: &BenchArgs, r: &BenchReport) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "weight_bytes": r.weight_bytes.iter().map(|(n, b)| (n.to_string(), serde_json::Value::from(*b))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "peak_reserved_bytes": r.peak_reserved_bytes,
+        "cpu_peak_gflop_per_s": r.cpu_peak_gflop_per_s,
         "step_ops": r.step_ops.iter().map(|o| serde_json::json!({
-            "kind": o.kind, "ms": ms(o.time),
+            "kind": o.kind, "ms": ms(o.time), "gflop": o.flops / 1e9, "gflop_per_s": o.gflop_per_s(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -335,11 +336,17 @@ fn print_table(a: &BenchArgs, r: &BenchReport, with_reference: bool) {
         let known: f64 = r.step_ops.iter().map(|o| ms(o.time)).sum();
         println!("one transformer step by op kind (each op alone at its real shape):");
         for o in &r.step_ops {
+            let of_peak = r
+                .cpu_peak_gflop_per_s
+                .map(|p| format!(" = {:.0}% of peak", 100.0 * o.gflop_per_s() / p))
+                .unwrap_or_default();
             println!(
-                "  {:<18} {:>9.1} ms  {:>5.1}%",
+                "  {:<18} {:>9.1} ms  {:>5.1}%  {:.1} GFLOP at {:.0} GFLOP/s{of_peak}",
                 o.kind,
                 ms(o.time),
-                100.0 * ms(o.time) / total
+                100.0 * ms(o.time) / total,
+                o.flops / 1e9,
+                o.gflop_per_s()
             );
         }
         println!(
@@ -348,5 +355,10 @@ fn print_table(a: &BenchArgs, r: &BenchReport, with_reference: bool) {
             (total - known).max(0.0),
             100.0 * (total - known).max(0.0) / total
         );
+        if let Some(p) = r.cpu_peak_gflop_per_s {
+            println!(
+                "  peak: {p:.0} GFLOP/s (8-lane FMA on every thread of the pool, measured in this run)"
+            );
+        }
     }
 }

@@ -106,3 +106,60 @@ mod tests {
         assert!((silu::<false>(3.0) - 3.0 / (1.0 + (-3.0f32).exp())).abs() < 1e-6);
     }
 }
+
+/// This CPU's peak f32 multiply-add rate with 8-lane FMA (AVX2) on every thread of rayon's
+/// pool, in GFLOP/s: each thread runs 12 independent FMA chains (more than FMA latency x FMA
+/// ports on any x86 core, so the ports, not the latency, bound it), for as many rounds as take
+/// about 50 ms, best of three. The ceiling the gemm-bound stages are read against; a CPU with
+/// AVX-512, which gemm also uses, can go beyond it. `None` without AVX2 + FMA.
+pub fn fma_peak_gflop_per_s() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !has_avx2_fma() {
+            return None;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let run = |rounds: usize| {
+            let start = std::time::Instant::now();
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            std::hint::black_box(rayon::broadcast(|_| unsafe { fma_chains(rounds) }));
+            start.elapsed().as_secs_f64()
+        };
+        let mut rounds = 1 << 16;
+        while run(rounds) < 0.05 && rounds < 1 << 32 {
+            rounds *= 2;
+        }
+        let best = (0..3).map(|_| run(rounds)).fold(f64::INFINITY, f64::min);
+        let flops = (threads * rounds * FMA_CHAINS * 8 * 2) as f64;
+        Some(flops / best / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// Independent accumulators in [`fma_chains`].
+#[cfg(target_arch = "x86_64")]
+const FMA_CHAINS: usize = 12;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains(rounds: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let (b, c) = (_mm256_set1_ps(0.999_9), _mm256_set1_ps(1e-6));
+    let mut acc = [_mm256_set1_ps(1.0); FMA_CHAINS];
+    for _ in 0..rounds {
+        for a in acc.iter_mut() {
+            *a = _mm256_fmadd_ps(*a, b, c);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    let mut sum = 0.0;
+    for a in acc {
+        // SAFETY: lanes holds 8 values.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+        sum += lanes[0];
+    }
+    sum
+}
