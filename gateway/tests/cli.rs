@@ -465,6 +465,12 @@ fn bench_engine_compares_with_diffusers_on_the_same_settings() {
     assert_eq!(cells[3], "1000.0");
     assert_eq!(cells[4], format!("{:.2}x", ours / 1000.0));
     assert!(text.contains("diffusers 1.00 GiB"), "{text}");
+    // The step's operations at both sides' rates.
+    let whole = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("whole step:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(whole.contains("GFLOP/s; diffusers "), "{whole}");
 }
 
 /// `kleingate generate` checks its request by the API's own rules before loading anything, and

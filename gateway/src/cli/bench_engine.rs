@@ -220,6 +220,7 @@ fn print_comparison(a: &BenchArgs, r: &BenchReport, theirs: &serde_json::Value) 
         gib(theirs["peak_memory_bytes"].as_f64().unwrap_or(0.0))
     );
     print_memory(r);
+    print_step_ops(r, theirs["stages"]["transformer step"].as_f64());
 }
 
 /// Weights held per model, and each stage's peak memory.
@@ -331,34 +332,53 @@ fn print_table(a: &BenchArgs, r: &BenchReport, with_reference: bool) {
         None => println!("peak device memory: not reported by this backend (peak RSS below)"),
     }
     print_memory(r);
-    if let Some(step) = r.stages.iter().find(|s| s.name == "transformer step") {
-        let total = ms(step.median);
-        let known: f64 = r.step_ops.iter().map(|o| ms(o.time)).sum();
-        println!("one transformer step by op kind (each op alone at its real shape):");
-        for o in &r.step_ops {
-            let of_peak = r
-                .cpu_peak_gflop_per_s
-                .map(|p| format!(" = {:.0}% of peak", 100.0 * o.gflop_per_s() / p))
-                .unwrap_or_default();
-            println!(
-                "  {:<18} {:>9.1} ms  {:>5.1}%  {:.1} GFLOP at {:.0} GFLOP/s{of_peak}",
-                o.kind,
-                ms(o.time),
-                100.0 * ms(o.time) / total,
-                o.flops / 1e9,
-                o.gflop_per_s()
-            );
-        }
+    print_step_ops(r, None);
+}
+
+/// One transformer step by op kind: time, share, operation count and rate, against the CPU's
+/// peak where measured; with `diffusers_step_ms`, diffusers' rate on the same operations.
+fn print_step_ops(r: &BenchReport, diffusers_step_ms: Option<f64>) {
+    let Some(step) = r.stages.iter().find(|s| s.name == "transformer step") else {
+        return;
+    };
+    let total = ms(step.median);
+    let of_peak = |rate: f64| {
+        r.cpu_peak_gflop_per_s
+            .map(|p| format!(" = {:.0}% of peak", 100.0 * rate / p))
+            .unwrap_or_default()
+    };
+    let known: f64 = r.step_ops.iter().map(|o| ms(o.time)).sum();
+    println!("one transformer step by op kind (each op alone at its real shape):");
+    for o in &r.step_ops {
         println!(
-            "  {:<18} {:>9.1} ms  {:>5.1}%  (norms, RoPE, modulation, residuals, layout)",
-            "other",
-            (total - known).max(0.0),
-            100.0 * (total - known).max(0.0) / total
+            "  {:<18} {:>9.1} ms  {:>5.1}%  {:.1} GFLOP at {:.0} GFLOP/s{}",
+            o.kind,
+            ms(o.time),
+            100.0 * ms(o.time) / total,
+            o.flops / 1e9,
+            o.gflop_per_s(),
+            of_peak(o.gflop_per_s())
         );
-        if let Some(p) = r.cpu_peak_gflop_per_s {
-            println!(
-                "  peak: {p:.0} GFLOP/s (8-lane FMA on every thread of the pool, measured in this run)"
-            );
-        }
+    }
+    println!(
+        "  {:<18} {:>9.1} ms  {:>5.1}%  (norms, RoPE, modulation, residuals, layout)",
+        "other",
+        (total - known).max(0.0),
+        100.0 * (total - known).max(0.0) / total
+    );
+    let flops: f64 = r.step_ops.iter().map(|o| o.flops).sum();
+    let rate = flops / (total / 1e3) / 1e9;
+    let theirs = diffusers_step_ms
+        .map(|d| format!("; diffusers {:.0} GFLOP/s", flops / (d / 1e3) / 1e9))
+        .unwrap_or_default();
+    println!(
+        "  whole step: {:.1} GFLOP at {rate:.0} GFLOP/s{}{theirs}",
+        flops / 1e9,
+        of_peak(rate)
+    );
+    if let Some(p) = r.cpu_peak_gflop_per_s {
+        println!(
+            "  peak: {p:.0} GFLOP/s (8-lane FMA on every thread of the pool, measured in this run)"
+        );
     }
 }
