@@ -85,28 +85,6 @@ pub fn silu<const FMA: bool>(x: f32) -> f32 {
     x / (1.0 + exp::<FMA>(-x))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_is_within_two_ulp_of_libm_and_saturates() {
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            for v in [exp::<false>(x), exp::<true>(x)] {
-                let want = x.exp();
-                let ulp = (want.to_bits() as i64 - v.to_bits() as i64).abs();
-                assert!(ulp <= 2, "exp({x}) = {v}, libm {want}: {ulp} ulp");
-            }
-            x += 0.0137;
-        }
-        assert!(exp::<false>(-1000.0) > 0.0 && exp::<false>(-1000.0) < 1.3e-38);
-        assert!(exp::<false>(1000.0).is_finite());
-        assert!(silu::<false>(-1000.0).abs() < 1e-30);
-        assert!((silu::<false>(3.0) - 3.0 / (1.0 + (-3.0f32).exp())).abs() < 1e-6);
-    }
-}
-
 /// This CPU's peak f32 multiply-add rate with 8-lane FMA (AVX2) on every thread of rayon's
 /// pool, in GFLOP/s: each thread runs 12 independent FMA chains (more than FMA latency x FMA
 /// ports on any x86 core, so the ports, not the latency, bound it), for as many rounds as take
@@ -162,4 +140,26 @@ unsafe fn fma_chains(rounds: usize) -> f32 {
         sum += lanes[0];
     }
     sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_and_saturates() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            for v in [exp::<false>(x), exp::<true>(x)] {
+                let want = x.exp();
+                let ulp = (want.to_bits() as i64 - v.to_bits() as i64).abs();
+                assert!(ulp <= 2, "exp({x}) = {v}, libm {want}: {ulp} ulp");
+            }
+            x += 0.0137;
+        }
+        assert!(exp::<false>(-1000.0) > 0.0 && exp::<false>(-1000.0) < 1.3e-38);
+        assert!(exp::<false>(1000.0).is_finite());
+        assert!(silu::<false>(-1000.0).abs() < 1e-30);
+        assert!((silu::<false>(3.0) - 3.0 / (1.0 + (-3.0f32).exp())).abs() < 1e-6);
+    }
 }
