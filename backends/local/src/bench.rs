@@ -88,7 +88,13 @@ pub fn preset_dir(preset: &str) -> Result<PathBuf, EngineError> {
         .find(|(name, _)| *name == preset)
         .or_else(|| PRESETS.iter().find(|(size, _)| model.ends_with(size)))
         .ok_or_else(|| EngineError::Input(format!("no shipped configs for `{model}`")))?;
-    let root = std::env::temp_dir().join(format!("kleingate-bench-{model}-{}", std::process::id()));
+    // One directory per call: callers remove it when done, and tests call this concurrently.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let root = std::env::temp_dir().join(format!(
+        "kleingate-bench-{model}-{}-{call}",
+        std::process::id()
+    ));
     for (part, text) in *files {
         let dir = root.join(part);
         std::fs::create_dir_all(&dir).map_err(|e| EngineError::io(&dir, e))?;
@@ -134,8 +140,15 @@ pub struct OpShare {
 
 impl OpShare {
     /// The rate this op kind ran at, in GFLOP/s.
+    /// (0 for a zero time, which only a broken clock gives: never infinite, which JSON cannot
+    /// hold.)
     pub fn gflop_per_s(&self) -> f64 {
-        self.flops / self.time.as_secs_f64().max(f64::MIN_POSITIVE) / 1e9
+        let secs = self.time.as_secs_f64();
+        if secs > 0.0 {
+            self.flops / secs / 1e9
+        } else {
+            0.0
+        }
     }
 }
 
@@ -170,14 +183,16 @@ pub fn step_flops(
     text_tokens: usize,
     image_tokens: usize,
 ) -> (f64, f64) {
-    let linear: usize = step_linears(c, text_tokens, image_tokens)
+    // In f64: the counts pass 2^32 at the real sizes.
+    let f = |n: usize| n as f64;
+    let linear: f64 = step_linears(c, text_tokens, image_tokens)
         .iter()
-        .map(|&(rows, din, dout, count)| 2 * rows * din * dout * count)
+        .map(|&(rows, din, dout, count)| 2.0 * f(rows) * f(din) * f(dout) * f(count))
         .sum();
-    let t = text_tokens + image_tokens;
-    let blocks = c.num_layers + c.num_single_layers;
-    let attention = blocks * 4 * c.num_attention_heads * t * t * c.attention_head_dim;
-    ((batch * linear) as f64, (batch * attention) as f64)
+    let t = f(text_tokens + image_tokens);
+    let blocks = f(c.num_layers + c.num_single_layers);
+    let attention = blocks * 4.0 * f(c.num_attention_heads) * t * t * f(c.attention_head_dim);
+    (f(batch) * linear, f(batch) * attention)
 }
 
 #[derive(Clone, Debug)]

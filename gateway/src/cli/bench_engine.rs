@@ -342,6 +342,9 @@ fn print_step_ops(r: &BenchReport, diffusers_step_ms: Option<f64>) {
         return;
     };
     let total = ms(step.median);
+    if total <= 0.0 {
+        return;
+    }
     let of_peak = |rate: f64| {
         r.cpu_peak_gflop_per_s
             .map(|p| format!(" = {:.0}% of peak", 100.0 * rate / p))
@@ -369,6 +372,7 @@ fn print_step_ops(r: &BenchReport, diffusers_step_ms: Option<f64>) {
     let flops: f64 = r.step_ops.iter().map(|o| o.flops).sum();
     let rate = flops / (total / 1e3) / 1e9;
     let theirs = diffusers_step_ms
+        .filter(|d| *d > 0.0)
         .map(|d| format!("; diffusers {:.0} GFLOP/s", flops / (d / 1e3) / 1e9))
         .unwrap_or_default();
     println!(

@@ -181,9 +181,10 @@ fn winograd_3x3(
     (b, ci, h, w): (usize, usize, usize, usize),
     co: usize,
 ) {
-    // U, laid out [16][co][ci]: U_xi is a row-major [co, ci] left operand.
-    let mut u = vec![0f32; 16 * co * ci];
-    for o in 0..co {
+    // U, laid out [co][16][ci]: U_xi is the [co, ci] left operand at xi * ci with row stride
+    // 16 * ci; each output channel's rows transformed by one task.
+    let mut u = vec![0f32; co * 16 * ci];
+    u.par_chunks_mut(16 * ci).enumerate().for_each(|(o, uo)| {
         for c in 0..ci {
             let g = &ws[(o * ci + c) * 9..(o * ci + c + 1) * 9];
             // r = G g (4x3), then U = r G^T (4x4).
@@ -199,11 +200,11 @@ fn winograd_3x3(
                 let (a, bb, cc) = (row[0], row[1], row[2]);
                 let t = [a, 0.5 * (a + bb + cc), 0.5 * (a - bb + cc), cc];
                 for (j, v) in t.into_iter().enumerate() {
-                    u[((i * 4 + j) * co + o) * ci + c] = v;
+                    uo[(i * 4 + j) * ci + c] = v;
                 }
             }
         }
-    }
+    });
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     // Tasks take whole rows of blocks, so that both transforms run along image rows: about
     // WINOGRAD_TILES blocks each, and at least two tasks per thread.
@@ -273,7 +274,8 @@ fn winograd_3x3(
                 }
             }
             for xi in 0..16 {
-                // SAFETY: m, u and v hold these [co, nt], [co, ci] and [ci, nt] matrices.
+                // SAFETY: m, u and v hold these [co, nt], [co, ci] (row stride 16 ci) and [ci, nt]
+                // matrices.
                 unsafe {
                     gemm::gemm(
                         co,
@@ -283,9 +285,9 @@ fn winograd_3x3(
                         1,
                         nt as isize,
                         false,
-                        u[xi * co * ci..].as_ptr(),
+                        u[xi * ci..].as_ptr(),
                         1,
-                        ci as isize,
+                        (16 * ci) as isize,
                         v[xi * ci * nt..].as_ptr(),
                         1,
                         nt as isize,

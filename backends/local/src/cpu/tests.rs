@@ -70,8 +70,10 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
     let cases = [
         (5, 7, 3, 1, (1, 1), 1, false, 10),
         (5, 7, 3, 1, (1, 1), 1, true, 10),
-        // Winograd's 2x2 blocks over an odd width and height, and more channels than a chunk.
+        // Winograd's 2x2 blocks over an odd width and height, with many channels, and over a
+        // one-pixel-wide image with one channel in and out.
         (40, 12, 3, 1, (1, 1), 1, false, 11),
+        (1, 1, 3, 1, (1, 1), 1, true, 1),
         (6, 6, 3, 2, (0, 1), 1, false, 10),
         (4, 9, 1, 1, (0, 0), 1, true, 10),
         (3, 5, 3, 1, (1, 1), 2, false, 10),
