@@ -139,9 +139,8 @@ pub struct OpShare {
 }
 
 impl OpShare {
-    /// The rate this op kind ran at, in GFLOP/s.
-    /// (0 for a zero time, which only a broken clock gives: never infinite, which JSON cannot
-    /// hold.)
+    /// The rate this op kind ran at, in GFLOP/s; 0 for a zero time (only a broken clock gives
+    /// one), never infinite, which JSON cannot hold.
     pub fn gflop_per_s(&self) -> f64 {
         let secs = self.time.as_secs_f64();
         if secs > 0.0 {
@@ -177,7 +176,7 @@ fn step_linears(
 
 /// Floating-point operations of one step's linear layers and of its attention (`q k^T` and
 /// `p v` over every token, in every block), for `batch` images.
-pub fn step_flops(
+fn step_flops(
     c: &Flux2Config,
     batch: usize,
     text_tokens: usize,

@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, exp};
-use super::{flex_f32, tensor_strided, SendPtr, Strided};
+use super::{flex_f32, gemm_into, tensor_strided, Operand, SendPtr, Strided};
 
 /// Query rows per task.
 const BLOCK: usize = 64;
@@ -83,55 +83,24 @@ pub fn sdpa(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<4>> {
             let qp = qo + bi * qs[0] + hi * qs[1] + q0 * qs[2];
             let kp = ko + bi * ks[0] + hi * ks[1];
             let vp = vo + bi * vs[0] + hi * vs[1];
-            // SAFETY: the operands lie inside their storages (shapes and strides from valid
-            // layouts); rows q0..q0 + rows of head hi of batch bi are written by this task only.
+            // SAFETY (both products): the operands lie inside their storages (shapes and strides
+            // from valid layouts); rows q0..q0 + rows of head hi of batch bi are written by this
+            // task only.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    sk,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    sk as isize,
-                    false,
-                    qd.as_ptr().add(qp),
-                    1,
-                    qs[2] as isize,
-                    kd.as_ptr().add(kp),
-                    ks[2] as isize,
-                    1,
-                    0.0f32,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                let (q, kt) = (
+                    Operand::rows(qd.as_ptr().add(qp), qs[2]),
+                    Operand::columns(kd.as_ptr().add(kp), ks[2]),
                 );
+                gemm_into((rows, sk, d), scores.as_mut_ptr(), sk, false, q, kt, scale);
             }
             let inv: Vec<f32> = scores.chunks_mut(sk).map(softmax_row).collect();
             let o = dst.at(((bi * sq + q0) * h + hi) * d);
             unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    sk,
-                    o,
-                    1,
-                    (h * d) as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    sk as isize,
-                    vd.as_ptr().add(vp),
-                    1,
-                    vs[2] as isize,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                let (p, v) = (
+                    Operand::rows(scores.as_ptr(), sk),
+                    Operand::rows(vd.as_ptr().add(vp), vs[2]),
                 );
+                gemm_into((rows, d, sk), o, h * d, false, p, v, 1.0);
                 for (r, s) in inv.iter().enumerate() {
                     let row = std::slice::from_raw_parts_mut(o.add(r * h * d), d);
                     row.iter_mut().for_each(|x| *x *= s);

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{Flex, FlexTensor, Layout};
 
-use super::{flex_f32, Dense, SendPtr};
+use super::{flex_f32, gemm_into, Dense, Operand, SendPtr};
 
 /// A convolution's geometry: `stride`, padding (top/left, bottom/right), and an integer
 /// nearest-neighbour upsampling of the input first (1 = none). `pad_x`, when given, pads the
@@ -126,47 +126,45 @@ pub fn conv2d(
             let p0 = t * tile;
             let n = tile.min(p - p0);
             let x_b = &xs[bi * ci * h * wi..(bi + 1) * ci * h * wi];
-            let (rhs, rhs_rs) = if direct {
-                (x_b[p0..].as_ptr(), p as isize)
+            let rhs = if direct {
+                Operand::rows(x_b[p0..].as_ptr(), p)
             } else {
                 col.resize(k * n, 0.0);
                 im2col(col, x_b, (ci, h, wi), (kh, kw), (oh, ow), g, p0, n);
-                (col.as_ptr(), n as isize)
+                Operand::rows(col.as_ptr(), n)
             };
+            let lhs = Operand::rows(ws.as_ptr(), k);
+            let out = dst.at(bi * co * p + p0);
             // SAFETY: columns p0..p0 + n of image bi's output planes belong to this task alone;
             // the operands are in bounds by the shapes checked above.
-            unsafe {
-                gemm::gemm(
-                    co,
-                    n,
-                    k,
-                    dst.at(bi * co * p + p0),
-                    1,
-                    p as isize,
-                    true,
-                    ws.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs,
-                    1,
-                    rhs_rs,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            unsafe { gemm_into((co, n, k), out, p, true, lhs, rhs, 1.0) };
         });
     Some(Tensor::from_primitive::<Flex>(out_t))
 }
 
 /// 2x2 output blocks one Winograd task transforms and multiplies at once (the columns of its 16
 /// products), rounded up to whole rows of blocks: the fastest of 32, 64, 128, 256 and 1024 for
-/// the VAE (best of 18 runs: 256 was ~8% slower than 128, 1024 ~20%: the task's transformed input and products no longer
-/// stay in cache between the transforms and the products).
+/// the VAE (best of 18 runs: 256 was ~8% slower than 128, 1024 ~20%, where the task's
+/// transformed input and products no longer stay in cache between transforms and products).
 const WINOGRAD_TILES: usize = 128;
+
+/// Winograd F(2x2, 3x3)'s weight transform `G` along one axis: three taps to four.
+#[inline(always)]
+fn wino_g([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
+    [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+}
+
+/// Its input transform `B^T` along one axis: four values of a patch to four.
+#[inline(always)]
+fn wino_bt([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+
+/// Its output transform `A^T` along one axis: four products to two outputs.
+#[inline(always)]
+fn wino_at([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+    [m0 + m1 + m2, m1 - m2 - m3]
+}
 
 /// `out += conv3x3(x, w)` (stride 1, padding 1) by Winograd's F(2x2, 3x3): each 2x2 block of
 /// output pixels from the 4x4 input patch around it, as 16 products of transformed weights
@@ -187,19 +185,13 @@ fn winograd_3x3(
     u.par_chunks_mut(16 * ci).enumerate().for_each(|(o, uo)| {
         for c in 0..ci {
             let g = &ws[(o * ci + c) * 9..(o * ci + c + 1) * 9];
-            // r = G g (4x3), then U = r G^T (4x4).
-            let mut r = [[0f32; 3]; 4];
-            for j in 0..3 {
-                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-                r[0][j] = g0;
-                r[1][j] = 0.5 * (g0 + g1 + g2);
-                r[2][j] = 0.5 * (g0 - g1 + g2);
-                r[3][j] = g2;
-            }
-            for (i, row) in r.iter().enumerate() {
-                let (a, bb, cc) = (row[0], row[1], row[2]);
-                let t = [a, 0.5 * (a + bb + cc), 0.5 * (a - bb + cc), cc];
-                for (j, v) in t.into_iter().enumerate() {
+            // G down the columns of g (3x3 -> 4x3), then along the rows (-> 4x4).
+            let cols: [[f32; 4]; 3] = std::array::from_fn(|j| wino_g([g[j], g[3 + j], g[6 + j]]));
+            for i in 0..4 {
+                for (j, v) in wino_g([cols[0][i], cols[1][i], cols[2][i]])
+                    .into_iter()
+                    .enumerate()
+                {
                     uo[(i * 4 + j) * ci + c] = v;
                 }
             }
@@ -221,7 +213,7 @@ fn winograd_3x3(
     (0..b * chunks).into_par_iter().for_each_init(
         || {
             let pad = vec![0f32; 4 * pw];
-            (Vec::new(), Vec::new(), pad.clone(), pad, vec![0f32; 4 * tw])
+            (Vec::new(), Vec::new(), pad.clone(), pad, vec![0f32; 8 * tw])
         },
         |(v, m, rows, bt, sums), task| {
             let (bi, r0) = (task / chunks, (task % chunks) * rows_per);
@@ -255,88 +247,58 @@ fn winograd_3x3(
                     let (b1, rest) = rest.split_at_mut(pw);
                     let (b2, b3) = rest.split_at_mut(pw);
                     for x in 0..pw {
-                        b0[x] = d0[x] - d2[x];
-                        b1[x] = d1[x] + d2[x];
-                        b2[x] = d2[x] - d1[x];
-                        b3[x] = d1[x] - d3[x];
+                        [b0[x], b1[x], b2[x], b3[x]] = wino_bt([d0[x], d1[x], d2[x], d3[x]]);
                     }
                     for (i, bi_row) in [&*b0, &*b1, &*b2, &*b3].into_iter().enumerate() {
                         let at = |j: usize| ((i * 4 + j) * ci + c) * nt + r * tw;
                         let (o0, o1, o2, o3) = (at(0), at(1), at(2), at(3));
                         for tx in 0..tw {
                             let p = &bi_row[2 * tx..2 * tx + 4];
-                            v[o0 + tx] = p[0] - p[2];
-                            v[o1 + tx] = p[1] + p[2];
-                            v[o2 + tx] = p[2] - p[1];
-                            v[o3 + tx] = p[1] - p[3];
+                            [v[o0 + tx], v[o1 + tx], v[o2 + tx], v[o3 + tx]] =
+                                wino_bt([p[0], p[1], p[2], p[3]]);
                         }
                     }
                 }
             }
             for xi in 0..16 {
-                // SAFETY: m, u and v hold these [co, nt], [co, ci] (row stride 16 ci) and [ci, nt]
-                // matrices.
-                unsafe {
-                    gemm::gemm(
-                        co,
-                        nt,
-                        ci,
-                        m[xi * co * nt..].as_mut_ptr(),
-                        1,
-                        nt as isize,
-                        false,
-                        u[xi * ci..].as_ptr(),
-                        1,
-                        (16 * ci) as isize,
-                        v[xi * ci * nt..].as_ptr(),
-                        1,
-                        nt as isize,
-                        0.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                let lhs = Operand::rows(u[xi * ci..].as_ptr(), 16 * ci);
+                let rhs = Operand::rows(v[xi * ci * nt..].as_ptr(), nt);
+                let prod = m[xi * co * nt..].as_mut_ptr();
+                // SAFETY: m, u and v hold these [co, nt], [co, ci] and [ci, nt] matrices.
+                unsafe { gemm_into((co, nt, ci), prod, nt, false, lhs, rhs, 1.0) };
             }
-            // Y = A^T m A, added to the output: A^T down the 16 products, A along each row.
+            // Y = A^T m A, added to the output: A^T down the 16 products (both output rows of
+            // every block of a row at once), then A along each output row.
             for o in 0..co {
                 let plane = dst.at((bi * co + o) * h * w);
                 for r in 0..nr {
-                    let ty = r0 + r;
                     let mrow = |xi: usize| {
                         let s = (xi * co + o) * nt + r * tw;
                         &m[s..s + tw]
                     };
-                    for i in 0..2 {
-                        let y = 2 * ty + i;
+                    // sums[(i * 4 + j) * tw + t]: output row i of block t, before A along j.
+                    let (top, bottom) = sums.split_at_mut(4 * tw);
+                    for j in 0..4 {
+                        let (m0, m1, m2, m3) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
+                        for t in 0..tw {
+                            [top[j * tw + t], bottom[j * tw + t]] =
+                                wino_at([m0[t], m1[t], m2[t], m3[t]]);
+                        }
+                    }
+                    for (i, part) in [&*top, &*bottom].into_iter().enumerate() {
+                        let y = 2 * (r0 + r) + i;
                         if y >= h {
                             continue;
                         }
                         // SAFETY: rows of blocks r0..r0 + nr of image bi belong to this task.
                         let out_row =
                             unsafe { std::slice::from_raw_parts_mut(plane.add(y * w), w) };
-                        for (j, sj) in sums.chunks_exact_mut(tw).enumerate() {
-                            let (a, b2, c2, d2) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
-                            for t in 0..tw {
-                                sj[t] = if i == 0 {
-                                    a[t] + b2[t] + c2[t]
-                                } else {
-                                    b2[t] - c2[t] - d2[t]
-                                };
+                        let s = |j: usize, t: usize| part[j * tw + t];
+                        for (t, pair) in out_row.chunks_mut(2).enumerate() {
+                            let y2 = wino_at([s(0, t), s(1, t), s(2, t), s(3, t)]);
+                            for (px, v) in pair.iter_mut().zip(y2) {
+                                *px += v;
                             }
-                        }
-                        let (s0, rest) = sums.split_at(tw);
-                        let (s1, rest) = rest.split_at(tw);
-                        let (s2, s3) = rest.split_at(tw);
-                        for tx in 0..w / 2 {
-                            out_row[2 * tx] += s0[tx] + s1[tx] + s2[tx];
-                            out_row[2 * tx + 1] += s1[tx] - s2[tx] - s3[tx];
-                        }
-                        if w % 2 == 1 {
-                            let tx = tw - 1;
-                            out_row[2 * tx] += s0[tx] + s1[tx] + s2[tx];
                         }
                     }
                 }

@@ -130,6 +130,77 @@ pub fn tensor_strided<const D: usize>(
     ))
 }
 
+/// A matrix read in place: element `(r, c)` at `ptr + r * rs + c * cs` (strides in elements).
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl Operand {
+    /// Row-major, `rs` values from one row to the next.
+    pub(crate) fn rows(ptr: *const f32, rs: usize) -> Self {
+        Operand {
+            ptr,
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+
+    /// Column-major, `cs` values from one column to the next (a transposed row-major matrix).
+    pub(crate) fn columns(ptr: *const f32, cs: usize) -> Self {
+        Operand {
+            ptr,
+            rs: 1,
+            cs: cs as isize,
+        }
+    }
+}
+
+/// `dst = scale * lhs @ rhs` (`m x k` times `k x n`), or `dst += ...` with `accumulate`, on the
+/// calling thread: every kernel spreads its own tasks over the pool. `dst` is row-major with
+/// `dst_rs` values from one row to the next.
+///
+/// # Safety
+/// The operands must be valid for reads of their `m x k` and `k x n` elements, `dst` for reads and
+/// writes of its `m x n`, and no other thread may touch that part of `dst` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+) {
+    // SAFETY: the caller's promise, in gemm's terms (dst column stride 1).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// Rows handed to one rayon task by [`par_rows`]: enough work to be worth a task, small enough
 /// to spread over the pool.
 const ROW_CHUNK: usize = 16;
