@@ -307,13 +307,33 @@ fn winograd_3x3(
     );
 }
 
+/// Winograd F(2, 2)'s weight transform along one axis: two taps to three.
+#[inline(always)]
+fn wino2_g([g0, g1]: [f32; 2]) -> [f32; 3] {
+    [g0, g0 + g1, g1]
+}
+
+/// Its input transform `B^T` along one axis: three values of a patch to three.
+#[inline(always)]
+fn wino2_bt([d0, d1, d2]: [f32; 3]) -> [f32; 3] {
+    [d0 - d1, d1, d2 - d1]
+}
+
+/// Its output transform `A^T` along one axis: three products to two outputs.
+#[inline(always)]
+fn wino2_at([m0, m1, m2]: [f32; 3]) -> [f32; 2] {
+    [m0 + m1, m1 + m2]
+}
+
 /// The decoder's upsampler, nearest-neighbour x2 then a 3x3 convolution (stride 1, padding 1),
 /// as four 2x2 convolutions of the low-resolution input, one per output pixel parity (dy, dx):
 /// the upsampled image repeats each input pixel in a 2x2 block, so of the 3x3 taps of an output
-/// pixel those that land on the same input pixel can be summed into one weight first. 4/9 of the
-/// multiply-adds of convolving the upsampled image; the same sums in another order. `None`
-/// unless `g` is that geometry (x2, stride 1, padding 1 all round), the kernel 3x3 and the
-/// tensors f32 CPU tensors.
+/// pixel those that land on the same input pixel can be summed into one weight first. Each 2x2
+/// convolution then runs as Winograd's F(2x2, 2x2) ([`winograd_up2`]): 9 products per 2x2 block
+/// where the direct 2x2 convolution takes 16, so 9/16 of its multiply-adds, and a quarter of
+/// those of convolving the upsampled image. The same sums in another order. `None` unless `g` is
+/// that geometry (x2, stride 1, padding 1 all round), the kernel 3x3 and the tensors f32 CPU
+/// tensors.
 pub fn conv_up2_3x3(
     x: &Tensor<4>,
     w: &Tensor<4>,
@@ -323,10 +343,10 @@ pub fn conv_up2_3x3(
     if g.upsample != 2 || g.stride != 1 || g.pads() != ((1, 1), (1, 1)) {
         return None;
     }
-    let (wd, bd) = (Dense::of(w)?, Dense::of(bias)?);
+    let (xd, wd, bd) = (Dense::of(x)?, Dense::of(w)?, Dense::of(bias)?);
     let [b, ci, h, wi] = x.dims();
     let [co, wci, kh, kw] = w.dims();
-    if wci != ci || kh != 3 || kw != 3 || bias.dims() != [co] || flex_f32(x).is_none() {
+    if wci != ci || kh != 3 || kw != 3 || bias.dims() != [co] {
         return None;
     }
     let ws = wd.slice();
@@ -340,56 +360,163 @@ pub fn conv_up2_3x3(
             _ => &[2],
         }
     };
-    let zero = super::tensor(vec![0f32; co], [co]);
-    let mut parts = Vec::with_capacity(4);
-    for dy in 0..2 {
-        for dx in 0..2 {
-            let mut wc = vec![0f32; co * ci * 4];
-            for oc in 0..co {
+    // The four phases' 2x2 kernels, Winograd-transformed (G g G^T, 3x3), laid out [co][36][ci]:
+    // phase p's transformed tap (k, l) is the [co, ci] operand at (p * 9 + k * 3 + l) * ci.
+    let mut u = vec![0f32; co * 36 * ci];
+    u.par_chunks_mut(36 * ci).enumerate().for_each(|(oc, uo)| {
+        for c in 0..ci {
+            let src = &ws[(oc * ci + c) * 9..(oc * ci + c + 1) * 9];
+            for (p, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+                let tap = |r: usize, q: usize| -> f32 {
+                    let mut sum = 0f32;
+                    for &ky in taps(dy, r) {
+                        for &kx in taps(dx, q) {
+                            sum += src[ky * 3 + kx];
+                        }
+                    }
+                    sum
+                };
+                let cols: [[f32; 3]; 2] = std::array::from_fn(|q| wino2_g([tap(0, q), tap(1, q)]));
+                for k in 0..3 {
+                    for (l, v) in wino2_g([cols[0][k], cols[1][k]]).into_iter().enumerate() {
+                        uo[(p * 9 + k * 3 + l) * ci + c] = v;
+                    }
+                }
+            }
+        }
+    });
+    let mut out = vec![0f32; b * co * 4 * h * wi];
+    winograd_up2(&mut out, xd.slice(), &u, bd.slice(), (b, ci, h, wi), co);
+    Some(super::tensor(out, [b, co, 2 * h, 2 * wi]))
+}
+
+/// `out = bias + conv(upsample2(x), w)` from the phase kernels' transforms `u` (see
+/// [`conv_up2_3x3`]): for each phase (dy, dx) and each 2x2 block of low-resolution outputs, the
+/// 3x3 input patch at offset (dy - 1, dx - 1) transformed as `V = B^T d B`, 9 products `U V`,
+/// and `A^T m A` back to the block's four pixels, which land on the high-resolution pixels of
+/// that parity. Tasks take whole rows of blocks, as in [`winograd_3x3`], and the phases one
+/// after another, so a task's products are those of one phase.
+fn winograd_up2(
+    out: &mut [f32],
+    xs: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    (b, ci, h, w): (usize, usize, usize, usize),
+    co: usize,
+) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per = WINOGRAD_TILES
+        .div_ceil(tw)
+        .min(th.div_ceil(2 * threads))
+        .max(1);
+    let chunks = th.div_ceil(rows_per);
+    // Input rows padded by one zero on the left and enough on the right for the last block's
+    // patch at offset +1.
+    let pw = 2 * tw + 2;
+    let (oh, ow) = (2 * h, 2 * w);
+    let dst = SendPtr::new(out);
+    (0..b * chunks).into_par_iter().for_each_init(
+        || {
+            (
+                Vec::new(),
+                Vec::new(),
+                vec![0f32; 4 * pw],
+                vec![0f32; 3 * pw],
+                vec![0f32; 6 * tw],
+            )
+        },
+        |(v, m, rows, bt, sums), task| {
+            let (bi, r0) = (task / chunks, (task % chunks) * rows_per);
+            let nr = rows_per.min(th - r0);
+            let nt = nr * tw;
+            v.resize(9 * ci * nt, 0.0);
+            m.resize(9 * co * nt, 0.0);
+            let x_b = &xs[bi * ci * h * w..(bi + 1) * ci * h * w];
+            for (p, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+                // V = B^T d B, laid out [9][ci][nt].
                 for c in 0..ci {
-                    let src = &ws[(oc * ci + c) * 9..(oc * ci + c + 1) * 9];
-                    for r in 0..2 {
-                        for q in 0..2 {
-                            let mut sum = 0f32;
-                            for &ky in taps(dy, r) {
-                                for &kx in taps(dx, q) {
-                                    sum += src[ky * 3 + kx];
+                    let plane = &x_b[c * h * w..(c + 1) * h * w];
+                    for r in 0..nr {
+                        // Input rows 2 * ty + dy - 1 + i, i < 3, padded.
+                        for i in 0..3 {
+                            let row = &mut rows[i * pw..(i + 1) * pw];
+                            let y = (2 * (r0 + r) + dy + i) as isize - 1;
+                            if y < 0 || y >= h as isize {
+                                row.fill(0.0);
+                            } else {
+                                let y = y as usize;
+                                row[0] = 0.0;
+                                row[1..w + 1].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                                row[w + 1..].fill(0.0);
+                            }
+                        }
+                        let (d0, rest) = rows.split_at(pw);
+                        let (d1, d2) = rest.split_at(pw);
+                        let (b0, rest) = bt.split_at_mut(pw);
+                        let (b1, b2) = rest.split_at_mut(pw);
+                        for x in 0..pw {
+                            [b0[x], b1[x], b2[x]] = wino2_bt([d0[x], d1[x], d2[x]]);
+                        }
+                        for (k, bk) in [&*b0, &*b1, &*b2].into_iter().enumerate() {
+                            let at = |l: usize| ((k * 3 + l) * ci + c) * nt + r * tw;
+                            let (o0, o1, o2) = (at(0), at(1), at(2));
+                            for tx in 0..tw {
+                                let q = &bk[2 * tx + dx..2 * tx + dx + 3];
+                                [v[o0 + tx], v[o1 + tx], v[o2 + tx]] = wino2_bt([q[0], q[1], q[2]]);
+                            }
+                        }
+                    }
+                }
+                for xi in 0..9 {
+                    let lhs = Operand::rows(u[(p * 9 + xi) * ci..].as_ptr(), 36 * ci);
+                    let rhs = Operand::rows(v[xi * ci * nt..].as_ptr(), nt);
+                    let prod = m[xi * co * nt..].as_mut_ptr();
+                    // SAFETY: m, u and v hold these [co, nt], [co, ci] and [ci, nt] matrices.
+                    unsafe { gemm_into((co, nt, ci), prod, nt, false, lhs, rhs, 1.0) };
+                }
+                // Y = A^T m A plus the bias, written to this parity's pixels.
+                for o in 0..co {
+                    let plane = dst.at((bi * co + o) * oh * ow);
+                    for r in 0..nr {
+                        let mrow = |xi: usize| {
+                            let s = (xi * co + o) * nt + r * tw;
+                            &m[s..s + tw]
+                        };
+                        let (top, bottom) = sums.split_at_mut(3 * tw);
+                        for l in 0..3 {
+                            let (m0, m1, m2) = (mrow(l), mrow(3 + l), mrow(6 + l));
+                            for t in 0..tw {
+                                [top[l * tw + t], bottom[l * tw + t]] =
+                                    wino2_at([m0[t], m1[t], m2[t]]);
+                            }
+                        }
+                        for (i, part) in [&*top, &*bottom].into_iter().enumerate() {
+                            let y = 2 * (r0 + r) + i;
+                            if y >= h {
+                                continue;
+                            }
+                            // SAFETY: the high-resolution rows of blocks r0..r0 + nr of image bi
+                            // belong to this task.
+                            let out_row = unsafe {
+                                std::slice::from_raw_parts_mut(plane.add((2 * y + dy) * ow), ow)
+                            };
+                            let s = |l: usize, t: usize| part[l * tw + t];
+                            for t in 0..tw {
+                                let pair = wino2_at([s(0, t), s(1, t), s(2, t)]);
+                                for (j, v) in pair.into_iter().enumerate() {
+                                    let x = 2 * t + j;
+                                    if x < w {
+                                        out_row[2 * x + dx] = v + bias[o];
+                                    }
                                 }
                             }
-                            wc[((oc * ci + c) * 2 + r) * 2 + q] = sum;
                         }
                     }
                 }
             }
-            let wc = super::tensor(wc, [co, ci, 2, 2]);
-            let g = Geometry {
-                stride: 1,
-                pad: (1 - dy, dy),
-                upsample: 1,
-                pad_x: Some((1 - dx, dx)),
-            };
-            parts.push(Dense::of(&conv2d(x, &wc, &zero, g, &mut None)?)?);
-        }
-    }
-    let bias = bd.slice();
-    let (oh, ow) = (2 * h, 2 * wi);
-    let mut out = vec![0f32; b * co * oh * ow];
-    out.par_chunks_mut(oh * ow)
-        .enumerate()
-        .for_each(|(plane, o)| {
-            let bv = bias[plane % co];
-            for (pi, part) in parts.iter().enumerate() {
-                let (dy, dx) = (pi / 2, pi % 2);
-                let src = &part.slice()[plane * h * wi..(plane + 1) * h * wi];
-                for i in 0..h {
-                    let row = &mut o[(2 * i + dy) * ow..(2 * i + dy + 1) * ow];
-                    for (j, &v) in src[i * wi..(i + 1) * wi].iter().enumerate() {
-                        row[2 * j + dx] = v + bv;
-                    }
-                }
-            }
-        });
-    Some(super::tensor(out, [b, co, oh, ow]))
+        },
+    );
 }
 
 /// Columns `p0..p0 + n` of the im2col matrix `[ci * kh * kw, n]` (row `(c, ky, kx)` holds the

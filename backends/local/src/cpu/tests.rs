@@ -77,6 +77,10 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
         (6, 6, 3, 2, (0, 1), 1, false, 10),
         (4, 9, 1, 1, (0, 0), 1, true, 10),
         (3, 5, 3, 1, (1, 1), 2, false, 10),
+        // The upsampler's Winograd blocks over an odd width, with many channels, and over one
+        // pixel and one channel.
+        (40, 12, 3, 1, (1, 1), 2, false, 11),
+        (1, 1, 3, 1, (1, 1), 2, false, 1),
         // A pad wider than one: a tile that ends one pixel into a row leaves a segment with no
         // tap inside the image.
         (2, 3, 5, 1, (2, 2), 1, false, 15),
@@ -120,7 +124,7 @@ fn conv_matches_burn_for_every_geometry_the_vae_uses() {
             let d = max_diff(got, want_plain.clone());
             assert!(
                 d < 1e-4,
-                "the four 2x2 convolutions of the x2 upsampler: {d}"
+                "the four 2x2 convolutions of the x2 upsampler, {ci}->{co}, width {width}: {d}"
             );
         }
     }
