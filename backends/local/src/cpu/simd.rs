@@ -85,22 +85,44 @@ pub fn silu<const FMA: bool>(x: f32) -> f32 {
     x / (1.0 + exp::<FMA>(-x))
 }
 
-/// This CPU's peak f32 multiply-add rate with 8-lane FMA (AVX2) on every thread of rayon's
-/// pool, in GFLOP/s: each thread runs 12 independent FMA chains (more than FMA latency x FMA
-/// ports on any x86 core, so the ports, not the latency, bound it), for as many rounds as take
-/// about 50 ms, best of three. The ceiling the gemm-bound stages are read against; a CPU with
-/// AVX-512, which gemm also uses, can go beyond it. `None` without AVX2 + FMA.
+/// The widest f32 FMA this CPU has, in lanes: 16 with AVX-512F (which gemm's x86-v4 kernels
+/// use), 8 with AVX2 + FMA, 0 otherwise (or off x86-64).
+pub fn fma_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() && std::arch::is_x86_feature_detected!("avx512f") {
+            return 16;
+        }
+        if has_avx2_fma() {
+            return 8;
+        }
+    }
+    0
+}
+
+/// This CPU's peak f32 multiply-add rate with its widest FMA ([`fma_lanes`]) on every thread of
+/// rayon's pool, in GFLOP/s: each thread runs 12 independent FMA chains (more than FMA latency x
+/// FMA ports on any x86 core, so the ports, not the latency, bound it), for as many rounds as take
+/// about 50 ms, best of three. The ceiling the gemm-bound stages are read against. `None` without
+/// AVX2 + FMA.
 pub fn fma_peak_gflop_per_s() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !has_avx2_fma() {
+        let lanes = fma_lanes();
+        if lanes == 0 {
             return None;
         }
         let threads = rayon::current_num_threads().max(1);
         let run = |rounds: usize| {
             let start = std::time::Instant::now();
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            std::hint::black_box(rayon::broadcast(|_| unsafe { fma_chains(rounds) }));
+            // SAFETY: the CPU has the instructions of the width chosen (checked by fma_lanes).
+            std::hint::black_box(rayon::broadcast(|_| unsafe {
+                if lanes == 16 {
+                    fma_chains_512(rounds)
+                } else {
+                    fma_chains(rounds)
+                }
+            }));
             start.elapsed().as_secs_f64()
         };
         let mut rounds = 1 << 16;
@@ -108,7 +130,7 @@ pub fn fma_peak_gflop_per_s() -> Option<f64> {
             rounds *= 2;
         }
         let best = (0..3).map(|_| run(rounds)).fold(f64::INFINITY, f64::min);
-        let flops = (threads * rounds * FMA_CHAINS * 8 * 2) as f64;
+        let flops = (threads * rounds * FMA_CHAINS * lanes * 2) as f64;
         Some(flops / best / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -117,7 +139,7 @@ pub fn fma_peak_gflop_per_s() -> Option<f64> {
     }
 }
 
-/// Independent accumulators in [`fma_chains`].
+/// Independent accumulators in [`fma_chains`] and [`fma_chains_512`].
 #[cfg(target_arch = "x86_64")]
 const FMA_CHAINS: usize = 12;
 
@@ -140,6 +162,20 @@ unsafe fn fma_chains(rounds: usize) -> f32 {
         sum += lanes[0];
     }
     sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_512(rounds: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let (b, c) = (_mm512_set1_ps(0.999_9), _mm512_set1_ps(1e-6));
+    let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
+    for _ in 0..rounds {
+        for a in acc.iter_mut() {
+            *a = _mm512_fmadd_ps(*a, b, c);
+        }
+    }
+    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
 }
 
 #[cfg(test)]
