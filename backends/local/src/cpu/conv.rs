@@ -476,7 +476,7 @@ fn winograd_up2(
                     unsafe { gemm_into((co, nt, ci), prod, nt, false, lhs, rhs, 1.0) };
                 }
                 // Y = A^T m A plus the bias, written to this parity's pixels.
-                for o in 0..co {
+                for (o, &b) in bias.iter().enumerate().take(co) {
                     let plane = dst.at((bi * co + o) * oh * ow);
                     for r in 0..nr {
                         let mrow = |xi: usize| {
@@ -507,7 +507,7 @@ fn winograd_up2(
                                 for (j, v) in pair.into_iter().enumerate() {
                                     let x = 2 * t + j;
                                     if x < w {
-                                        out_row[2 * x + dx] = v + bias[o];
+                                        out_row[2 * x + dx] = v + b;
                                     }
                                 }
                             }
