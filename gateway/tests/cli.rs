@@ -397,41 +397,48 @@ fn bench_engine_times_every_stage_on_random_weights() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("multiples of 16"));
 }
 
-/// `--compare-diffusers PYTHON` hands the diffusers script the same configs, shapes, threads,
-/// warm-up and iterations, and prints kleingate's time per stage as a ratio to theirs. PyTorch is
-/// a 4 GB install, too much for CI: an interpreter stand-in checks what it was given and answers
-/// as the script does (the real script is run by hand; docs/engine.md).
+/// `--compare-diffusers PYTHON` hands the diffusers script the same configs, shapes, threads and
+/// dtype, then times every stage on both sides in pairs, back to back, warm-up included, and
+/// prints kleingate's time per stage as a ratio to theirs. PyTorch is a 4 GB install, too much for
+/// CI: an interpreter stand-in checks what it was given and speaks the script's `--serve`
+/// protocol (the real script is run by hand; docs/engine.md).
 #[cfg(feature = "local")]
 #[test]
-fn bench_engine_compares_with_diffusers_on_the_same_settings() {
+fn bench_engine_compares_with_diffusers_stage_by_stage() {
     let dir = tempfile::tempdir().unwrap();
     let seen = dir.path().join("args.txt");
+    let runs = dir.path().join("runs.txt");
     let python = dir.path().join("python");
     std::fs::write(
         &python,
         format!(
             "#!/bin/sh\necho \"$@\" > {seen}\nconfigs=$(echo \"$@\" | sed 's/.*--configs \\([^ ]*\\).*/\\1/')\n\
              test -f \"$configs/transformer/config.json\" || exit 3\n\
-             echo '{{\"stages\": {{\"text encoder\": 1000, \"transformer step\": 1000, \"CFG step (batch 2)\": 1000, \"VAE decode\": 1000, \"VAE encode\": 1000, \"distilled image (4 steps)\": 1000}}, \"peak_memory_bytes\": 1073741824, \"threads\": 1, \"versions\": {{\"torch\": \"t\", \"diffusers\": \"0.42.1\", \"transformers\": \"x\"}}}}'\n",
-            seen = seen.display()
+             echo '{{\"ready\": true}}'\n\
+             while read -r cmd stage; do case \"$cmd\" in\n\
+             run) echo \"$stage\" >> {runs}; echo '{{\"ms\": 1000}}';;\n\
+             end) echo '{{\"peak_memory_bytes\": 1073741824, \"threads\": 1, \"versions\": {{\"torch\": \"t\", \"diffusers\": \"0.42.1\", \"transformers\": \"x\"}}}}'; exit 0;;\n\
+             esac; done\n",
+            seen = seen.display(),
+            runs = runs.display(),
         ),
     )
     .unwrap();
     std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let configs = &format!("{KLEIN_TINY}/pipeline");
-    let run = |json: bool| {
+    let run = |json: bool, python: &std::path::Path| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kleingate"));
         c.args(["bench-engine", "--random-weights", "--configs", configs])
             .args(["--width", "64", "--height", "48", "--seq-len", "32"])
-            .args(["--warmup", "0", "--iters", "1", "--threads", "1"])
+            .args(["--warmup", "1", "--iters", "2", "--threads", "1"])
             .arg("--compare-diffusers")
-            .arg(&python);
+            .arg(python);
         if json {
             c.arg("--json");
         }
         c.output().unwrap()
     };
-    let out = run(true);
+    let out = run(true, &python);
     assert!(
         out.status.success(),
         "{}",
@@ -445,16 +452,45 @@ fn bench_engine_compares_with_diffusers_on_the_same_settings() {
         "--threads 1",
         "--device cpu",
         "--dtype f32",
-        "--warmup 0",
-        "--iters 1",
+        "--serve",
     ] {
         assert!(args.contains(want), "{want} not in: {args}");
     }
+    // Every stage, in the order ours ran: one warm-up and two timed runs each, one per pair.
+    let asked = std::fs::read_to_string(&runs).unwrap();
+    let stages = [
+        "text encoder",
+        "transformer step",
+        "CFG step (batch 2)",
+        "VAE decode",
+        "VAE encode",
+        "distilled image (4 steps)",
+    ];
+    let want: Vec<&str> = stages.iter().flat_map(|s| [*s; 3]).collect();
+    assert_eq!(asked.lines().collect::<Vec<_>>(), want);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["diffusers"]["stages"]["VAE decode"], 1000);
+    assert_eq!(v["diffusers"]["stages"]["VAE decode"], 1000.0);
     assert_eq!(v["threads"], 1);
-    // The table: one row per stage with the ratio (ours / 1000 ms), and both peaks.
-    let out = run(false);
+    // Against a constant 1000 ms the pair ratios are our runs over 1000.
+    let ours = v["stages"].as_array().unwrap();
+    let decode = ours.iter().find(|s| s["stage"] == "VAE decode").unwrap();
+    let ratio = &v["diffusers"]["ratios"]["VAE decode"];
+    let close = |a: &serde_json::Value, b: f64| (a.as_f64().unwrap() - b).abs() < 1e-9;
+    assert!(
+        close(
+            &ratio["median"],
+            decode["median_ms"].as_f64().unwrap() / 1000.0
+        ),
+        "{ratio} {decode}"
+    );
+    assert!(
+        close(&ratio["min"], decode["min_ms"].as_f64().unwrap() / 1000.0),
+        "{ratio} {decode}"
+    );
+    assert!(ratio["max"].as_f64() >= ratio["median"].as_f64());
+    // The table: one row per stage with the ratio and its range, and both peaks.
+    std::fs::remove_file(&runs).unwrap();
+    let out = run(false, &python);
     let text = String::from_utf8_lossy(&out.stdout);
     let row = text
         .lines()
@@ -464,6 +500,7 @@ fn bench_engine_compares_with_diffusers_on_the_same_settings() {
     let ours: f64 = cells[2].parse().unwrap();
     assert_eq!(cells[3], "1000.0");
     assert_eq!(cells[4], format!("{:.2}x", ours / 1000.0));
+    assert!(cells[5].ends_with('x') && cells[5].contains('-'), "{row}");
     assert!(text.contains("diffusers 1.00 GiB"), "{text}");
     // The step's operations at both sides' rates.
     let whole = text
@@ -475,6 +512,29 @@ fn bench_engine_compares_with_diffusers_on_the_same_settings() {
         whole.contains("; diffusers ") && whole.ends_with(" GFLOP/s"),
         "{whole}"
     );
+
+    // A diffusers side that dies mid-run, or answers an error, ends the benchmark with a clear
+    // error, not a hang or a table with holes.
+    for (name, body) in [
+        ("dies", "echo '{\"ready\": true}'; read -r line; exit 7"),
+        (
+            "refuses",
+            "echo '{\"ready\": true}'; read -r line; echo '{\"error\": \"no such stage\"}'",
+        ),
+        (
+            "never starts",
+            "echo 'Traceback: no module named torch' >&2; exit 1",
+        ),
+    ] {
+        let bad = dir.path().join(name.replace(' ', "-"));
+        std::fs::write(&bad, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let out = run(false, &bad);
+        assert!(!out.status.success(), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("diffusers benchmark"), "{name}: {err}");
+    }
 }
 
 /// `kleingate generate` checks its request by the API's own rules before loading anything, and

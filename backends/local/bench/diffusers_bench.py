@@ -13,6 +13,11 @@ pipeline runs: the text encoder as the pipeline calls it (Qwen3ForCausalLM with 
 states, the vocabulary logits included), one transformer forward (batch 1, and batch 2 for a CFG
 step), the VAE decoder and encoder, and a distilled image of 4 steps (text encoder, 4 transformer
 steps with Euler updates, VAE decode).
+
+With --serve (how `bench-engine` runs it) it builds the models, prints `{"ready": true}` and then
+answers one line per request on stdin: `run STAGE` runs that stage once and prints
+`{"ms": time}`, so the caller can time the same stage on both sides back to back; `end` prints the
+report (without stages) and exits.
 """
 
 import argparse
@@ -34,6 +39,7 @@ def main():
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--serve", action="store_true", help="time stages one run at a time on request (stdin)")
     a = p.parse_args()
 
     import torch
@@ -123,28 +129,52 @@ def main():
         img = vae.decode(lat, return_dict=False)[0]
         return (img * 0.5 + 0.5).clamp(0, 1)
 
-    stages = {}
-    with torch.inference_mode():
-        stages["text encoder"] = timed(encode)
-        stages["transformer step"] = timed(lambda: step(x, ctx, t1))
-        stages["CFG step (batch 2)"] = timed(lambda: step(x2, ctx2, t2))
-        stages["VAE decode"] = timed(lambda: vae.decode(latents, return_dict=False))
-        stages["VAE encode"] = timed(lambda: vae.encode(pixels))
-        stages["distilled image (4 steps)"] = timed(image)
+    runs = {
+        "text encoder": encode,
+        "transformer step": lambda: step(x, ctx, t1),
+        "CFG step (batch 2)": lambda: step(x2, ctx2, t2),
+        "VAE decode": lambda: vae.decode(latents, return_dict=False),
+        "VAE encode": lambda: vae.encode(pixels),
+        "distilled image (4 steps)": image,
+    }
 
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    json.dump({
-        "stages": stages,
-        "peak_memory_bytes": peak,
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
-    }, sys.stdout)
-    print()
+    def report():
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "peak_memory_bytes": peak,
+            "threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__},
+        }
+
+    def say(obj):
+        json.dump(obj, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    with torch.inference_mode():
+        if a.serve:
+            say({"ready": True})
+            for line in sys.stdin:
+                cmd, _, arg = line.strip().partition(" ")
+                if cmd == "end":
+                    say(report())
+                    return
+                if cmd != "run" or arg not in runs:
+                    say({"error": f"unknown request {line.strip()!r}"})
+                    continue
+                sync()
+                s = time.perf_counter()
+                runs[arg]()
+                sync()
+                say({"ms": (time.perf_counter() - s) * 1e3})
+            return
+        stages = {name: timed(f) for name, f in runs.items()}
+    say({"stages": stages, **report()})
 
 
 if __name__ == "__main__":

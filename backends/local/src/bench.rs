@@ -6,6 +6,12 @@
 //! Every timed region ends with a device sync, so queued GPU work lands on the stage that issued
 //! it. Each stage runs `warmup` times untimed (kernel compilation and autotuning happen there),
 //! then `iters` times; the median is reported.
+//!
+//! With a [`Partner`] (another engine, e.g. diffusers in a child process), every run of every
+//! pipeline stage is followed or preceded by the partner's run of the same stage, alternating who
+//! goes first. On a shared machine whose speed drifts by tens of percent over minutes, two sides
+//! timed minutes apart can differ by that much for nothing; timed back to back, both see the
+//! same machine, and the median of the per-pair ratios keeps only what differs between them.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -119,6 +125,18 @@ pub struct BenchSpec {
     pub text_encoder: TextEncoderMode,
 }
 
+/// Another engine timed beside this one, stage by stage, by the stage's name (see the module
+/// doc). It owns its models and inputs, built from the same configs and shapes.
+pub trait Partner {
+    /// Run `stage` once, synced, and return how long it took.
+    fn run(&mut self, stage: &str) -> Result<Duration, EngineError>;
+}
+
+/// Idle time before each timed run when a partner shares the machine: a pool that has just
+/// finished spins its threads for a few milliseconds (rayon, OpenMP) before sleeping, which would
+/// steal cores from the side that runs next.
+const PAIR_GAP: Duration = Duration::from_millis(30);
+
 #[derive(Clone, Debug)]
 pub struct Stage {
     pub name: &'static str,
@@ -127,6 +145,42 @@ pub struct Stage {
     /// The highest memory reading of this stage's runs: device memory the allocator held on GPU
     /// devices, the process's peak resident set on the CPU (reset before the stage).
     pub peak_bytes: Option<u64>,
+    /// The partner's runs of the same stage, each timed beside one of ours.
+    pub partner: Option<Paired>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Paired {
+    /// The partner's median run.
+    pub median: Duration,
+    /// Ours over the partner's, run by run: the median, and the lowest and highest.
+    pub ratio: f64,
+    pub ratio_range: (f64, f64),
+}
+
+impl Paired {
+    /// From the two sides' runs, pair by pair (same length, at least one).
+    fn of(ours: &[Duration], theirs: &[Duration]) -> Paired {
+        let mut ratios: Vec<f64> = ours
+            .iter()
+            .zip(theirs)
+            .map(|(o, t)| o.as_secs_f64() / t.as_secs_f64().max(1e-9))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let mut sorted = theirs.to_vec();
+        sorted.sort();
+        Paired {
+            median: median(&sorted),
+            ratio: median(&ratios),
+            ratio_range: (ratios[0], ratios[ratios.len() - 1]),
+        }
+    }
+}
+
+/// The middle value of a sorted, non-empty list (the upper one of an even count, as the stages'
+/// medians have always been taken).
+fn median<T: Copy>(sorted: &[T]) -> T {
+    sorted[sorted.len() / 2]
 }
 
 #[derive(Clone, Debug)]
@@ -209,9 +263,11 @@ pub struct BenchReport {
     pub step_ops: Vec<OpShare>,
     /// Building the models (reading or generating the weights, uploading them).
     pub load_time: Duration,
-    /// On the CPU: the pool's peak 8-lane FMA rate measured in this run (GFLOP/s), the ceiling
-    /// for the step's op rates (`None` on GPU devices and CPUs without AVX2 + FMA).
+    /// On the CPU: the pool's peak FMA rate measured in this run (GFLOP/s), the ceiling for the
+    /// step's op rates (`None` on GPU devices and CPUs without AVX2 + FMA), at the widest FMA
+    /// the CPU has: `cpu_fma_lanes` f32 lanes (16 with AVX-512, 8 with AVX2).
     pub cpu_peak_gflop_per_s: Option<f64>,
+    pub cpu_fma_lanes: usize,
 }
 
 fn sync(device: &Device) -> Result<(), EngineError> {
@@ -220,14 +276,15 @@ fn sync(device: &Device) -> Result<(), EngineError> {
         .map_err(|e| EngineError::Device(format!("{e:?}")))
 }
 
-struct Timer<'a> {
+struct Timer<'a, 'p> {
     device: &'a Device,
     spec: &'a BenchSpec,
     peak: Option<u64>,
     progress: &'a mut dyn FnMut(&str),
+    partner: Option<&'a mut (dyn Partner + 'p)>,
 }
 
-impl Timer<'_> {
+impl Timer<'_, '_> {
     /// The current memory reading (see [`Stage::peak_bytes`]), folded into the overall peak.
     /// The overall peak follows the device allocator only (what `peak_reserved_bytes` means).
     fn sample_memory(&mut self) -> Option<u64> {
@@ -240,43 +297,88 @@ impl Timer<'_> {
         }
     }
 
+    /// Time a pipeline stage: beside the partner's, when there is one.
     fn time(
         &mut self,
         name: &'static str,
+        f: impl FnMut() -> Result<(), EngineError>,
+    ) -> Result<Stage, EngineError> {
+        self.time_runs(name, true, f)
+    }
+
+    /// Time our side alone (the step's op-kind breakdown, which the partner has no match for).
+    fn time_alone(
+        &mut self,
+        name: &'static str,
+        f: impl FnMut() -> Result<(), EngineError>,
+    ) -> Result<Stage, EngineError> {
+        self.time_runs(name, false, f)
+    }
+
+    fn time_runs(
+        &mut self,
+        name: &'static str,
+        paired: bool,
         mut f: impl FnMut() -> Result<(), EngineError>,
     ) -> Result<Stage, EngineError> {
         (self.progress)(name);
         reset_peak_rss();
-        for _ in 0..self.spec.warmup {
-            f()?;
-            sync(self.device)?;
-        }
-        let mut runs = Vec::with_capacity(self.spec.iters);
-        for _ in 0..self.spec.iters.max(1) {
-            sync(self.device)?;
+        let device = self.device;
+        let mut ours = || -> Result<Duration, EngineError> {
+            sync(device)?;
             let start = Instant::now();
             f()?;
-            sync(self.device)?;
-            runs.push(start.elapsed());
+            sync(device)?;
+            Ok(start.elapsed())
+        };
+        let mut partner = self.partner.as_deref_mut().filter(|_| paired);
+        let (mut runs, mut theirs) = (Vec::new(), Vec::new());
+        for i in 0..self.spec.warmup + self.spec.iters.max(1) {
+            let timed = i >= self.spec.warmup;
+            let (o, t) = match partner.as_deref_mut() {
+                None => (ours()?, None),
+                // Alternate who goes first, so neither side always inherits the other's caches
+                // or a machine that has just got busier.
+                Some(p) if i % 2 == 0 => {
+                    std::thread::sleep(PAIR_GAP);
+                    let o = ours()?;
+                    std::thread::sleep(PAIR_GAP);
+                    (o, Some(p.run(name)?))
+                }
+                Some(p) => {
+                    std::thread::sleep(PAIR_GAP);
+                    let t = p.run(name)?;
+                    std::thread::sleep(PAIR_GAP);
+                    (ours()?, Some(t))
+                }
+            };
+            if timed {
+                runs.push(o);
+                theirs.extend(t);
+            }
         }
         let peak_bytes = self.sample_memory();
+        let partner = (!theirs.is_empty()).then(|| Paired::of(&runs, &theirs));
         runs.sort();
         Ok(Stage {
             name,
-            median: runs[runs.len() / 2],
+            median: median(&runs),
             min: runs[0],
             peak_bytes,
+            partner,
         })
     }
 }
 
-/// Load the three models from `dir`'s configs (weights from `source`) and time every stage.
+/// Load the three models from `dir`'s configs (weights from `source`) and time every stage, each
+/// beside `partner`'s run of it when given.
 pub fn run(
     dir: &Path,
     source: Source,
     spec: &BenchSpec,
     device: &Device,
     progress: &mut dyn FnMut(&str),
+    partner: Option<&mut dyn Partner>,
 ) -> Result<BenchReport, EngineError> {
     // Check the size before building a model that can take minutes and tens of GB.
     let m = 2 * VaeConfig::load(&dir.join("vae/config.json"))?.scale_factor();
@@ -345,6 +447,7 @@ pub fn run(
         spec,
         peak: None,
         progress,
+        partner,
     };
     timer.sample_memory();
     let mut stages = vec![
@@ -397,6 +500,7 @@ pub fn run(
         step_ops,
         load_time,
         cpu_peak_gflop_per_s,
+        cpu_fma_lanes: crate::cpu::simd::fma_lanes(),
     })
 }
 
@@ -408,7 +512,7 @@ pub fn run(
 /// minus these two.
 fn profile_step(
     tr: &Transformer,
-    timer: &mut Timer<'_>,
+    timer: &mut Timer<'_, '_>,
     batch: usize,
     text_tokens: usize,
     image_tokens: usize,
@@ -425,14 +529,14 @@ fn profile_step(
     for (rows, din, dout, count) in shapes {
         let x = Tensor::<3>::random([batch, rows, din], Distribution::Default, &device).cast(f);
         let wt = Tensor::<2>::random([din, dout], Distribution::Default, &device).cast(f);
-        let s = timer.time("profile: linear", || {
+        let s = timer.time_alone("profile: linear", || {
             let _ = lin(x.clone(), &wt);
             Ok(())
         })?;
         linear_time += s.median * count as u32;
     }
     let q = Tensor::<4>::random([batch, heads, tokens, hd], Distribution::Default, &device).cast(f);
-    let att = timer.time("profile: attention", || {
+    let att = timer.time_alone("profile: attention", || {
         let _ = sdpa(q.clone(), q.clone(), q.clone(), None);
         Ok(())
     })?;

@@ -35,6 +35,9 @@ pub enum EngineError {
     Device(String),
     #[error("cancelled: nobody is waiting for the result any more")]
     Cancelled,
+    /// The engine a benchmark compares against failed (see [`crate::bench::Partner`]).
+    #[error("compared engine: {0}")]
+    Compared(String),
 }
 
 impl EngineError {

@@ -108,21 +108,29 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         precision: a.precision(),
         text_encoder: a.text_encoder,
     };
-    let report = bench::run(&dir, source, &spec, &device, &mut |stage| {
-        eprintln!("[bench] {stage}");
-    });
-    // Theirs after ours, on the same configs, one at a time (they share the machine).
-    let theirs = match (&report, &a.compare_diffusers) {
-        (Ok(_), Some(python)) => Some(run_diffusers(python, &dir, &a)),
-        _ => None,
+    // The partner builds its models first, then each stage runs on both sides back to back.
+    let mut partner = match &a.compare_diffusers {
+        Some(python) => match Diffusers::start(python, &dir, &a) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                remove_preset(&a, &dir);
+                return Err(e);
+            }
+        },
+        None => None,
     };
-    let preset = a.random_weights && a.configs.is_none();
-    if preset {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    let report = bench::run(
+        &dir,
+        source,
+        &spec,
+        &device,
+        &mut |stage| eprintln!("[bench] {stage}"),
+        partner.as_mut().map(|p| p as &mut dyn bench::Partner),
+    );
+    remove_preset(&a, &dir);
     let report = report.context("benchmark")?;
-    if let Some(theirs) = theirs {
-        let theirs = theirs?;
+    if let Some(partner) = partner {
+        let theirs = partner.finish(&report)?;
         if a.json {
             let mut j = json(&a, &report);
             j["diffusers"] = theirs;
@@ -132,6 +140,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let preset = a.random_weights && a.configs.is_none();
     // The reference figures are for klein-4B shapes at 1024x768 with 512 prompt tokens.
     let with_reference = preset
         && a.model.id().ends_with("4b")
@@ -144,50 +153,160 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run the diffusers side (`backends/local/bench/diffusers_bench.py`, built into this binary) and
-/// return its JSON report.
-fn run_diffusers(
-    python: &str,
-    configs: &std::path::Path,
-    a: &BenchArgs,
-) -> anyhow::Result<serde_json::Value> {
-    eprintln!("[bench] the same stages in diffusers/PyTorch ({python})");
-    let script = std::env::temp_dir().join(format!(
-        "kleingate-diffusers-bench-{}.py",
-        std::process::id()
-    ));
-    std::fs::write(&script, bench::DIFFUSERS_SCRIPT).context("writing the diffusers script")?;
-    let device = if a.device == "cpu" { "cpu" } else { "cuda" };
-    let threads = a
-        .threads
-        .unwrap_or_else(kleingate_local::device::cpu_threads);
-    let out = std::process::Command::new(python)
-        .arg(&script)
-        .args(["--configs".as_ref(), configs.as_os_str()])
-        .args(["--width", &a.width.to_string()])
-        .args(["--height", &a.height.to_string()])
-        .args(["--seq-len", &a.seq_len.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--device", device])
-        .args(["--dtype", a.precision().name()])
-        .args(["--warmup", &a.warmup.to_string()])
-        .args(["--iters", &a.iters.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output();
-    let _ = std::fs::remove_file(&script);
-    let out = out.with_context(|| format!("running {python}"))?;
-    if !out.status.success() {
-        bail!(
-            "the diffusers benchmark failed ({}); see its output above",
-            out.status
-        );
+/// The shipped configs written out for this run (`--random-weights` without `--configs`) are
+/// removed when it is done.
+fn remove_preset(a: &BenchArgs, dir: &std::path::Path) {
+    if a.random_weights && a.configs.is_none() {
+        let _ = std::fs::remove_dir_all(dir);
     }
-    serde_json::from_slice(&out.stdout).context("reading the diffusers benchmark's JSON")
+}
+
+/// The diffusers side (`backends/local/bench/diffusers_bench.py`, built into this binary) in a
+/// child process in `--serve` mode: built once on the same configs, then asked for one run of a
+/// stage at a time (a line on its stdin, a JSON line back).
+struct Diffusers {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    script: std::path::PathBuf,
+}
+
+impl Diffusers {
+    fn start(python: &str, configs: &std::path::Path, a: &BenchArgs) -> anyhow::Result<Self> {
+        eprintln!("[bench] building the same models in diffusers/PyTorch ({python})");
+        let script = std::env::temp_dir().join(format!(
+            "kleingate-diffusers-bench-{}.py",
+            std::process::id()
+        ));
+        std::fs::write(&script, bench::DIFFUSERS_SCRIPT).context("writing the diffusers script")?;
+        let device = if a.device == "cpu" { "cpu" } else { "cuda" };
+        let threads = a
+            .threads
+            .unwrap_or_else(kleingate_local::device::cpu_threads);
+        let child = std::process::Command::new(python)
+            .arg(&script)
+            .args(["--configs".as_ref(), configs.as_os_str()])
+            .args(["--width", &a.width.to_string()])
+            .args(["--height", &a.height.to_string()])
+            .args(["--seq-len", &a.seq_len.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--device", device])
+            .args(["--dtype", a.precision().name()])
+            .arg("--serve")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&script);
+                return Err(e).with_context(|| format!("running {python}"));
+            }
+        };
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("no pipes to the diffusers benchmark");
+        };
+        let mut d = Diffusers {
+            child,
+            stdin,
+            stdout: std::io::BufReader::new(stdout),
+            script,
+        };
+        let ready = d.answer()?;
+        if ready["ready"] != true {
+            bail!("the diffusers benchmark did not start: {ready}");
+        }
+        Ok(d)
+    }
+
+    /// Its next line, as JSON; an error if it exited (its stderr is ours, so the reason is above).
+    fn answer(&mut self) -> anyhow::Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .context("reading from the diffusers benchmark")?;
+        if line.is_empty() {
+            let status = self
+                .child
+                .wait()
+                .context("waiting for the diffusers benchmark")?;
+            bail!("the diffusers benchmark stopped ({status}); see its output above");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("the diffusers benchmark said {:?}", line.trim()))?;
+        if let Some(e) = v.get("error") {
+            bail!("the diffusers benchmark: {e}");
+        }
+        Ok(v)
+    }
+
+    fn ask(&mut self, request: &str) -> anyhow::Result<serde_json::Value> {
+        use std::io::Write;
+        writeln!(self.stdin, "{request}")
+            .and_then(|()| self.stdin.flush())
+            .context("writing to the diffusers benchmark")?;
+        self.answer()
+    }
+
+    /// Ends the child and returns its report with the stages' medians (as the standalone script
+    /// prints it) and the paired ratios.
+    fn finish(mut self, ours: &BenchReport) -> anyhow::Result<serde_json::Value> {
+        let mut theirs = self.ask("end")?;
+        let _ = self.child.wait();
+        let stages: serde_json::Map<String, serde_json::Value> = ours
+            .stages
+            .iter()
+            .filter_map(|s| Some((s.name.to_string(), ms(s.partner.as_ref()?.median).into())))
+            .collect();
+        let ratios: serde_json::Map<String, serde_json::Value> = ours
+            .stages
+            .iter()
+            .filter_map(|s| {
+                let p = s.partner.as_ref()?;
+                Some((
+                    s.name.to_string(),
+                    serde_json::json!({
+                        "median": p.ratio, "min": p.ratio_range.0, "max": p.ratio_range.1,
+                    }),
+                ))
+            })
+            .collect();
+        theirs["stages"] = stages.into();
+        theirs["ratios"] = ratios.into();
+        Ok(theirs)
+    }
+}
+
+impl bench::Partner for Diffusers {
+    fn run(&mut self, stage: &str) -> Result<Duration, kleingate_local::EngineError> {
+        let v = self
+            .ask(&format!("run {stage}"))
+            .map_err(|e| kleingate_local::EngineError::Compared(format!("{e:#}")))?;
+        match v["ms"].as_f64() {
+            Some(t) if t.is_finite() && t >= 0.0 => Ok(Duration::from_secs_f64(t / 1e3)),
+            _ => Err(kleingate_local::EngineError::Compared(format!(
+                "the diffusers benchmark answered {v} for {stage}"
+            ))),
+        }
+    }
+}
+
+impl Drop for Diffusers {
+    /// Never leave the child behind, whatever ended the run early.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.script);
+    }
 }
 
 fn print_comparison(a: &BenchArgs, r: &BenchReport, theirs: &serde_json::Value) {
     println!(
-        "kleingate bench-engine vs diffusers {} / torch {}: {}x{}, {} prompt tokens, device {}, {}, {} threads, random weights, median of {}",
+        "kleingate bench-engine vs diffusers {} / torch {}: {}x{}, {} prompt tokens, device {}, {}, {} threads, random weights, median of {} runs each side, timed in pairs back to back",
         theirs["versions"]["diffusers"].as_str().unwrap_or("?"),
         theirs["versions"]["torch"].as_str().unwrap_or("?"),
         a.width,
@@ -198,15 +317,24 @@ fn print_comparison(a: &BenchArgs, r: &BenchReport, theirs: &serde_json::Value) 
         theirs["threads"],
         a.iters.max(1)
     );
-    println!("| stage | kleingate ms | diffusers ms | kleingate / diffusers |");
-    println!("|---|---|---|---|");
+    println!(
+        "| stage | kleingate ms | diffusers ms | kleingate / diffusers (median of pairs) | lowest-highest pair |"
+    );
+    println!("|---|---|---|---|---|");
     for s in &r.stages {
-        let other = theirs["stages"][s.name].as_f64();
-        let (o, ratio) = match other {
-            Some(v) => (format!("{v:.1}"), format!("{:.2}x", ms(s.median) / v)),
-            None => ("-".into(), "-".into()),
+        let (o, ratio, range) = match &s.partner {
+            Some(p) => (
+                format!("{:.1}", ms(p.median)),
+                format!("{:.2}x", p.ratio),
+                format!("{:.2}-{:.2}x", p.ratio_range.0, p.ratio_range.1),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
         };
-        println!("| {} | {:.1} | {o} | {ratio} |", s.name, ms(s.median));
+        println!(
+            "| {} | {:.1} | {o} | {ratio} | {range} |",
+            s.name,
+            ms(s.median)
+        );
     }
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let ours = r
@@ -284,6 +412,7 @@ fn json(a: &BenchArgs, r: &BenchReport) -> serde_json::Value {
         "weight_bytes": r.weight_bytes.iter().map(|(n, b)| (n.to_string(), serde_json::Value::from(*b))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "peak_reserved_bytes": r.peak_reserved_bytes,
         "cpu_peak_gflop_per_s": r.cpu_peak_gflop_per_s,
+        "cpu_fma_lanes": r.cpu_peak_gflop_per_s.map(|_| r.cpu_fma_lanes),
         "step_ops": r.step_ops.iter().map(|o| serde_json::json!({
             "kind": o.kind, "ms": ms(o.time), "gflop": o.flops / 1e9, "gflop_per_s": o.gflop_per_s(),
         })).collect::<Vec<_>>(),
@@ -382,7 +511,8 @@ fn print_step_ops(r: &BenchReport, diffusers_step_ms: Option<f64>) {
     );
     if let Some(p) = r.cpu_peak_gflop_per_s {
         println!(
-            "  peak: {p:.0} GFLOP/s (8-lane FMA on every thread of the pool, measured in this run)"
+            "  peak: {p:.0} GFLOP/s ({}-lane FMA on every thread of the pool, measured in this run)",
+            r.cpu_fma_lanes
         );
     }
 }
