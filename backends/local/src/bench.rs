@@ -20,7 +20,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::config::{Flux2Config, VaeConfig};
 use crate::error::EngineError;
-use crate::nn::{lin, sdpa};
+use crate::nn::{lin, sdpa, LinearWeight};
 use crate::pipeline::{TextEncoderMode, TEXT_OUT_LAYERS};
 use crate::precision::Precision;
 use crate::sampler::{euler_step, grid_ids, pack, seeded_noise, text_ids, unpack};
@@ -528,7 +528,9 @@ fn profile_step(
     let mut linear_time = Duration::ZERO;
     for (rows, din, dout, count) in shapes {
         let x = Tensor::<3>::random([batch, rows, din], Distribution::Default, &device).cast(f);
-        let wt = Tensor::<2>::random([din, dout], Distribution::Default, &device).cast(f);
+        let wt = LinearWeight::new(
+            Tensor::<2>::random([din, dout], Distribution::Default, &device).cast(f),
+        );
         let s = timer.time_alone("profile: linear", || {
             let _ = lin(x.clone(), &wt);
             Ok(())

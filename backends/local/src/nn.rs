@@ -7,9 +7,12 @@
 
 use burn::tensor::module::{attention, layer_norm as fused_layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
+use std::sync::Arc;
+
 use burn::tensor::{Bool, DType, FloatDType, Tensor};
 
 use crate::cpu;
+use crate::cpu::matmul::PackedWeight;
 
 /// `x` as a tensor of rank `N` when `D == N` (the rank is only a type parameter; the data is
 /// untouched), for calling a kernel written for one rank from code generic over it.
@@ -26,9 +29,60 @@ pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<
     f(x.cast(FloatDType::F32)).cast(dtype)
 }
 
-/// `x @ w` for a weight already in burn's `[in, out]` layout (see `WeightStore::linear`).
-pub fn lin<const D: usize>(x: Tensor<D>, w: &Tensor<2>) -> Tensor<D> {
-    rows_at_once(x, |x| linear(x, w.clone(), None))
+/// A linear layer's weight, `[in, out]`. In f32 on a CPU with AVX-512 it is packed once, here,
+/// for [`cpu::matmul`], and the tensor is dropped, so the weight is held once; everywhere else it
+/// is burn's tensor, for burn's matmul.
+#[derive(Clone, Debug)]
+pub struct LinearWeight(Repr);
+
+// A few hundred per model, read by reference: the tensor's size next to the Arc costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+enum Repr {
+    Tensor(Tensor<2>),
+    Packed(Arc<PackedWeight>),
+}
+
+impl LinearWeight {
+    /// `w` in burn's `[in, out]` layout (see `WeightStore::linear`).
+    pub fn new(w: Tensor<2>) -> Self {
+        let packed = cpu::Dense::of(&w).and_then(|d| {
+            let [k, n] = w.dims();
+            PackedWeight::new(d.slice(), k, n)
+        });
+        LinearWeight(match packed {
+            Some(p) => Repr::Packed(Arc::new(p)),
+            None => Repr::Tensor(w),
+        })
+    }
+
+    /// burn's tensor, unpacked again where the weight was packed.
+    fn tensor(&self) -> Tensor<2> {
+        match &self.0 {
+            Repr::Tensor(t) => t.clone(),
+            Repr::Packed(p) => cpu::tensor(p.unpack(), [p.k(), p.n()]),
+        }
+    }
+
+    /// Whether the packed CPU kernel runs this layer.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.0, Repr::Packed(_))
+    }
+
+    /// `x @ w (+ b)` for `x` `[rows, in]`, in `x`'s dtype.
+    fn forward(&self, x: Tensor<2>, b: Option<&Tensor<1>>) -> Tensor<2> {
+        if let Repr::Packed(p) = &self.0 {
+            if let Some(y) = cpu::matmul::linear(&x, p, b) {
+                return y;
+            }
+        }
+        linear(x, self.tensor(), b.cloned())
+    }
+}
+
+/// `x @ w`.
+pub fn lin<const D: usize>(x: Tensor<D>, w: &LinearWeight) -> Tensor<D> {
+    rows_at_once(x, |x| w.forward(x, None))
 }
 
 /// `f` (a linear layer) on `x` `[.., in]` with every leading dimension folded into the rows: one
@@ -161,14 +215,14 @@ pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Boo
 }
 
 /// `x @ w + b`, rounded once in reduced precision (PyTorch's `addmm`).
-pub fn lin_bias<const D: usize>(x: Tensor<D>, w: &Tensor<2>, b: &Tensor<1>) -> Tensor<D> {
+pub fn lin_bias<const D: usize>(x: Tensor<D>, w: &LinearWeight, b: &Tensor<1>) -> Tensor<D> {
     let dtype = x.dtype();
     if dtype == DType::F32 {
-        return rows_at_once(x, |x| linear(x, w.clone(), Some(b.clone())));
+        return rows_at_once(x, |x| w.forward(x, Some(b)));
     }
     let f = FloatDType::F32;
     rows_at_once(x.cast(f), |x| {
-        linear(x, w.clone().cast(f), Some(b.clone().cast(f)))
+        linear(x, w.tensor().cast(f), Some(b.clone().cast(f)))
     })
     .cast(dtype)
 }
@@ -308,22 +362,46 @@ mod tests {
 
     /// Folding the leading dimensions into the rows gives burn's batched product: a batch of
     /// two with 32 rows each (which burn itself would run batch by batch), a strided input (a
-    /// slice of a wider tensor), a 4-D input, and with a bias.
+    /// slice of a wider tensor), a 4-D input, and with a bias. On a CPU with
+    /// AVX-512 the weight is packed, and this checks the packed kernel's path end to end.
     #[test]
     fn linear_layers_fold_the_batch_into_rows() {
         let dev = Device::flex();
         let w = Tensor::<2>::random([24, 40], Distribution::Default, &dev);
+        let lw = LinearWeight::new(w.clone());
+        assert_eq!(lw.is_packed(), cpu::matmul::available());
+        assert_eq!(lw.tensor().to_data(), w.to_data(), "unpacked as it was");
         let b = Tensor::<1>::random([40], Distribution::Default, &dev);
         let x = Tensor::<3>::random([2, 32, 24], Distribution::Default, &dev);
         let want = x.clone().matmul(w.clone().unsqueeze::<3>());
-        close(lin(x.clone(), &w), want.clone());
-        close(lin_bias(x, &w, &b), want.add(b.clone().unsqueeze::<3>()));
+        close(lin(x.clone(), &lw), want.clone());
+        close(lin_bias(x, &lw, &b), want.add(b.clone().unsqueeze::<3>()));
         let part = Tensor::<3>::random([2, 32, 30], Distribution::Default, &dev).narrow(2, 3, 24);
         close(
-            lin(part.clone(), &w),
+            lin(part.clone(), &lw),
             part.matmul(w.clone().unsqueeze::<3>()),
         );
         let x4 = Tensor::<4>::random([2, 3, 5, 24], Distribution::Default, &dev);
-        close(lin(x4.clone(), &w), x4.matmul(w.unsqueeze::<4>()));
+        close(lin(x4.clone(), &lw), x4.matmul(w.clone().unsqueeze::<4>()));
+        // In reduced precision the product runs in f32 on burn's path and rounds once: within
+        // one bf16 rounding (2^-8 relative) of the f32 product's.
+        let h = FloatDType::BF16;
+        let lh = LinearWeight::new(w.clone().cast(h));
+        assert!(!lh.is_packed());
+        let xh = Tensor::<3>::random([2, 5, 24], Distribution::Default, &dev).cast(h);
+        let f = FloatDType::F32;
+        let want = xh
+            .clone()
+            .cast(f)
+            .matmul(w.cast(h).cast(f).unsqueeze::<3>())
+            .add(b.clone().cast(h).cast(f).unsqueeze::<3>());
+        let got = lin_bias(xh, &lh, &b.cast(h));
+        assert_eq!(got.dtype(), DType::BF16);
+        let rel = got
+            .cast(f)
+            .sub(want.clone())
+            .abs()
+            .div(want.abs().add_scalar(1e-3));
+        assert!(rel.max().into_scalar::<f32>() <= 1.0 / 256.0);
     }
 }

@@ -13,14 +13,13 @@
 use std::path::Path;
 
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor, TensorData};
 use image::imageops::FilterType;
 
 use crate::config::{ImageProcessorConfig, VitConfig};
 use crate::error::EngineError;
 use crate::image_io::Rgb8;
-use crate::nn::{layer_norm, sdpa, Conv};
+use crate::nn::{layer_norm, lin_bias, sdpa, Conv, LinearWeight};
 use crate::weights::WeightStore;
 
 /// Labels counted as "not safe for work" (case-insensitive). Falconsai's model has `normal` and
@@ -42,7 +41,7 @@ mod names {
 
 /// A linear layer with bias, weight in burn's `[in, out]` layout.
 struct Linear {
-    w: Tensor<2>,
+    w: LinearWeight,
     b: Tensor<1>,
 }
 
@@ -71,7 +70,7 @@ impl Linear {
     }
 
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.w.clone(), Some(self.b.clone()))
+        lin_bias(x, &self.w, &self.b)
     }
 }
 

@@ -11,7 +11,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::Qwen3Config;
 use crate::error::EngineError;
-use crate::nn::{lin, rms_norm, sdpa, silu};
+use crate::nn::{lin, rms_norm, sdpa, silu, LinearWeight};
 use crate::precision::Precision;
 use crate::weights::{Source, WeightStore};
 
@@ -19,14 +19,14 @@ struct Layer {
     input_norm: Tensor<1>,
     /// q, k and v projections side by side `[hidden, (heads + 2 kv heads) * head_dim]`: one
     /// matmul instead of three.
-    qkv: Tensor<2>,
-    o: Tensor<2>,
+    qkv: LinearWeight,
+    o: LinearWeight,
     q_norm: Tensor<1>,
     k_norm: Tensor<1>,
     post_norm: Tensor<1>,
     /// gate and up projections side by side `[hidden, 2 * intermediate]`.
-    gate_up: Tensor<2>,
-    down: Tensor<2>,
+    gate_up: LinearWeight,
+    down: LinearWeight,
 }
 
 pub struct TextEncoder {
@@ -82,21 +82,21 @@ impl TextEncoder {
         let embed = w.tensor("model.embed_tokens.weight", [config.vocab_size, h])?;
         let mut layers = Vec::with_capacity(deepest);
         for i in 0..deepest {
-            let qkv = Tensor::cat(
-                vec![
-                    w.linear(&layer_name(i, "self_attn.q_proj"), h, nh * hd)?,
-                    w.linear(&layer_name(i, "self_attn.k_proj"), h, nkv * hd)?,
-                    w.linear(&layer_name(i, "self_attn.v_proj"), h, nkv * hd)?,
+            let qkv = w.linear_fused(
+                &[
+                    (layer_name(i, "self_attn.q_proj").as_str(), nh * hd),
+                    (layer_name(i, "self_attn.k_proj").as_str(), nkv * hd),
+                    (layer_name(i, "self_attn.v_proj").as_str(), nkv * hd),
                 ],
-                1,
-            );
-            let gate_up = Tensor::cat(
-                vec![
-                    w.linear(&layer_name(i, "mlp.gate_proj"), h, inter)?,
-                    w.linear(&layer_name(i, "mlp.up_proj"), h, inter)?,
+                h,
+            )?;
+            let gate_up = w.linear_fused(
+                &[
+                    (layer_name(i, "mlp.gate_proj").as_str(), inter),
+                    (layer_name(i, "mlp.up_proj").as_str(), inter),
                 ],
-                1,
-            );
+                h,
+            )?;
             layers.push(Layer {
                 input_norm: w.tensor(&layer_name(i, "input_layernorm"), [h])?,
                 qkv,

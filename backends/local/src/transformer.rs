@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
 use crate::config::Flux2Config;
 use crate::error::EngineError;
-use crate::nn::{lin, rms_norm, sdpa, silu, swiglu};
+use crate::nn::{lin, rms_norm, sdpa, silu, swiglu, LinearWeight};
 use crate::precision::Precision;
 use crate::trace::{Hook, Taps};
 use crate::weights::{Source, WeightStore};
@@ -46,7 +46,7 @@ impl ModParams {
 /// `single_stream_modulation`): SiLU(temb) to `sets` (shift, scale, gate) triples, computed once
 /// per forward and shared by every block of its kind.
 struct Modulation {
-    linear: Tensor<2>,
+    linear: LinearWeight,
     sets: usize,
 }
 
@@ -84,8 +84,8 @@ impl Modulation {
 
 /// `time_guidance_embed.timestep_embedder`: the timestep's sinusoid through a SiLU MLP.
 struct TimestepEmbedder {
-    linear_1: Tensor<2>,
-    linear_2: Tensor<2>,
+    linear_1: LinearWeight,
+    linear_2: LinearWeight,
     channels: usize,
 }
 
@@ -278,19 +278,19 @@ fn clip_f16(t: Tensor<3>) -> Tensor<3> {
 /// modulated, attend jointly (text tokens first), then each goes through its own SwiGLU MLP.
 struct DoubleBlock {
     /// The image stream's q, k and v projections side by side `[d, 3d]` (one matmul).
-    to_qkv: Tensor<2>,
+    to_qkv: LinearWeight,
     norm_q: Tensor<1>,
     norm_k: Tensor<1>,
     /// The text stream's, likewise.
-    add_qkv: Tensor<2>,
+    add_qkv: LinearWeight,
     norm_added_q: Tensor<1>,
     norm_added_k: Tensor<1>,
-    to_out: Tensor<2>,
-    to_add_out: Tensor<2>,
-    ff_in: Tensor<2>,
-    ff_out: Tensor<2>,
-    ff_ctx_in: Tensor<2>,
-    ff_ctx_out: Tensor<2>,
+    to_out: LinearWeight,
+    to_add_out: LinearWeight,
+    ff_in: LinearWeight,
+    ff_out: LinearWeight,
+    ff_ctx_in: LinearWeight,
+    ff_ctx_out: LinearWeight,
     heads: usize,
     head_dim: usize,
     eps: f64,
@@ -301,12 +301,9 @@ impl DoubleBlock {
     fn new(w: &WeightStore, c: &Flux2Config, prefix: &str) -> Result<Self, EngineError> {
         let (d, hd, m) = (c.inner_dim(), c.attention_head_dim, c.mlp_hidden());
         let n = |part: &str| format!("{prefix}.{part}.weight");
-        let fused = |names: [&str; 3]| -> Result<Tensor<2>, EngineError> {
-            let parts = names
-                .iter()
-                .map(|p| w.linear(&n(p), d, d))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Tensor::cat(parts, 1))
+        let fused = |names: [&str; 3]| {
+            let names = names.map(n);
+            w.linear_fused(&names.each_ref().map(|p| (p.as_str(), d)), d)
         };
         Ok(DoubleBlock {
             to_qkv: fused(["attn.to_q", "attn.to_k", "attn.to_v"])?,
@@ -369,10 +366,10 @@ impl DoubleBlock {
 /// one fused projection to q, k, v and the MLP's input, attention and the SwiGLU MLP side by side,
 /// one fused output projection.
 struct SingleBlock {
-    qkv_mlp: Tensor<2>,
+    qkv_mlp: LinearWeight,
     norm_q: Tensor<1>,
     norm_k: Tensor<1>,
-    to_out: Tensor<2>,
+    to_out: LinearWeight,
     heads: usize,
     head_dim: usize,
     eps: f64,
@@ -419,8 +416,8 @@ impl SingleBlock {
 
 /// `norm_out` (scale and shift from SiLU(temb), scale first) and `proj_out`.
 struct FinalLayer {
-    norm_out: Tensor<2>,
-    proj_out: Tensor<2>,
+    norm_out: LinearWeight,
+    proj_out: LinearWeight,
     eps: f64,
 }
 
@@ -452,8 +449,8 @@ impl FinalLayer {
 
 pub struct Transformer {
     pub config: Flux2Config,
-    x_embedder: Tensor<2>,
-    context_embedder: Tensor<2>,
+    x_embedder: LinearWeight,
+    context_embedder: LinearWeight,
     time_embedder: TimestepEmbedder,
     mod_img: Modulation,
     mod_txt: Modulation,

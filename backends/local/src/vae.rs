@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::VaeConfig;
 use crate::error::EngineError;
-use crate::nn::{group_norm, group_norm_silu, lin_bias, sdpa, Conv};
+use crate::nn::{group_norm, group_norm_silu, lin_bias, sdpa, Conv, LinearWeight};
 use crate::precision::Precision;
 use crate::weights::{Source, WeightStore};
 
@@ -30,10 +30,10 @@ struct Resnet {
 
 struct Attn {
     norm: Norm,
-    q: (Tensor<2>, Tensor<1>),
-    k: (Tensor<2>, Tensor<1>),
-    v: (Tensor<2>, Tensor<1>),
-    out: (Tensor<2>, Tensor<1>),
+    q: (LinearWeight, Tensor<1>),
+    k: (LinearWeight, Tensor<1>),
+    v: (LinearWeight, Tensor<1>),
+    out: (LinearWeight, Tensor<1>),
 }
 
 struct Mid {
@@ -99,7 +99,7 @@ impl Loader<'_> {
         })
     }
 
-    fn linear(&self, p: &str, c: usize) -> Result<(Tensor<2>, Tensor<1>), EngineError> {
+    fn linear(&self, p: &str, c: usize) -> Result<(LinearWeight, Tensor<1>), EngineError> {
         Ok((
             self.w.linear(&format!("{p}.weight"), c, c)?,
             self.w.tensor(&format!("{p}.bias"), [c])?,
@@ -160,7 +160,7 @@ impl Attn {
         let n = group_norm(x.clone(), groups, &self.norm.gamma, &self.norm.beta, GN_EPS);
         let seq = n.reshape([b, c, h * w]).swap_dims(1, 2);
         let proj =
-            |p: &(Tensor<2>, Tensor<1>)| lin_bias(seq.clone(), &p.0, &p.1).unsqueeze_dim::<4>(1);
+            |p: &(LinearWeight, Tensor<1>)| lin_bias(seq.clone(), &p.0, &p.1).unsqueeze_dim::<4>(1);
         let a = sdpa(proj(&self.q), proj(&self.k), proj(&self.v), None).squeeze_dim::<3>(1);
         let out = lin_bias(a, &self.out.0, &self.out.1);
         x.add(out.swap_dims(1, 2).reshape([b, c, h, w]))

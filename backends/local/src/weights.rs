@@ -18,6 +18,7 @@ use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::EngineError;
+use crate::nn::LinearWeight;
 use crate::precision::Precision;
 
 struct Shard {
@@ -300,7 +301,37 @@ impl WeightStore {
     /// transpose is laid out once here: burn's `linear` reshapes its weight, and burn-flex copies
     /// a transposed view to do that, on every call (a step took 715 ms before this, 446 after).
     /// GPU devices keep the view, which their matmul kernels read as it is.
-    pub fn linear(&self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>, EngineError> {
+    /// On a CPU with AVX-512 the f32 weight is then packed for the engine's own kernel
+    /// ([`LinearWeight`]).
+    pub fn linear(
+        &self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<LinearWeight, EngineError> {
+        Ok(LinearWeight::new(self.linear_tensor(name, d_in, d_out)?))
+    }
+
+    /// Several PyTorch `Linear` weights with the same input, side by side as one layer
+    /// `[d_in, sum of d_out]`: one product instead of several (q, k and v; gate and up).
+    pub fn linear_fused(
+        &self,
+        parts: &[(&str, usize)],
+        d_in: usize,
+    ) -> Result<LinearWeight, EngineError> {
+        let parts = parts
+            .iter()
+            .map(|&(name, d_out)| self.linear_tensor(name, d_in, d_out))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LinearWeight::new(Tensor::cat(parts, 1)))
+    }
+
+    fn linear_tensor(
+        &self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Tensor<2>, EngineError> {
         let t = self.tensor(name, [d_out, d_in])?.transpose();
         Ok(crate::cpu::contiguous(&t).unwrap_or(t))
     }

@@ -256,3 +256,42 @@ fn group_norm_statistics_hold_over_a_large_plane() {
         assert!((*g as f64 - w).abs() < 2e-3, "value {i}: {g}, want {w}");
     }
 }
+
+/// The packed linear kernel against burn's matmul: row counts below, at and past the register
+/// block (and several blocks with a remainder), depths that end mid-pass, output widths that end
+/// mid-panel, with and without a bias. Without AVX-512 nothing packs, and the layer is burn's.
+#[test]
+fn packed_linear_matches_burn() {
+    let shapes = [
+        (1, 24, 40),
+        (13, 300, 33),
+        (14, 256, 64),
+        (15, 513, 97),
+        (37, 768, 130),
+        (64, 70, 32),
+    ];
+    for (m, k, n) in shapes {
+        let (x, w, b) = (rand([m, k]), rand([k, n]), rand([n]));
+        let dense = Dense::of(&w).expect("f32 cpu");
+        let Some(packed) = matmul::PackedWeight::new(dense.slice(), k, n) else {
+            assert!(!matmul::available(), "AVX-512F but not packed");
+            continue;
+        };
+        assert_eq!((packed.k(), packed.n()), (k, n));
+        assert_eq!(
+            packed.unpack(),
+            dense.slice(),
+            "the packing is a permutation"
+        );
+        let want = x.clone().matmul(w.clone());
+        let got = matmul::linear(&x, &packed, None).expect("f32 cpu");
+        let d = max_diff(got, want.clone());
+        assert!(d < 1e-4, "{m}x{k}x{n}: {d}");
+        let got = matmul::linear(&x, &packed, Some(&b)).expect("f32 cpu");
+        let want = want.add(b.clone().unsqueeze::<2>());
+        assert!(max_diff(got, want) < 1e-4, "{m}x{k}x{n} with bias");
+        // A bias or an input of the wrong width is refused, not read past its end.
+        assert!(matmul::linear(&x, &packed, Some(&rand([n + 1]))).is_none());
+        assert!(matmul::linear(&rand([m, k + 1]), &packed, None).is_none());
+    }
+}
