@@ -29,7 +29,7 @@ pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<
     f(x.cast(FloatDType::F32)).cast(dtype)
 }
 
-/// A linear layer's weight, `[in, out]`. In f32 on a CPU with AVX-512 it is packed once, here,
+/// A linear layer's weight, `[in, out]`. In f32 on an x86 CPU with AVX2 + FMA or AVX-512 it is packed once, here,
 /// for [`cpu::matmul`], and the tensor is dropped, so the weight is held once; everywhere else it
 /// is burn's tensor, for burn's matmul.
 #[derive(Clone, Debug)]
@@ -363,13 +363,13 @@ mod tests {
     /// Folding the leading dimensions into the rows gives burn's batched product: a batch of
     /// two with 32 rows each (which burn itself would run batch by batch), a strided input (a
     /// slice of a wider tensor), a 4-D input, and with a bias. On a CPU with
-    /// AVX-512 the weight is packed, and this checks the packed kernel's path end to end.
+    /// AVX2 or AVX-512 the weight is packed, and this checks the packed kernel's path end to end.
     #[test]
     fn linear_layers_fold_the_batch_into_rows() {
         let dev = Device::flex();
         let w = Tensor::<2>::random([24, 40], Distribution::Default, &dev);
         let lw = LinearWeight::new(w.clone());
-        assert_eq!(lw.is_packed(), cpu::matmul::available());
+        assert_eq!(lw.is_packed(), cpu::matmul::Isa::best().is_some());
         assert_eq!(lw.tensor().to_data(), w.to_data(), "unpacked as it was");
         let b = Tensor::<1>::random([40], Distribution::Default, &dev);
         let x = Tensor::<3>::random([2, 32, 24], Distribution::Default, &dev);

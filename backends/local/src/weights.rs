@@ -301,7 +301,7 @@ impl WeightStore {
     /// transpose is laid out once here: burn's `linear` reshapes its weight, and burn-flex copies
     /// a transposed view to do that, on every call (a step took 715 ms before this, 446 after).
     /// GPU devices keep the view, which their matmul kernels read as it is.
-    /// On a CPU with AVX-512 the f32 weight is then packed for the engine's own kernel
+    /// On an x86 CPU with AVX2 or AVX-512 the f32 weight is then packed for the engine's own kernel
     /// ([`LinearWeight`]).
     pub fn linear(
         &self,

@@ -1,31 +1,103 @@
-//! The linear layers' matrix product on CPUs with AVX-512: `x @ w (+ bias)` with the weight packed
-//! once, at load, into the layout the register kernel reads.
+//! The linear layers' matrix product on x86 CPUs with AVX2 + FMA or AVX-512: `x @ w (+ bias)`
+//! with the weight packed once, at load, into the layout the register kernel reads.
 //!
 //! A general gemm (the `gemm` crate under burn-flex, or MKL under PyTorch) packs the weight into
 //! panels on every call, because it cannot know the weight will come again. Here the weight is a
 //! model parameter: [`PackedWeight`] lays it out once as column panels of [`NR`] values, `k`
 //! rows deep, so the kernel streams each panel from memory in order, and what remains per call
-//! is the product itself. The kernel keeps a block of [`MR`] x [`NR`] outputs in 28 of the 32
-//! vector registers and reads `x` in place (a broadcast per row and step, folded into the FMA's
-//! memory operand, from [`MR`] rows that the prefetchers follow). The depth is cut into [`KC`] steps so the panel's slice stays in L1
+//! is the product itself. The depth is cut into [`KC`] steps so the panel's slice stays in L1
 //! while every block of rows passes over it; the threads take disjoint ranges of panels.
+//!
+//! The register kernel, by [`Isa`]: with AVX-512, a block of 14 rows x 32 columns in 28 of the
+//! 32 vector registers, two for the panel's row, and `x`'s value broadcast from memory into each
+//! FMA; with AVX2, 6 rows x 16 columns (half a panel) in 12 of the 16, two for the panel and one
+//! broadcast. `x` is read in place, row by row, which the prefetchers follow.
 //!
 //! Measured on the step's shapes against the `gemm` crate (which burn-flex calls) on the same
 //! machine: see docs/engine.md ("The CPU backend").
+
+use std::sync::OnceLock;
 
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::Dense;
 
-/// Output columns per panel: two 16-lane vectors.
+/// Output columns per panel: two 16-lane vectors, four 8-lane ones.
 pub const NR: usize = 32;
-/// Output rows per register block: 14 x 2 accumulators and the two weight vectors fill 30 of the
-/// 32 registers (the row's broadcast is the FMA's memory operand).
-pub const MR: usize = 14;
-/// Depth per pass: a panel slice of KC x NR floats (32 KiB) stays in the 48 KiB L1 while the
-/// row blocks pass over it.
+/// The most rows any kernel takes at once ([`Isa::rows`]).
+const MR_MAX: usize = 14;
+/// Depth per pass: a panel slice of KC x NR floats (32 KiB) stays in a 48 KiB L1 while the
+/// row blocks pass over it (and mostly in a 32 KiB one).
 pub const KC: usize = 256;
+
+/// The environment variable that narrows the choice of kernel ([`Isa::best`]).
+pub const KERNEL_VAR: &str = "KLEINGATE_LINEAR_KERNEL";
+
+/// The vector instructions a kernel is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// The kernel the linear layers use: the widest this CPU runs, `None` without AVX2 + FMA
+    /// (and off x86). `KLEINGATE_LINEAR_KERNEL` (`avx512`, `avx2`, or `burn` for burn's matmul
+    /// on the unpacked weight) narrows the choice, to measure one against another in the same
+    /// build (`bench-engine`); a value the CPU cannot run, or that names no kernel, is ignored
+    /// with a warning.
+    pub fn best() -> Option<Isa> {
+        static CHOSEN: OnceLock<Option<Isa>> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let widest = [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported());
+            let Ok(asked) = std::env::var(KERNEL_VAR) else {
+                return widest;
+            };
+            let chosen = match asked.as_str() {
+                "burn" => Some(None),
+                "avx512" => Some(Some(Isa::Avx512)),
+                "avx2" => Some(Some(Isa::Avx2)),
+                _ => None,
+            };
+            match chosen {
+                Some(Some(isa)) if !isa.supported() => {
+                    tracing::warn!("{KERNEL_VAR}={asked}: this CPU lacks it; using {widest:?}");
+                    widest
+                }
+                Some(c) => c,
+                None => {
+                    tracing::warn!(
+                        "{KERNEL_VAR}={asked}: not avx512, avx2 or burn; using {widest:?}"
+                    );
+                    widest
+                }
+            }
+        })
+    }
+
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => super::simd::has_avx2_fma(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Output rows per register block.
+    fn rows(self) -> usize {
+        match self {
+            Isa::Avx512 => 14,
+            Isa::Avx2 => 6,
+        }
+    }
+}
 
 /// A weight `[k, n]` (`[in, out]`) as column panels: value `(p, j)` at
 /// `((j / NR) * k + p) * NR + j % NR`, the last panel padded with zeros.
@@ -37,9 +109,9 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Pack a row-major `[k, n]` weight. `None` where the kernel cannot run (no AVX-512F).
+    /// Pack a row-major `[k, n]` weight. `None` where no kernel runs ([`Isa::best`]).
     pub fn new(w: &[f32], k: usize, n: usize) -> Option<Self> {
-        if !available() || w.len() != k * n || k == 0 || n == 0 {
+        if Isa::best().is_none() || w.len() != k * n || k == 0 || n == 0 {
             return None;
         }
         let panels = n.div_ceil(NR);
@@ -96,20 +168,8 @@ pub fn linear(x: &Tensor<2>, w: &PackedWeight, bias: Option<&Tensor<1>>) -> Opti
     Some(super::tensor(out, [m, w.n]))
 }
 
-/// Whether this CPU runs the kernel (AVX-512F).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `out = x @ w + bias` for `x` `[m, k]` row-major (rows `lda` apart) and `out` `[m, n]` (dense),
-/// spread over rayon's pool. The caller checks the shapes against `w`.
+/// spread over rayon's pool, with the widest kernel this CPU runs.
 pub fn matmul(
     x: &[f32],
     lda: usize,
@@ -118,6 +178,21 @@ pub fn matmul(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    let isa = Isa::best().expect("PackedWeight::new checked for a kernel");
+    matmul_with(isa, x, lda, m, w, bias, out);
+}
+
+/// [`matmul`] with the kernel for `isa`, which the CPU must support.
+pub fn matmul_with(
+    isa: Isa,
+    x: &[f32],
+    lda: usize,
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert!(isa.supported(), "{isa:?} on this CPU");
     let (k, n) = (w.k, w.n);
     assert!(m == 0 || x.len() >= (m - 1) * lda + k, "x too short");
     assert_eq!(out.len(), m * n, "out");
@@ -143,14 +218,13 @@ pub fn matmul(
             for kc0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - kc0);
                 let panel = &w.data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
-                for r0 in (0..m).step_by(MR) {
-                    let rows = MR.min(m - r0);
+                for r0 in (0..m).step_by(isa.rows()) {
+                    let rows = isa.rows().min(m - r0);
                     let a = &x[r0 * lda + kc0..];
                     // SAFETY: this task alone writes panels p0..p1's columns of out; a, panel and
-                    // the output block are in bounds by the checks above; the CPU has AVX-512F
-                    // (PackedWeight::new checked).
+                    // the output block are in bounds by the checks above; the CPU runs isa.
                     unsafe {
-                        block(a, lda, rows, kc, panel, dst.at(r0 * n + c0), n, width);
+                        block(isa, a, lda, rows, kc, panel, dst.at(r0 * n + c0), n, width);
                     }
                 }
             }
@@ -161,6 +235,7 @@ pub fn matmul(
 /// `out[rows, width] += a[rows, kc] @ panel[kc, NR]` (the first `width` columns kept).
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
+    isa: Isa,
     a: &[f32],
     lda: usize,
     rows: usize,
@@ -172,18 +247,18 @@ unsafe fn block(
 ) {
     if width == NR {
         // SAFETY: the caller's promise.
-        unsafe { kernel_rows(a, lda, rows, kc, panel, out, ldo) };
+        unsafe { kernel_rows(isa, a, lda, rows, kc, panel, out, ldo) };
         return;
     }
     // A narrow last panel: through a full-width scratch block.
-    let mut tmp = [0f32; MR * NR];
+    let mut tmp = [0f32; MR_MAX * NR];
     for r in 0..rows {
         // SAFETY: rows x width of out are in bounds (the caller's promise).
         let src = unsafe { std::slice::from_raw_parts(out.add(r * ldo), width) };
         tmp[r * NR..r * NR + width].copy_from_slice(src);
     }
     // SAFETY: tmp holds rows x NR.
-    unsafe { kernel_rows(a, lda, rows, kc, panel, tmp.as_mut_ptr(), NR) };
+    unsafe { kernel_rows(isa, a, lda, rows, kc, panel, tmp.as_mut_ptr(), NR) };
     for r in 0..rows {
         // SAFETY: as above.
         let dst = unsafe { std::slice::from_raw_parts_mut(out.add(r * ldo), width) };
@@ -191,9 +266,11 @@ unsafe fn block(
     }
 }
 
-/// The kernel for `rows` (1..=MR) rows: one monomorphised copy per count, so the accumulators are
-/// registers in each.
+/// The kernel for `rows` (1..=`isa.rows()`) rows: one monomorphised copy per count, so the
+/// accumulators are registers in each.
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_rows(
+    isa: Isa,
     a: &[f32],
     lda: usize,
     rows: usize,
@@ -202,22 +279,30 @@ unsafe fn kernel_rows(
     out: *mut f32,
     ldo: usize,
 ) {
+    let (a, b) = (a.as_ptr(), panel.as_ptr());
     macro_rules! by_rows {
-        ($($r:literal)*) => {
+        ($kernel:ident($b:expr, $out:expr): $($r:literal)*) => {
             match rows {
                 // SAFETY: the caller's promise.
-                $($r => unsafe { kernel::<$r>(a.as_ptr(), lda, kc, panel.as_ptr(), out, ldo) },)*
-                _ => unreachable!("1..=MR rows"),
+                $($r => unsafe { $kernel::<$r>(a, lda, kc, $b, $out, ldo) },)*
+                _ => unreachable!("1..=isa.rows() rows"),
             }
         };
     }
-    by_rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+    match isa {
+        Isa::Avx512 => by_rows!(kernel_avx512(b, out): 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+        // Half a panel at a time: 16 of its 32 columns (in bounds by the caller's promise).
+        Isa::Avx2 => {
+            by_rows!(kernel_avx2(b, out): 1 2 3 4 5 6);
+            by_rows!(kernel_avx2(b.wrapping_add(16), out.wrapping_add(16)): 1 2 3 4 5 6);
+        }
+    }
 }
 
-/// `out[R, NR] += a[R, kc] @ panel[kc, NR]` in registers.
+/// `out[R, 32] += a[R, kc] @ panel[kc, 32]` in registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel<const R: usize>(
+unsafe fn kernel_avx512<const R: usize>(
     a: *const f32,
     lda: usize,
     kc: usize,
@@ -249,8 +334,44 @@ unsafe fn kernel<const R: usize>(
     }
 }
 
+/// `out[R, 16] += a[R, kc] @ panel[kc, 16]` (half a panel: its rows are still NR apart) in
+/// registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2<const R: usize>(
+    a: *const f32,
+    lda: usize,
+    kc: usize,
+    b: *const f32,
+    out: *mut f32,
+    ldo: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for p in 0..kc {
+        // SAFETY: the panel holds kc rows of NR values, a R rows of kc values lda apart.
+        unsafe {
+            let b0 = _mm256_loadu_ps(b.add(p * NR));
+            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let ar = _mm256_broadcast_ss(&*a.add(r * lda + p));
+                acc[0] = _mm256_fmadd_ps(ar, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(ar, b1, acc[1]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: out holds R rows of 16 values ldo apart.
+        unsafe {
+            let o = out.add(r * ldo);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[0]));
+            _mm256_storeu_ps(o.add(8), _mm256_add_ps(_mm256_loadu_ps(o.add(8)), acc[1]));
+        }
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel<const R: usize>(
+unsafe fn kernel_avx512<const R: usize>(
     _: *const f32,
     _: usize,
     _: usize,
@@ -258,5 +379,17 @@ unsafe fn kernel<const R: usize>(
     _: *mut f32,
     _: usize,
 ) {
-    unreachable!("PackedWeight::new refuses without AVX-512F")
+    unreachable!("Isa::supported is false off x86")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel_avx2<const R: usize>(
+    _: *const f32,
+    _: usize,
+    _: usize,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("Isa::supported is false off x86")
 }

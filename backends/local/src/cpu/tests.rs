@@ -257,24 +257,30 @@ fn group_norm_statistics_hold_over_a_large_plane() {
     }
 }
 
-/// The packed linear kernel against burn's matmul: row counts below, at and past the register
+/// The packed linear kernels against burn's matmul: row counts below, at and past each register
 /// block (and several blocks with a remainder), depths that end mid-pass, output widths that end
-/// mid-panel, with and without a bias. Without AVX-512 nothing packs, and the layer is burn's.
+/// mid-panel, with and without a bias; every kernel this CPU runs, not only the one it would
+/// choose. Without AVX2 nothing packs, and the layer is burn's.
 #[test]
 fn packed_linear_matches_burn() {
     let shapes = [
         (1, 24, 40),
+        (5, 40, 16),
         (13, 300, 33),
         (14, 256, 64),
         (15, 513, 97),
         (37, 768, 130),
         (64, 70, 32),
     ];
+    let isas: Vec<_> = [matmul::Isa::Avx512, matmul::Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.supported())
+        .collect();
     for (m, k, n) in shapes {
         let (x, w, b) = (rand([m, k]), rand([k, n]), rand([n]));
         let dense = Dense::of(&w).expect("f32 cpu");
         let Some(packed) = matmul::PackedWeight::new(dense.slice(), k, n) else {
-            assert!(!matmul::available(), "AVX-512F but not packed");
+            assert!(isas.is_empty(), "a kernel runs but nothing packed");
             continue;
         };
         assert_eq!((packed.k(), packed.n()), (k, n));
@@ -284,12 +290,34 @@ fn packed_linear_matches_burn() {
             "the packing is a permutation"
         );
         let want = x.clone().matmul(w.clone());
-        let got = matmul::linear(&x, &packed, None).expect("f32 cpu");
-        let d = max_diff(got, want.clone());
-        assert!(d < 1e-4, "{m}x{k}x{n}: {d}");
+        let want_b = want.clone().add(b.clone().unsqueeze::<2>());
+        // The choice of kernel, through the tensor entry point.
         let got = matmul::linear(&x, &packed, Some(&b)).expect("f32 cpu");
-        let want = want.add(b.clone().unsqueeze::<2>());
-        assert!(max_diff(got, want) < 1e-4, "{m}x{k}x{n} with bias");
+        assert!(max_diff(got, want_b.clone()) < 1e-4, "{m}x{k}x{n}");
+        let (xd, bd) = (Dense::of(&x).expect("f32"), Dense::of(&b).expect("f32"));
+        for &isa in &isas {
+            for bias in [None, Some(bd.slice())] {
+                let mut out = vec![f32::NAN; m * n];
+                matmul::matmul_with(isa, xd.slice(), k, m, &packed, bias, &mut out);
+                let got = tensor(out, [m, n]);
+                let want = if bias.is_some() { &want_b } else { &want };
+                let d = max_diff(got, want.clone());
+                // Rounding: sums of up to 768 products, in another order than gemm's.
+                assert!(d < 1e-4, "{isa:?} {m}x{k}x{n} bias {}: {d}", bias.is_some());
+            }
+        }
+        // Rows further apart than the depth (a slice of a wider tensor).
+        let wide = rand([m, k + 3]);
+        let want = wide.clone().narrow(1, 2, k).matmul(w.clone());
+        let wd = Dense::of(&wide).expect("f32");
+        for &isa in &isas {
+            let mut out = vec![f32::NAN; m * n];
+            matmul::matmul_with(isa, &wd.slice()[2..], k + 3, m, &packed, None, &mut out);
+            assert!(
+                max_diff(tensor(out, [m, n]), want.clone()) < 1e-4,
+                "{isa:?} strided"
+            );
+        }
         // A bias or an input of the wrong width is refused, not read past its end.
         assert!(matmul::linear(&x, &packed, Some(&rand([n + 1]))).is_none());
         assert!(matmul::linear(&rand([m, k + 1]), &packed, None).is_none());
