@@ -32,7 +32,7 @@ const MR_MAX: usize = 14;
 pub const KC: usize = 256;
 
 /// The environment variable that narrows the choice of kernel ([`Isa::best`]).
-pub const KERNEL_VAR: &str = "KLEINGATE_LINEAR_KERNEL";
+pub const KERNEL_VAR: &str = "KLEINGATE_CPU_MATMUL";
 
 /// The vector instructions a kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,11 +42,11 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The kernel the linear layers use: the widest this CPU runs, `None` without AVX2 + FMA
-    /// (and off x86). `KLEINGATE_LINEAR_KERNEL` (`avx512`, `avx2`, or `burn` for burn's matmul
-    /// on the unpacked weight) narrows the choice, to measure one against another in the same
-    /// build (`bench-engine`); a value the CPU cannot run, or that names no kernel, is ignored
-    /// with a warning.
+    /// The kernel the linear layers use: the widest this CPU runs,
+    /// `None` without AVX2 + FMA (and off x86). `KLEINGATE_CPU_MATMUL` (`avx512`, `avx2`, or
+    /// `gemm` for the gemm crate, as burn's matmul calls it, on unpacked operands) narrows the
+    /// choice, to measure one against another in the same build (`bench-engine`); a value the
+    /// CPU cannot run, or that names no kernel, is ignored with a warning.
     pub fn best() -> Option<Isa> {
         static CHOSEN: OnceLock<Option<Isa>> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -55,7 +55,7 @@ impl Isa {
                 return widest;
             };
             let chosen = match asked.as_str() {
-                "burn" => Some(None),
+                "gemm" => Some(None),
                 "avx512" => Some(Some(Isa::Avx512)),
                 "avx2" => Some(Some(Isa::Avx2)),
                 _ => None,
@@ -68,7 +68,7 @@ impl Isa {
                 Some(c) => c,
                 None => {
                     tracing::warn!(
-                        "{KERNEL_VAR}={asked}: not avx512, avx2 or burn; using {widest:?}"
+                        "{KERNEL_VAR}={asked}: not avx512, avx2 or gemm; using {widest:?}"
                     );
                     widest
                 }
@@ -99,8 +99,29 @@ impl Isa {
     }
 }
 
-/// A weight `[k, n]` (`[in, out]`) as column panels: value `(p, j)` at
-/// `((j / NR) * k + p) * NR + j % NR`, the last panel padded with zeros.
+/// A matrix `[k, n]` as column panels: value `(p, c)` at [`Panels::at`]`(k, p, c)`, the last
+/// panel's columns past `n` padding (ignored).
+#[derive(Clone, Copy, Debug)]
+pub struct Panels<'a> {
+    k: usize,
+    n: usize,
+    data: &'a [f32],
+}
+
+impl Panels<'_> {
+    /// Values a `[k, n]` matrix takes as panels.
+    pub fn len(k: usize, n: usize) -> usize {
+        n.div_ceil(NR) * k * NR
+    }
+
+    /// Where value `(p, c)` of a `[k, n]` matrix is.
+    #[inline(always)]
+    pub fn at(k: usize, p: usize, c: usize) -> usize {
+        ((c / NR) * k + p) * NR + c % NR
+    }
+}
+
+/// A weight `[k, n]` (`[in, out]`) packed as [`Panels`], the padding zero.
 #[derive(Clone, Debug)]
 pub struct PackedWeight {
     k: usize,
@@ -114,8 +135,7 @@ impl PackedWeight {
         if Isa::best().is_none() || w.len() != k * n || k == 0 || n == 0 {
             return None;
         }
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
+        let mut data = vec![0f32; Panels::len(k, n)];
         data.par_chunks_mut(k * NR)
             .enumerate()
             .for_each(|(j, panel)| {
@@ -136,14 +156,21 @@ impl PackedWeight {
         self.n
     }
 
+    pub fn panels(&self) -> Panels<'_> {
+        Panels {
+            k: self.k,
+            n: self.n,
+            data: &self.data,
+        }
+    }
+
     /// The weight back in its row-major `[k, n]` layout.
     pub fn unpack(&self) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         let mut w = vec![0f32; k * n];
         for (p, row) in w.chunks_exact_mut(n).enumerate() {
-            for (j, dst) in row.chunks_mut(NR).enumerate() {
-                let src = (j * k + p) * NR;
-                dst.copy_from_slice(&self.data[src..src + dst.len()]);
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = self.data[Panels::at(k, p, c)];
             }
         }
         w
@@ -194,8 +221,7 @@ pub fn matmul_with(
 ) {
     assert!(isa.supported(), "{isa:?} on this CPU");
     let (k, n) = (w.k, w.n);
-    assert!(m == 0 || x.len() >= (m - 1) * lda + k, "x too short");
-    assert_eq!(out.len(), m * n, "out");
+    check(x, lda, m, k, out.len(), n, n);
     assert!(bias.is_none_or(|b| b.len() == n), "bias");
     if m == 0 {
         return;
@@ -210,26 +236,65 @@ pub fn matmul_with(
     let threads = rayon::current_num_threads().max(1);
     let tasks = threads.min(panels);
     let dst = super::SendPtr::new(out);
+    let w = w.panels();
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
-        for j in p0..p1 {
-            let c0 = j * NR;
-            let width = NR.min(n - c0);
-            for kc0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - kc0);
-                let panel = &w.data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
-                for r0 in (0..m).step_by(isa.rows()) {
-                    let rows = isa.rows().min(m - r0);
-                    let a = &x[r0 * lda + kc0..];
-                    // SAFETY: this task alone writes panels p0..p1's columns of out; a, panel and
-                    // the output block are in bounds by the checks above; the CPU runs isa.
-                    unsafe {
-                        block(isa, a, lda, rows, kc, panel, dst.at(r0 * n + c0), n, width);
-                    }
-                }
+        // SAFETY: this task alone writes panels p0..p1's columns of out, which check() sized;
+        // the CPU runs isa.
+        unsafe { accumulate(isa, x, lda, m, w, p0..p1, dst.at(0), n) };
+    });
+}
+
+/// The bounds the kernels rely on.
+fn check(x: &[f32], lda: usize, m: usize, k: usize, out: usize, n: usize, ldo: usize) {
+    assert!(lda >= k && ldo >= n, "strides");
+    assert!(m == 0 || x.len() >= (m - 1) * lda + k, "x too short");
+    assert!(m == 0 || out >= (m - 1) * ldo + n, "out too short");
+}
+
+/// `out += x @ w` for output panels `panels` (their columns of `out`), depth pass by depth pass.
+///
+/// # Safety
+/// `out` holds `m` rows of `w.n` values `ldo` apart, and no one else writes these panels'
+/// columns meanwhile; `x` holds `m` rows of `w.k` values `lda` apart; the CPU runs `isa`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate(
+    isa: Isa,
+    x: &[f32],
+    lda: usize,
+    m: usize,
+    w: Panels<'_>,
+    panels: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let (k, n) = (w.k, w.n);
+    for j in panels {
+        let c0 = j * NR;
+        let width = NR.min(n - c0);
+        for kc0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - kc0);
+            let panel = &w.data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
+            for r0 in (0..m).step_by(isa.rows()) {
+                let rows = isa.rows().min(m - r0);
+                let a = &x[r0 * lda + kc0..];
+                // SAFETY: the caller's promise; a and panel are in bounds by their slicing.
+                unsafe {
+                    block(
+                        isa,
+                        a,
+                        lda,
+                        rows,
+                        kc,
+                        panel,
+                        out.add(r0 * ldo + c0),
+                        ldo,
+                        width,
+                    )
+                };
             }
         }
-    });
+    }
 }
 
 /// `out[rows, width] += a[rows, kc] @ panel[kc, NR]` (the first `width` columns kept).
