@@ -190,26 +190,25 @@ pub fn linear(x: &Tensor<2>, w: &PackedWeight, bias: Option<&Tensor<1>>) -> Opti
         Some(_) => return None,
         None => None,
     };
-    let mut out = vec![0f32; m * w.n];
-    matmul(xd.slice(), k, m, w, bd.as_ref().map(Dense::slice), &mut out);
+    let isa = Isa::best()?;
+    check(xd.slice(), k, m, k, m * w.n, w.n, w.n);
+    // The first pass over the depth writes every output (bias + product), so the buffer starts
+    // uninitialised: no zeroing pass, and no read of what the first pass replaces.
+    let mut out = Vec::<f32>::with_capacity(m * w.n);
+    let bias = bd.as_ref().map(Dense::slice);
+    // SAFETY: out has room for m x n values, which product() writes, every one, before set_len;
+    // the CPU runs isa (Isa::best).
+    unsafe {
+        product(isa, xd.slice(), k, m, w, bias, out.as_mut_ptr());
+        out.set_len(m * w.n);
+    }
     Some(super::tensor(out, [m, w.n]))
 }
 
-/// `out = x @ w + bias` for `x` `[m, k]` row-major (rows `lda` apart) and `out` `[m, n]` (dense),
-/// spread over rayon's pool, with the widest kernel this CPU runs.
-pub fn matmul(
-    x: &[f32],
-    lda: usize,
-    m: usize,
-    w: &PackedWeight,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    let isa = Isa::best().expect("PackedWeight::new checked for a kernel");
-    matmul_with(isa, x, lda, m, w, bias, out);
-}
-
-/// [`matmul`] with the kernel for `isa`, which the CPU must support.
+/// `out = x @ w + bias` for `x` `[m, k]` row-major (rows `lda` apart) and `out` `[m, n]` (dense;
+/// what it held is replaced), spread over rayon's pool, with the kernel for `isa`, which the CPU
+/// must support. (The tests' entry: `linear` picks the kernel and writes a fresh buffer.)
+#[cfg(test)]
 pub fn matmul_with(
     isa: Isa,
     x: &[f32],
@@ -220,28 +219,42 @@ pub fn matmul_with(
     out: &mut [f32],
 ) {
     assert!(isa.supported(), "{isa:?} on this CPU");
-    let (k, n) = (w.k, w.n);
-    check(x, lda, m, k, out.len(), n, n);
+    check(x, lda, m, w.k, out.len(), w.n, w.n);
+    assert_eq!(out.len(), m * w.n, "out");
+    // SAFETY: checked above.
+    unsafe { product(isa, x, lda, m, w, bias, out.as_mut_ptr()) };
+}
+
+/// `out = x @ w + bias` into `m` x `n` values at `out` (dense), which it writes without reading.
+///
+/// # Safety
+/// `out` has room for `m * n` values no one else touches meanwhile; `x` holds `m` rows of `k`
+/// values `lda` apart; the CPU runs `isa`.
+unsafe fn product(
+    isa: Isa,
+    x: &[f32],
+    lda: usize,
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+) {
+    let n = w.n;
     assert!(bias.is_none_or(|b| b.len() == n), "bias");
     if m == 0 {
         return;
-    }
-    // The output starts as the bias (or zero); every pass over the depth adds to it.
-    match bias {
-        Some(b) => out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b)),
-        None => out.par_iter_mut().for_each(|v| *v = 0.0),
     }
     let panels = n.div_ceil(NR);
     // Ranges of panels per task: at least one per thread, whole panels, about equal.
     let threads = rayon::current_num_threads().max(1);
     let tasks = threads.min(panels);
-    let dst = super::SendPtr::new(out);
+    let dst = super::SendPtr(out);
     let w = w.panels();
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
-        // SAFETY: this task alone writes panels p0..p1's columns of out, which check() sized;
-        // the CPU runs isa.
-        unsafe { accumulate(isa, x, lda, m, w, p0..p1, dst.at(0), n) };
+        // SAFETY: this task alone writes panels p0..p1's columns of out (the caller's promise
+        // for the rest).
+        unsafe { accumulate(isa, x, lda, m, w, p0..p1, bias, dst.at(0), n) };
     });
 }
 
@@ -252,11 +265,12 @@ fn check(x: &[f32], lda: usize, m: usize, k: usize, out: usize, n: usize, ldo: u
     assert!(m == 0 || out >= (m - 1) * ldo + n, "out too short");
 }
 
-/// `out += x @ w` for output panels `panels` (their columns of `out`), depth pass by depth pass.
+/// `out = x @ w + bias` for output panels `panels` (their columns of `out`), depth pass by depth
+/// pass: the first writes `bias + its product` without reading `out`, the others add to it.
 ///
 /// # Safety
-/// `out` holds `m` rows of `w.n` values `ldo` apart, and no one else writes these panels'
-/// columns meanwhile; `x` holds `m` rows of `w.k` values `lda` apart; the CPU runs `isa`.
+/// `out` has room for `m` rows of `w.n` values `ldo` apart, and no one else touches these
+/// panels' columns meanwhile; `x` holds `m` rows of `w.k` values `lda` apart; the CPU runs `isa`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn accumulate(
     isa: Isa,
@@ -265,6 +279,7 @@ unsafe fn accumulate(
     m: usize,
     w: Panels<'_>,
     panels: std::ops::Range<usize>,
+    bias: Option<&[f32]>,
     out: *mut f32,
     ldo: usize,
 ) {
@@ -272,12 +287,18 @@ unsafe fn accumulate(
     for j in panels {
         let c0 = j * NR;
         let width = NR.min(n - c0);
+        // The panel's bias, zero-padded to its full width (zero without a bias).
+        let mut init = [0f32; NR];
+        if let Some(b) = bias {
+            init[..width].copy_from_slice(&b[c0..c0 + width]);
+        }
         for kc0 in (0..k).step_by(KC) {
             let kc = KC.min(k - kc0);
             let panel = &w.data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
             for r0 in (0..m).step_by(isa.rows()) {
                 let rows = isa.rows().min(m - r0);
                 let a = &x[r0 * lda + kc0..];
+                let first = (kc0 == 0).then_some(&init);
                 // SAFETY: the caller's promise; a and panel are in bounds by their slicing.
                 unsafe {
                     block(
@@ -290,6 +311,7 @@ unsafe fn accumulate(
                         out.add(r0 * ldo + c0),
                         ldo,
                         width,
+                        first,
                     )
                 };
             }
@@ -297,7 +319,8 @@ unsafe fn accumulate(
     }
 }
 
-/// `out[rows, width] += a[rows, kc] @ panel[kc, NR]` (the first `width` columns kept).
+/// `out[rows, width] += a[rows, kc] @ panel[kc, NR]` (the first `width` columns kept), or with
+/// `init`, `out = init + a @ panel` (`init` one row, for every row; `out` not read).
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     isa: Isa,
@@ -309,25 +332,29 @@ unsafe fn block(
     out: *mut f32,
     ldo: usize,
     width: usize,
+    init: Option<&[f32; NR]>,
 ) {
+    let init = init.map(|i| i.as_ptr());
     if width == NR {
         // SAFETY: the caller's promise.
-        unsafe { kernel_rows(isa, a, lda, rows, kc, panel, out, ldo) };
+        unsafe { kernel_rows(isa, a, lda, rows, kc, panel, out, ldo, init) };
         return;
     }
     // A narrow last panel: through a full-width scratch block.
     let mut tmp = [0f32; MR_MAX * NR];
-    for r in 0..rows {
-        // SAFETY: rows x width of out are in bounds (the caller's promise).
-        let src = unsafe { std::slice::from_raw_parts(out.add(r * ldo), width) };
-        tmp[r * NR..r * NR + width].copy_from_slice(src);
+    if init.is_none() {
+        for r in 0..rows {
+            // SAFETY: rows x width of out are in bounds and written (the caller's promise).
+            let src = unsafe { std::slice::from_raw_parts(out.add(r * ldo), width) };
+            tmp[r * NR..r * NR + width].copy_from_slice(src);
+        }
     }
     // SAFETY: tmp holds rows x NR.
-    unsafe { kernel_rows(isa, a, lda, rows, kc, panel, tmp.as_mut_ptr(), NR) };
+    unsafe { kernel_rows(isa, a, lda, rows, kc, panel, tmp.as_mut_ptr(), NR, init) };
     for r in 0..rows {
-        // SAFETY: as above.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.add(r * ldo), width) };
-        dst.copy_from_slice(&tmp[r * NR..r * NR + width]);
+        // SAFETY: rows x width of out are in bounds (the caller's promise); written here by
+        // copy, not read.
+        unsafe { std::ptr::copy_nonoverlapping(tmp[r * NR..].as_ptr(), out.add(r * ldo), width) };
     }
 }
 
@@ -343,23 +370,29 @@ unsafe fn kernel_rows(
     panel: &[f32],
     out: *mut f32,
     ldo: usize,
+    init: Option<*const f32>,
 ) {
     let (a, b) = (a.as_ptr(), panel.as_ptr());
     macro_rules! by_rows {
-        ($kernel:ident($b:expr, $out:expr): $($r:literal)*) => {
+        ($kernel:ident($b:expr, $out:expr, $init:expr): $($r:literal)*) => {
             match rows {
                 // SAFETY: the caller's promise.
-                $($r => unsafe { $kernel::<$r>(a, lda, kc, $b, $out, ldo) },)*
+                $($r => unsafe { $kernel::<$r>(a, lda, kc, $b, $out, ldo, $init) },)*
                 _ => unreachable!("1..=isa.rows() rows"),
             }
         };
     }
     match isa {
-        Isa::Avx512 => by_rows!(kernel_avx512(b, out): 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+        Isa::Avx512 => by_rows!(kernel_avx512(b, out, init): 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
         // Half a panel at a time: 16 of its 32 columns (in bounds by the caller's promise).
         Isa::Avx2 => {
-            by_rows!(kernel_avx2(b, out): 1 2 3 4 5 6);
-            by_rows!(kernel_avx2(b.wrapping_add(16), out.wrapping_add(16)): 1 2 3 4 5 6);
+            by_rows!(kernel_avx2(b, out, init): 1 2 3 4 5 6);
+            let (b, out, init) = (
+                b.wrapping_add(16),
+                out.wrapping_add(16),
+                init.map(|i| i.wrapping_add(16)),
+            );
+            by_rows!(kernel_avx2(b, out, init): 1 2 3 4 5 6);
         }
     }
 }
@@ -374,6 +407,7 @@ unsafe fn kernel_avx512<const R: usize>(
     b: *const f32,
     out: *mut f32,
     ldo: usize,
+    init: Option<*const f32>,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -390,11 +424,16 @@ unsafe fn kernel_avx512<const R: usize>(
         }
     }
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: out holds R rows of NR values ldo apart.
+        // SAFETY: out holds R rows of NR values ldo apart (written unless init is given), init
+        // NR values.
         unsafe {
             let o = out.add(r * ldo);
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[0]));
-            _mm512_storeu_ps(o.add(16), _mm512_add_ps(_mm512_loadu_ps(o.add(16)), acc[1]));
+            let base = match init {
+                Some(i) => [_mm512_loadu_ps(i), _mm512_loadu_ps(i.add(16))],
+                None => [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))],
+            };
+            _mm512_storeu_ps(o, _mm512_add_ps(base[0], acc[0]));
+            _mm512_storeu_ps(o.add(16), _mm512_add_ps(base[1], acc[1]));
         }
     }
 }
@@ -410,6 +449,7 @@ unsafe fn kernel_avx2<const R: usize>(
     b: *const f32,
     out: *mut f32,
     ldo: usize,
+    init: Option<*const f32>,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -426,11 +466,16 @@ unsafe fn kernel_avx2<const R: usize>(
         }
     }
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: out holds R rows of 16 values ldo apart.
+        // SAFETY: out holds R rows of 16 values ldo apart (written unless init is given), init
+        // 16 values.
         unsafe {
             let o = out.add(r * ldo);
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[0]));
-            _mm256_storeu_ps(o.add(8), _mm256_add_ps(_mm256_loadu_ps(o.add(8)), acc[1]));
+            let base = match init {
+                Some(i) => [_mm256_loadu_ps(i), _mm256_loadu_ps(i.add(8))],
+                None => [_mm256_loadu_ps(o), _mm256_loadu_ps(o.add(8))],
+            };
+            _mm256_storeu_ps(o, _mm256_add_ps(base[0], acc[0]));
+            _mm256_storeu_ps(o.add(8), _mm256_add_ps(base[1], acc[1]));
         }
     }
 }
@@ -443,6 +488,7 @@ unsafe fn kernel_avx512<const R: usize>(
     _: *const f32,
     _: *mut f32,
     _: usize,
+    _: Option<*const f32>,
 ) {
     unreachable!("Isa::supported is false off x86")
 }
@@ -455,6 +501,7 @@ unsafe fn kernel_avx2<const R: usize>(
     _: *const f32,
     _: *mut f32,
     _: usize,
+    _: Option<*const f32>,
 ) {
     unreachable!("Isa::supported is false off x86")
 }
