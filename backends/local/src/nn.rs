@@ -5,10 +5,10 @@
 //! normalisation in f32, one rounding), SiLU, and attention's softmax; elementwise products and
 //! sums round after each op, as PyTorch's do. In f32 every cast is a no-op.
 
-use burn::tensor::module::{attention, layer_norm as fused_layer_norm, linear};
-use burn::tensor::ops::AttentionModuleOptions;
 use std::sync::Arc;
 
+use burn::tensor::module::{attention, layer_norm as fused_layer_norm, linear};
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, FloatDType, Tensor};
 
 use crate::cpu;
@@ -29,9 +29,10 @@ pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<
     f(x.cast(FloatDType::F32)).cast(dtype)
 }
 
-/// A linear layer's weight, `[in, out]`. In f32 on an x86 CPU with AVX2 + FMA or AVX-512 it is packed once, here,
-/// for [`cpu::matmul`], and the tensor is dropped, so the weight is held once; everywhere else it
-/// is burn's tensor, for burn's matmul.
+/// A linear layer's weight, `[in, out]`. In f32 on an x86 CPU with AVX2 + FMA or AVX-512 it is
+/// packed once, here, for [`cpu::matmul`], and the tensor is dropped, so the weight is held once;
+/// everywhere else it is burn's tensor, for burn's matmul. (A packed weight is unpacked again
+/// only where the packed kernel declines an input: an empty one.)
 #[derive(Clone, Debug)]
 pub struct LinearWeight(Repr);
 

@@ -25,8 +25,8 @@ use super::Dense;
 
 /// Output columns per panel: two 16-lane vectors, four 8-lane ones.
 pub const NR: usize = 32;
-/// The most rows any kernel takes at once ([`Isa::rows`]).
-const MR_MAX: usize = 14;
+/// The most rows any kernel takes at once.
+const MR_MAX: usize = Isa::Avx512.rows();
 /// Depth per pass: a panel slice of KC x NR floats (32 KiB) stays in a 48 KiB L1 while the
 /// row blocks pass over it (and mostly in a 32 KiB one).
 pub const KC: usize = 256;
@@ -54,25 +54,22 @@ impl Isa {
             let Ok(asked) = std::env::var(KERNEL_VAR) else {
                 return widest;
             };
-            let chosen = match asked.as_str() {
-                "gemm" => Some(None),
-                "avx512" => Some(Some(Isa::Avx512)),
-                "avx2" => Some(Some(Isa::Avx2)),
-                _ => None,
-            };
-            match chosen {
-                Some(Some(isa)) if !isa.supported() => {
-                    tracing::warn!("{KERNEL_VAR}={asked}: this CPU lacks it; using {widest:?}");
-                    widest
-                }
-                Some(c) => c,
-                None => {
+            let named = match asked.as_str() {
+                "gemm" => return None,
+                "avx512" => Isa::Avx512,
+                "avx2" => Isa::Avx2,
+                _ => {
                     tracing::warn!(
                         "{KERNEL_VAR}={asked}: not avx512, avx2 or gemm; using {widest:?}"
                     );
-                    widest
+                    return widest;
                 }
+            };
+            if named.supported() {
+                return Some(named);
             }
+            tracing::warn!("{KERNEL_VAR}={asked}: this CPU lacks it; using {widest:?}");
+            widest
         })
     }
 
@@ -91,7 +88,7 @@ impl Isa {
     }
 
     /// Output rows per register block.
-    fn rows(self) -> usize {
+    const fn rows(self) -> usize {
         match self {
             Isa::Avx512 => 14,
             Isa::Avx2 => 6,
@@ -99,29 +96,8 @@ impl Isa {
     }
 }
 
-/// A matrix `[k, n]` as column panels: value `(p, c)` at [`Panels::at`]`(k, p, c)`, the last
-/// panel's columns past `n` padding (ignored).
-#[derive(Clone, Copy, Debug)]
-pub struct Panels<'a> {
-    k: usize,
-    n: usize,
-    data: &'a [f32],
-}
-
-impl Panels<'_> {
-    /// Values a `[k, n]` matrix takes as panels.
-    pub fn len(k: usize, n: usize) -> usize {
-        n.div_ceil(NR) * k * NR
-    }
-
-    /// Where value `(p, c)` of a `[k, n]` matrix is.
-    #[inline(always)]
-    pub fn at(k: usize, p: usize, c: usize) -> usize {
-        ((c / NR) * k + p) * NR + c % NR
-    }
-}
-
-/// A weight `[k, n]` (`[in, out]`) packed as [`Panels`], the padding zero.
+/// A weight `[k, n]` (`[in, out]`) as column panels: value `(p, c)` at [`Self::at`]`(k, p, c)`,
+/// the last panel's columns past `n` zero.
 #[derive(Clone, Debug)]
 pub struct PackedWeight {
     k: usize,
@@ -135,7 +111,7 @@ impl PackedWeight {
         if Isa::best().is_none() || w.len() != k * n || k == 0 || n == 0 {
             return None;
         }
-        let mut data = vec![0f32; Panels::len(k, n)];
+        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
         data.par_chunks_mut(k * NR)
             .enumerate()
             .for_each(|(j, panel)| {
@@ -156,12 +132,9 @@ impl PackedWeight {
         self.n
     }
 
-    pub fn panels(&self) -> Panels<'_> {
-        Panels {
-            k: self.k,
-            n: self.n,
-            data: &self.data,
-        }
+    /// Where value `(p, c)` of a `[k, n]` matrix is, as panels.
+    fn at(k: usize, p: usize, c: usize) -> usize {
+        ((c / NR) * k + p) * NR + c % NR
     }
 
     /// The weight back in its row-major `[k, n]` layout.
@@ -170,7 +143,7 @@ impl PackedWeight {
         let mut w = vec![0f32; k * n];
         for (p, row) in w.chunks_exact_mut(n).enumerate() {
             for (c, v) in row.iter_mut().enumerate() {
-                *v = self.data[Panels::at(k, p, c)];
+                *v = self.data[Self::at(k, p, c)];
             }
         }
         w
@@ -249,7 +222,6 @@ unsafe fn product(
     let threads = rayon::current_num_threads().max(1);
     let tasks = threads.min(panels);
     let dst = super::SendPtr(out);
-    let w = w.panels();
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
         // SAFETY: this task alone writes panels p0..p1's columns of out (the caller's promise
@@ -277,7 +249,7 @@ unsafe fn accumulate(
     x: &[f32],
     lda: usize,
     m: usize,
-    w: Panels<'_>,
+    w: &PackedWeight,
     panels: std::ops::Range<usize>,
     bias: Option<&[f32]>,
     out: *mut f32,
@@ -397,111 +369,87 @@ unsafe fn kernel_rows(
     }
 }
 
-/// `out[R, 32] += a[R, kc] @ panel[kc, 32]` in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512<const R: usize>(
-    a: *const f32,
-    lda: usize,
-    kc: usize,
-    b: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    init: Option<*const f32>,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    for p in 0..kc {
-        // SAFETY: the panel holds kc x NR values, a R rows of kc values lda apart.
-        unsafe {
-            let b0 = _mm512_loadu_ps(b.add(p * NR));
-            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let ar = _mm512_set1_ps(*a.add(r * lda + p));
-                acc[0] = _mm512_fmadd_ps(ar, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(ar, b1, acc[1]);
+/// `out[R, 2 x lanes] += a[R, kc] @ panel[kc, 2 x lanes]` in registers (two vectors a row), or
+/// with `init`, `out = init + ...` without reading `out`: one template, written out for each
+/// instruction set by [`kernel!`] (the intrinsics differ only in name and width). The panel's
+/// rows are `NR` apart whatever the width (the AVX2 kernel takes half a panel).
+macro_rules! kernel {
+    ($name:ident, $feature:literal, $lanes:literal,
+     $zero:ident, $load:ident, $splat:ident, $fma:ident, $add:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name<const R: usize>(
+            a: *const f32,
+            lda: usize,
+            kc: usize,
+            b: *const f32,
+            out: *mut f32,
+            ldo: usize,
+            init: Option<*const f32>,
+        ) {
+            use std::arch::x86_64::*;
+            let mut acc = [[$zero(); 2]; R];
+            for p in 0..kc {
+                // SAFETY: the panel holds kc rows of NR values, a R rows of kc values lda apart.
+                unsafe {
+                    let b0 = $load(b.add(p * NR));
+                    let b1 = $load(b.add(p * NR + $lanes));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let ar = $splat(*a.add(r * lda + p));
+                        acc[0] = $fma(ar, b0, acc[0]);
+                        acc[1] = $fma(ar, b1, acc[1]);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                // SAFETY: out holds R rows of 2 x lanes values ldo apart (written unless init is
+                // given), init 2 x lanes values.
+                unsafe {
+                    let o = out.add(r * ldo);
+                    let base = match init {
+                        Some(i) => [$load(i), $load(i.add($lanes))],
+                        None => [$load(o), $load(o.add($lanes))],
+                    };
+                    $store(o, $add(base[0], acc[0]));
+                    $store(o.add($lanes), $add(base[1], acc[1]));
+                }
             }
         }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: out holds R rows of NR values ldo apart (written unless init is given), init
-        // NR values.
-        unsafe {
-            let o = out.add(r * ldo);
-            let base = match init {
-                Some(i) => [_mm512_loadu_ps(i), _mm512_loadu_ps(i.add(16))],
-                None => [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))],
-            };
-            _mm512_storeu_ps(o, _mm512_add_ps(base[0], acc[0]));
-            _mm512_storeu_ps(o.add(16), _mm512_add_ps(base[1], acc[1]));
+
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $name<const R: usize>(
+            _: *const f32,
+            _: usize,
+            _: usize,
+            _: *const f32,
+            _: *mut f32,
+            _: usize,
+            _: Option<*const f32>,
+        ) {
+            unreachable!("Isa::supported is false off x86")
         }
-    }
+    };
 }
 
-/// `out[R, 16] += a[R, kc] @ panel[kc, 16]` (half a panel: its rows are still NR apart) in
-/// registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2<const R: usize>(
-    a: *const f32,
-    lda: usize,
-    kc: usize,
-    b: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    init: Option<*const f32>,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for p in 0..kc {
-        // SAFETY: the panel holds kc rows of NR values, a R rows of kc values lda apart.
-        unsafe {
-            let b0 = _mm256_loadu_ps(b.add(p * NR));
-            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let ar = _mm256_broadcast_ss(&*a.add(r * lda + p));
-                acc[0] = _mm256_fmadd_ps(ar, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(ar, b1, acc[1]);
-            }
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: out holds R rows of 16 values ldo apart (written unless init is given), init
-        // 16 values.
-        unsafe {
-            let o = out.add(r * ldo);
-            let base = match init {
-                Some(i) => [_mm256_loadu_ps(i), _mm256_loadu_ps(i.add(8))],
-                None => [_mm256_loadu_ps(o), _mm256_loadu_ps(o.add(8))],
-            };
-            _mm256_storeu_ps(o, _mm256_add_ps(base[0], acc[0]));
-            _mm256_storeu_ps(o.add(8), _mm256_add_ps(base[1], acc[1]));
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_avx512<const R: usize>(
-    _: *const f32,
-    _: usize,
-    _: usize,
-    _: *const f32,
-    _: *mut f32,
-    _: usize,
-    _: Option<*const f32>,
-) {
-    unreachable!("Isa::supported is false off x86")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_avx2<const R: usize>(
-    _: *const f32,
-    _: usize,
-    _: usize,
-    _: *const f32,
-    _: *mut f32,
-    _: usize,
-    _: Option<*const f32>,
-) {
-    unreachable!("Isa::supported is false off x86")
-}
+kernel!(
+    kernel_avx512,
+    "avx512f",
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_add_ps,
+    _mm512_storeu_ps
+);
+kernel!(
+    kernel_avx2,
+    "avx2,fma",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_add_ps,
+    _mm256_storeu_ps
+);
