@@ -70,6 +70,14 @@ impl LinearWeight {
         matches!(self.0, Repr::Packed(_))
     }
 
+    /// [`cpu::matmul::linear_joined`] where the weight is packed and the inputs suit it.
+    fn joined(&self, inputs: &[(&Tensor<3>, bool)]) -> Option<Tensor<3>> {
+        match &self.0 {
+            Repr::Packed(p) if !inputs.is_empty() => cpu::matmul::linear_joined(inputs, p),
+            _ => None,
+        }
+    }
+
     /// `x @ w (+ b)` for `x` `[rows, in]`, in `x`'s dtype.
     fn forward(&self, x: Tensor<2>, b: Option<&Tensor<1>>) -> Tensor<2> {
         if let Repr::Packed(p) = &self.0 {
@@ -83,7 +91,36 @@ impl LinearWeight {
 
 /// `x @ w`.
 pub fn lin<const D: usize>(x: Tensor<D>, w: &LinearWeight) -> Tensor<D> {
+    // A `[B, S, in]` input goes to the packed kernel as it is laid out (a view needs no copy).
+    if let Some(y) = as_rank::<D, 3>(x.clone())
+        .and_then(|x3| w.joined(&[(&x3, false)]))
+        .and_then(as_rank::<3, D>)
+    {
+        return y;
+    }
     rows_at_once(x, |x| w.forward(x, None))
+}
+
+/// `cat([x_0, x_1, ..], -1) @ w` for `[B, S, k_i]` inputs, where a gated one (`true`) is
+/// `[B, S, 2 k_i]` and enters as its [`swiglu`]: the single-stream block's output projection
+/// over attention and the MLP, and the MLPs' down projections. On the CPU in f32 the join and
+/// the SwiGLU happen inside the packed kernel ([`cpu::matmul::linear_joined`]); otherwise burn's
+/// ops, one after the other.
+pub fn lin_joined(inputs: &[(Tensor<3>, bool)], w: &LinearWeight) -> Tensor<3> {
+    let refs: Vec<(&Tensor<3>, bool)> = inputs.iter().map(|(x, g)| (x, *g)).collect();
+    if let Some(y) = w.joined(&refs) {
+        return y;
+    }
+    let parts = inputs
+        .iter()
+        .map(|(x, gated)| if *gated { swiglu(x.clone()) } else { x.clone() })
+        .collect::<Vec<_>>();
+    let x = if parts.len() == 1 {
+        parts.into_iter().next().expect("one part")
+    } else {
+        Tensor::cat(parts, 2)
+    };
+    lin(x, w)
 }
 
 /// `f` (a linear layer) on `x` `[.., in]` with every leading dimension folded into the rows: one

@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
 use crate::config::Flux2Config;
 use crate::error::EngineError;
-use crate::nn::{lin, rms_norm, sdpa, silu, swiglu, LinearWeight};
+use crate::nn::{lin, lin_joined, rms_norm, sdpa, silu, LinearWeight};
 use crate::precision::Precision;
 use crate::trace::{Hook, Taps};
 use crate::weights::{Source, WeightStore};
@@ -177,6 +177,11 @@ impl Rope {
 
 /// `[B, len, heads * head_dim]` split into heads: `[B, len, heads, head_dim]`.
 fn heads(t: Tensor<3>, heads: usize, head_dim: usize) -> Tensor<4> {
+    // On the CPU a view of the same storage: the projections' chunks are not contiguous, and
+    // burn-flex's reshape would copy them first.
+    if let Some(v) = crate::cpu::split_last::<3, 4>(&t, heads) {
+        return v;
+    }
     let [b, len, _] = t.dims();
     t.reshape([b, len, heads, head_dim])
 }
@@ -348,13 +353,13 @@ impl DoubleBlock {
         let a_img = a.narrow(1, l, n);
         let img = mi[0].gated_add(img, lin(a_img, &self.to_out));
         let txt = mt[0].gated_add(txt, lin(a_txt, &self.to_add_out));
-        let ff = lin(
-            swiglu(lin(mi[1].modulate(img.clone(), eps), &self.ff_in)),
+        let ff = lin_joined(
+            &[(lin(mi[1].modulate(img.clone(), eps), &self.ff_in), true)],
             &self.ff_out,
         );
         let img = mi[1].gated_add(img, ff);
-        let ff = lin(
-            swiglu(lin(mt[1].modulate(txt.clone(), eps), &self.ff_ctx_in)),
+        let ff = lin_joined(
+            &[(lin(mt[1].modulate(txt.clone(), eps), &self.ff_ctx_in), true)],
             &self.ff_ctx_out,
         );
         let txt = clip_f16(mt[1].gated_add(txt, ff));
@@ -409,7 +414,8 @@ impl SingleBlock {
         let stream = Stream::new(parts, (nh, hd), &self.norm_q, &self.norm_k);
         let mlp = parts.next().expect("the MLP's input after q, k, v");
         let a = joint_attention(&[stream], rope, eps);
-        let out = lin(Tensor::cat(vec![a, swiglu(mlp)], 2), &self.to_out);
+        // cat([attention, swiglu(mlp)]) @ to_out, the join and the SwiGLU inside the product.
+        let out = lin_joined(&[(a, false), (mlp, true)], &self.to_out);
         clip_f16(ms.gated_add(h, out))
     }
 }

@@ -67,8 +67,10 @@ pub fn sdpa(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<4>> {
     }
     let scale = 1.0 / (d as f32).sqrt();
     let blocks = sq.div_ceil(BLOCK);
-    let mut out = vec![0f32; b * sq * h * d];
-    let dst = SendPtr::new(&mut out);
+    // Written through raw pointers only, every value by the second product of its task (which
+    // does not read what it overwrites), so the buffer starts uninitialised.
+    let mut out = Vec::<f32>::with_capacity(b * sq * h * d);
+    let dst = SendPtr(out.as_mut_ptr());
     let (qd, kd, vd) = (qv.storage(), kv.storage(), vv.storage());
     let (qo, ko, vo) = (qv.offset(), kv.offset(), vv.offset());
 
@@ -107,6 +109,8 @@ pub fn sdpa(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<4>> {
                 }
             }
         });
+    // SAFETY: the tasks cover every (batch, head, row), each row's d values written by gemm.
+    unsafe { out.set_len(b * sq * h * d) };
     Some(tensor_strided(
         out,
         [b, h, sq, d],

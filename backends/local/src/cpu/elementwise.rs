@@ -31,7 +31,7 @@ fn swiglu_row<const FMA: bool>(gate: &[f32], up: &[f32], dst: &mut [f32]) {
         *o = silu1::<FMA>(g) * u;
     }
 }
-dispatch!(fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) => swiglu_row);
+dispatch!(pub(crate) fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) => swiglu_row);
 
 /// `silu(x[.., :m]) * x[.., m:]` for `x` `[B, S, 2m]` (any row strides, as the fused projections'
 /// slices have); `None` unless `x` is an f32 CPU tensor with unit last stride.
@@ -44,8 +44,7 @@ pub fn swiglu(x: &Tensor<3>) -> Option<Tensor<3>> {
     }
     let m = c2 / 2;
     let (data, off) = (v.storage(), v.offset());
-    let mut out = vec![0f32; b * s * m];
-    par_rows(&mut out, m, |r, row| {
+    let out = par_rows(b * s, m, |r, row| {
         let base = off + (r / s) * st[0] + (r % s) * st[1];
         swiglu_slice(&data[base..base + m], &data[base + m..base + 2 * m], row);
     });
@@ -69,8 +68,7 @@ pub fn gated_add(x: &Tensor<3>, gate: &Tensor<3>, y: &Tensor<3>) -> Option<Tenso
         return None;
     }
     let (xs, gs, ys) = (xd.slice(), gd.slice(), yd.slice());
-    let mut out = vec![0f32; b * s * c];
-    par_rows(&mut out, c, |r, row| {
+    let out = par_rows(b * s, c, |r, row| {
         let g = &gs[(r / s) * c..(r / s + 1) * c];
         gated_slice(&xs[r * c..(r + 1) * c], g, &ys[r * c..(r + 1) * c], row);
     });

@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::Dense;
+use super::{Dense, Strided};
 
 /// Output columns per panel: two 16-lane vectors, four 8-lane ones.
 pub const NR: usize = 32;
@@ -102,7 +102,7 @@ impl Isa {
 pub struct PackedWeight {
     k: usize,
     n: usize,
-    data: Vec<f32>,
+    data: Aligned,
 }
 
 impl PackedWeight {
@@ -111,8 +111,9 @@ impl PackedWeight {
         if Isa::best().is_none() || w.len() != k * n || k == 0 || n == 0 {
             return None;
         }
-        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
-        data.par_chunks_mut(k * NR)
+        let mut data = Aligned::zeroed(n.div_ceil(NR) * k * NR);
+        data.as_mut_slice()
+            .par_chunks_mut(k * NR)
             .enumerate()
             .for_each(|(j, panel)| {
                 let c0 = j * NR;
@@ -143,7 +144,7 @@ impl PackedWeight {
         let mut w = vec![0f32; k * n];
         for (p, row) in w.chunks_exact_mut(n).enumerate() {
             for (c, v) in row.iter_mut().enumerate() {
-                *v = self.data[Self::at(k, p, c)];
+                *v = self.data.as_slice()[Self::at(k, p, c)];
             }
         }
         w
@@ -163,19 +164,96 @@ pub fn linear(x: &Tensor<2>, w: &PackedWeight, bias: Option<&Tensor<1>>) -> Opti
         Some(_) => return None,
         None => None,
     };
+    let rows = Rows::dense(xd.slice(), m, k, k);
+    let out = run(&[rows], m, w, bd.as_ref().map(Dense::slice))?;
+    Some(super::tensor(out, [m, w.n]))
+}
+
+/// `[x_0, x_1, ..] @ w` for f32 CPU tensors `x_i` `[B, S, k_i]` joined along their last
+/// dimension (`k_0 + k_1 + .. = w.k`), each read in place through its strides; a gated input
+/// (`true`) is `[B, S, 2 k_i]` and enters as its SwiGLU `silu(x[.., :k_i]) * x[.., k_i:]`. The
+/// join and the SwiGLU happen while the rows are packed for the kernel (which copies them
+/// anyway), so neither is a pass over memory of its own, and a view (a narrowed or chunked
+/// projection) needs no copy first. `None` unless every input is an f32 CPU tensor with unit
+/// last stride and the shapes agree.
+pub fn linear_joined(inputs: &[(&Tensor<3>, bool)], w: &PackedWeight) -> Option<Tensor<3>> {
+    let [b, s, _] = inputs.first()?.0.dims();
+    let views = inputs
+        .iter()
+        .map(|(x, _)| Strided::new(super::flex_f32(*x)?))
+        .collect::<Option<Vec<_>>>()?;
+    let mut rows = Vec::with_capacity(inputs.len());
+    for ((x, gated), v) in inputs.iter().zip(&views) {
+        let [xb, xs, c] = x.dims();
+        let st = v.strides();
+        if [xb, xs] != [b, s] || st[2] != 1 || (*gated && c % 2 != 0) {
+            return None;
+        }
+        rows.push(Rows {
+            data: v.storage(),
+            offset: v.offset(),
+            per_batch: s,
+            strides: (st[0], st[1]),
+            k: if *gated { c / 2 } else { c },
+            gated: *gated,
+        });
+    }
+    if rows.iter().map(|r| r.k).sum::<usize>() != w.k {
+        return None;
+    }
+    let out = run(&rows, b * s, w, None)?;
+    Some(super::tensor(out, [b, s, w.n]))
+}
+
+/// The product into a fresh `[m, n]` buffer with the best kernel; `None` where none runs.
+fn run(rows: &[Rows<'_>], m: usize, w: &PackedWeight, bias: Option<&[f32]>) -> Option<Vec<f32>> {
     let isa = Isa::best()?;
-    check(xd.slice(), k, m, k, m * w.n, w.n, w.n);
     // The first pass over the depth writes every output (bias + product), so the buffer starts
     // uninitialised: no zeroing pass, and no read of what the first pass replaces.
     let mut out = Vec::<f32>::with_capacity(m * w.n);
-    let bias = bd.as_ref().map(Dense::slice);
     // SAFETY: out has room for m x n values, which product() writes, every one, before set_len;
     // the CPU runs isa (Isa::best).
     unsafe {
-        product(isa, xd.slice(), k, m, w, bias, out.as_mut_ptr());
+        product(isa, rows, m, w, bias, out.as_mut_ptr());
         out.set_len(m * w.n);
     }
-    Some(super::tensor(out, [m, w.n]))
+    Some(out)
+}
+
+/// One input of a product, read in place: row `r`'s values start at `offset + (r / per_batch) *
+/// strides.0 + (r % per_batch) * strides.1` of `data`; `k` of them, or with `gated` the SwiGLU
+/// of `2k` (the gate's `k`, then the `k` it multiplies). Reads are bounds-checked slices.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    offset: usize,
+    per_batch: usize,
+    strides: (usize, usize),
+    k: usize,
+    gated: bool,
+}
+
+impl<'a> Rows<'a> {
+    /// `m` rows of `k` values, `lda` apart.
+    fn dense(data: &'a [f32], m: usize, k: usize, lda: usize) -> Self {
+        Rows {
+            data,
+            offset: 0,
+            per_batch: m.max(1),
+            strides: (0, lda),
+            k,
+            gated: false,
+        }
+    }
+
+    /// Row `r`'s `k` values (`2k` when gated).
+    fn row(&self, r: usize) -> &'a [f32] {
+        let start = self.offset
+            + (r / self.per_batch) * self.strides.0
+            + (r % self.per_batch) * self.strides.1;
+        let len = if self.gated { 2 * self.k } else { self.k };
+        &self.data[start..start + len]
+    }
 }
 
 /// `out = x @ w + bias` for `x` `[m, k]` row-major (rows `lda` apart) and `out` `[m, n]` (dense;
@@ -192,21 +270,28 @@ pub fn matmul_with(
     out: &mut [f32],
 ) {
     assert!(isa.supported(), "{isa:?} on this CPU");
-    check(x, lda, m, w.k, out.len(), w.n, w.n);
     assert_eq!(out.len(), m * w.n, "out");
-    // SAFETY: checked above.
-    unsafe { product(isa, x, lda, m, w, bias, out.as_mut_ptr()) };
+    // SAFETY: out holds m x n values; x's rows are read through checked slices.
+    unsafe {
+        product(
+            isa,
+            &[Rows::dense(x, m, w.k, lda)],
+            m,
+            w,
+            bias,
+            out.as_mut_ptr(),
+        )
+    };
 }
 
-/// `out = x @ w + bias` into `m` x `n` values at `out` (dense), which it writes without reading.
+/// `out = [rows..] @ w + bias` into `m` x `n` values at `out` (dense), which it writes without
+/// reading.
 ///
 /// # Safety
-/// `out` has room for `m * n` values no one else touches meanwhile; `x` holds `m` rows of `k`
-/// values `lda` apart; the CPU runs `isa`.
+/// `out` has room for `m * n` values no one else touches meanwhile; the CPU runs `isa`.
 unsafe fn product(
     isa: Isa,
-    x: &[f32],
-    lda: usize,
+    rows: &[Rows<'_>],
     m: usize,
     w: &PackedWeight,
     bias: Option<&[f32]>,
@@ -214,9 +299,11 @@ unsafe fn product(
 ) {
     let n = w.n;
     assert!(bias.is_none_or(|b| b.len() == n), "bias");
+    assert_eq!(rows.iter().map(|r| r.k).sum::<usize>(), w.k, "depth");
     if m == 0 {
         return;
     }
+    let packed = pack_rows(rows, m, w.k, isa.rows());
     let panels = n.div_ceil(NR);
     // Ranges of panels per task: at least one per thread, whole panels, about equal.
     let threads = rayon::current_num_threads().max(1);
@@ -225,29 +312,129 @@ unsafe fn product(
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (t * panels / tasks, (t + 1) * panels / tasks);
         // SAFETY: this task alone writes panels p0..p1's columns of out (the caller's promise
-        // for the rest).
-        unsafe { accumulate(isa, x, lda, m, w, p0..p1, bias, dst.at(0), n) };
+        // for the rest); packed holds m rows of k values in blocks of mr.
+        unsafe { accumulate(isa, packed.as_slice(), m, w, p0..p1, bias, dst.at(0), n) };
     });
 }
 
-/// The bounds the kernels rely on.
-fn check(x: &[f32], lda: usize, m: usize, k: usize, out: usize, n: usize, ldo: usize) {
-    assert!(lda >= k && ldo >= n, "strides");
-    assert!(m == 0 || x.len() >= (m - 1) * lda + k, "x too short");
-    assert!(m == 0 || out >= (m - 1) * ldo + n, "out too short");
+/// Row blocks per group of [`accumulate`]: a group's slice of the packed rows for one depth pass
+/// (`GROUP_BLOCKS x 14 x KC` floats, ~1 MiB with AVX-512) stays in L2 while every panel of the
+/// task passes over it.
+const GROUP_BLOCKS: usize = 72;
+
+/// The inputs' `m` rows, joined (`k` values a row in all), in blocks of `mr` rows, each block
+/// `k` steps of `mr` values (row `r`'s value `p` at `p * mr + r`; rows past `m` zero): the
+/// register kernel then reads its broadcasts from consecutive addresses, one cache line per few
+/// steps, where the rows in place were `mr` streams far apart. A gated input's SwiGLU is
+/// computed here, a row at a time. Spread over the pool, one task per block.
+fn pack_rows(rows: &[Rows<'_>], m: usize, k: usize, mr: usize) -> Aligned {
+    let blocks = m.div_ceil(mr);
+    let len = blocks * k * mr;
+    let mut packed = Aligned::for_tasks(len);
+    let dst = super::SendPtr(packed.as_mut_ptr());
+    let gated_k = rows.iter().filter(|r| r.gated).map(|r| r.k).max();
+    (0..blocks).into_par_iter().for_each_init(
+        || vec![0f32; gated_k.unwrap_or(0)],
+        |scratch, b| {
+            // SAFETY: block b's k x mr values are inside the buffer and this task's alone.
+            let block = unsafe { super::zeroed(dst.at(b * k * mr), k * mr) };
+            let r0 = b * mr;
+            for r in 0..mr.min(m - r0) {
+                let mut col = 0;
+                for input in rows {
+                    let src = input.row(r0 + r);
+                    let values = if input.gated {
+                        let (gate, up) = src.split_at(input.k);
+                        let out = &mut scratch[..input.k];
+                        super::elementwise::swiglu_slice(gate, up, out);
+                        &*out
+                    } else {
+                        src
+                    };
+                    let dst = &mut block[col * mr..(col + input.k) * mr];
+                    for (p, &v) in values.iter().enumerate() {
+                        dst[p * mr + r] = v;
+                    }
+                    col += input.k;
+                }
+            }
+        },
+    );
+    // SAFETY: the blocks cover 0..len, all zeroed (and filled) above.
+    unsafe { packed.assume_filled() };
+    packed
 }
 
-/// `out = x @ w + bias` for output panels `panels` (their columns of `out`), depth pass by depth
-/// pass: the first writes `bias + its product` without reading `out`, the others add to it.
+/// One cache line of floats, so a buffer of them starts on a line: a vector load of 16 floats
+/// that straddles two lines costs two.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// `len` floats starting on a cache line (the system allocator gives large buffers 16 bytes
+/// past a page, so every 64-byte load of a plain `Vec<f32>` would straddle two lines).
+#[derive(Clone, Debug)]
+struct Aligned {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeroed(len: usize) -> Self {
+        Aligned {
+            lines: vec![Line([0.0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+
+    /// Room for `len` floats, the tail of the last line zeroed, the rest for tasks to fill
+    /// through [`Self::as_mut_ptr`]; [`Self::assume_filled`] once they have. (A `vec!` of lines
+    /// would be written line by line on the calling thread first.)
+    fn for_tasks(len: usize) -> Self {
+        let n = len.div_ceil(16);
+        let mut lines = Vec::<Line>::with_capacity(n);
+        // SAFETY: the capacity holds n x 16 floats; those past len are zeroed here.
+        unsafe {
+            std::ptr::write_bytes(lines.as_mut_ptr().cast::<f32>().add(len), 0, n * 16 - len)
+        };
+        Aligned { lines, len }
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.lines.as_mut_ptr().cast()
+    }
+
+    /// # Safety
+    /// All `len` floats of a [`Self::for_tasks`] buffer have been written.
+    unsafe fn assume_filled(&mut self) {
+        // SAFETY: the caller's promise, and for_tasks zeroed the rest of the last line.
+        unsafe { self.lines.set_len(self.len.div_ceil(16)) };
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: the lines are len.div_ceil(16) x 16 contiguous f32 (repr(C), no padding).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in as_slice, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
+
+/// `out = x @ w + bias` for output panels `panels` (their columns of `out`), from `x`'s rows
+/// packed by [`pack_rows`]: by groups of row blocks, then depth pass by depth pass, each panel's
+/// slice (in L1) over every block of the group (in L2). The first pass writes `bias + its
+/// product` without reading `out`, the others add to it.
 ///
 /// # Safety
 /// `out` has room for `m` rows of `w.n` values `ldo` apart, and no one else touches these
-/// panels' columns meanwhile; `x` holds `m` rows of `w.k` values `lda` apart; the CPU runs `isa`.
+/// panels' columns meanwhile; `packed` holds `m` rows of `w.k` values as [`pack_rows`] lays them
+/// out for `isa.rows()`; the CPU runs `isa`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn accumulate(
     isa: Isa,
-    x: &[f32],
-    lda: usize,
+    packed: &[f32],
     m: usize,
     w: &PackedWeight,
     panels: std::ops::Range<usize>,
@@ -255,49 +442,61 @@ unsafe fn accumulate(
     out: *mut f32,
     ldo: usize,
 ) {
-    let (k, n) = (w.k, w.n);
-    for j in panels {
-        let c0 = j * NR;
-        let width = NR.min(n - c0);
-        // The panel's bias, zero-padded to its full width (zero without a bias).
-        let mut init = [0f32; NR];
-        if let Some(b) = bias {
-            init[..width].copy_from_slice(&b[c0..c0 + width]);
-        }
+    let (k, n, mr) = (w.k, w.n, isa.rows());
+    let blocks = m.div_ceil(mr);
+    // Each panel's bias, zero-padded to its full width (zero without a bias).
+    let init: Vec<[f32; NR]> = panels
+        .clone()
+        .map(|j| {
+            let mut init = [0f32; NR];
+            if let Some(b) = bias {
+                let c0 = j * NR;
+                let width = NR.min(n - c0);
+                init[..width].copy_from_slice(&b[c0..c0 + width]);
+            }
+            init
+        })
+        .collect();
+    for g0 in (0..blocks).step_by(GROUP_BLOCKS) {
+        let group = g0..blocks.min(g0 + GROUP_BLOCKS);
         for kc0 in (0..k).step_by(KC) {
             let kc = KC.min(k - kc0);
-            let panel = &w.data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
-            for r0 in (0..m).step_by(isa.rows()) {
-                let rows = isa.rows().min(m - r0);
-                let a = &x[r0 * lda + kc0..];
-                let first = (kc0 == 0).then_some(&init);
-                // SAFETY: the caller's promise; a and panel are in bounds by their slicing.
-                unsafe {
-                    block(
-                        isa,
-                        a,
-                        lda,
-                        rows,
-                        kc,
-                        panel,
-                        out.add(r0 * ldo + c0),
-                        ldo,
-                        width,
-                        first,
-                    )
-                };
+            for (j, init) in panels.clone().zip(&init) {
+                let c0 = j * NR;
+                let width = NR.min(n - c0);
+                let panel = &w.data.as_slice()[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
+                let first = (kc0 == 0).then_some(init);
+                for b in group.clone() {
+                    let r0 = b * mr;
+                    let rows = mr.min(m - r0);
+                    let a = &packed[(b * k + kc0) * mr..(b * k + kc0 + kc) * mr];
+                    // SAFETY: the caller's promise; a and panel are in bounds by their slicing.
+                    unsafe {
+                        block(
+                            isa,
+                            a,
+                            rows,
+                            kc,
+                            panel,
+                            out.add(r0 * ldo + c0),
+                            ldo,
+                            width,
+                            first,
+                        )
+                    };
+                }
             }
         }
     }
 }
 
 /// `out[rows, width] += a[rows, kc] @ panel[kc, NR]` (the first `width` columns kept), or with
-/// `init`, `out = init + a @ panel` (`init` one row, for every row; `out` not read).
+/// `init`, `out = init + a @ panel` (`init` one row, for every row; `out` not read); `a` is one
+/// block of [`pack_rows`] (`kc` steps of `isa.rows()` values).
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     isa: Isa,
     a: &[f32],
-    lda: usize,
     rows: usize,
     kc: usize,
     panel: &[f32],
@@ -309,7 +508,7 @@ unsafe fn block(
     let init = init.map(|i| i.as_ptr());
     if width == NR {
         // SAFETY: the caller's promise.
-        unsafe { kernel_rows(isa, a, lda, rows, kc, panel, out, ldo, init) };
+        unsafe { kernel_rows(isa, a, rows, kc, panel, out, ldo, init) };
         return;
     }
     // A narrow last panel: through a full-width scratch block.
@@ -322,7 +521,7 @@ unsafe fn block(
         }
     }
     // SAFETY: tmp holds rows x NR.
-    unsafe { kernel_rows(isa, a, lda, rows, kc, panel, tmp.as_mut_ptr(), NR, init) };
+    unsafe { kernel_rows(isa, a, rows, kc, panel, tmp.as_mut_ptr(), NR, init) };
     for r in 0..rows {
         // SAFETY: rows x width of out are in bounds (the caller's promise); written here by
         // copy, not read.
@@ -336,7 +535,6 @@ unsafe fn block(
 unsafe fn kernel_rows(
     isa: Isa,
     a: &[f32],
-    lda: usize,
     rows: usize,
     kc: usize,
     panel: &[f32],
@@ -349,7 +547,7 @@ unsafe fn kernel_rows(
         ($kernel:ident($b:expr, $out:expr, $init:expr): $($r:literal)*) => {
             match rows {
                 // SAFETY: the caller's promise.
-                $($r => unsafe { $kernel::<$r>(a, lda, kc, $b, $out, ldo, $init) },)*
+                $($r => unsafe { $kernel::<$r>(a, kc, $b, $out, ldo, $init) },)*
                 _ => unreachable!("1..=isa.rows() rows"),
             }
         };
@@ -374,13 +572,12 @@ unsafe fn kernel_rows(
 /// instruction set by [`kernel!`] (the intrinsics differ only in name and width). The panel's
 /// rows are `NR` apart whatever the width (the AVX2 kernel takes half a panel).
 macro_rules! kernel {
-    ($name:ident, $feature:literal, $lanes:literal,
+    ($name:ident, $feature:literal, $lanes:literal, $mr:expr,
      $zero:ident, $load:ident, $splat:ident, $fma:ident, $add:ident, $store:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
         unsafe fn $name<const R: usize>(
             a: *const f32,
-            lda: usize,
             kc: usize,
             b: *const f32,
             out: *mut f32,
@@ -390,12 +587,12 @@ macro_rules! kernel {
             use std::arch::x86_64::*;
             let mut acc = [[$zero(); 2]; R];
             for p in 0..kc {
-                // SAFETY: the panel holds kc rows of NR values, a R rows of kc values lda apart.
+                // SAFETY: the panel holds kc rows of NR values, a kc steps of $mr rows' values.
                 unsafe {
                     let b0 = $load(b.add(p * NR));
                     let b1 = $load(b.add(p * NR + $lanes));
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let ar = $splat(*a.add(r * lda + p));
+                        let ar = $splat(*a.add(p * $mr + r));
                         acc[0] = $fma(ar, b0, acc[0]);
                         acc[1] = $fma(ar, b1, acc[1]);
                     }
@@ -420,7 +617,6 @@ macro_rules! kernel {
         unsafe fn $name<const R: usize>(
             _: *const f32,
             _: usize,
-            _: usize,
             _: *const f32,
             _: *mut f32,
             _: usize,
@@ -435,6 +631,7 @@ kernel!(
     kernel_avx512,
     "avx512f",
     16,
+    Isa::Avx512.rows(),
     _mm512_setzero_ps,
     _mm512_loadu_ps,
     _mm512_set1_ps,
@@ -446,6 +643,7 @@ kernel!(
     kernel_avx2,
     "avx2,fma",
     8,
+    Isa::Avx2.rows(),
     _mm256_setzero_ps,
     _mm256_loadu_ps,
     _mm256_set1_ps,

@@ -131,6 +131,31 @@ pub fn tensor_strided<const D: usize>(
     ))
 }
 
+/// `t` `[B, L, H * D]` as `[B, L, H, D]` over the same storage, whatever its strides (burn-flex
+/// copies a view that is not contiguous before it reshapes it, as the chunks of a fused q/k/v
+/// projection are; splitting the last dimension never needs that copy). `None` for other tensors
+/// or when the last dimension is not `heads` times something.
+pub fn split_last<const D: usize, const N: usize>(
+    t: &Tensor<D>,
+    heads: usize,
+) -> Option<Tensor<N>> {
+    let f = t.clone().try_into_primitive::<Flex>().ok()?;
+    let layout = f.layout();
+    let (shape, strides) = (layout.shape().to_vec(), layout.strides().to_vec());
+    let last = *shape.last()?;
+    if N != D + 1 || heads == 0 || last % heads != 0 {
+        return None;
+    }
+    let inner = *strides.last()?;
+    let mut new_shape = shape[..D - 1].to_vec();
+    new_shape.extend([heads, last / heads]);
+    let mut new_strides = strides[..D - 1].to_vec();
+    new_strides.extend([inner * (last / heads) as isize, inner]);
+    let start = layout.start_offset();
+    let view = f.with_layout(Layout::new(Shape::from(new_shape), new_strides, start));
+    Some(Tensor::from_primitive::<Flex>(view))
+}
+
 /// A matrix read in place: element `(r, c)` at `ptr + r * rs + c * cs` (strides in elements).
 #[derive(Clone, Copy)]
 pub(crate) struct Operand {
@@ -206,15 +231,46 @@ pub(crate) unsafe fn gemm_into(
 /// to spread over the pool.
 const ROW_CHUNK: usize = 16;
 
-/// `f(r, row)` for every row `r` of `out` (rows of `width` values), spread over the pool.
-pub(crate) fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    out.par_chunks_mut(width * ROW_CHUNK)
-        .enumerate()
-        .for_each(|(chunk, rows)| {
-            for (i, row) in rows.chunks_mut(width).enumerate() {
-                f(chunk * ROW_CHUNK + i, row);
+/// A new buffer of `rows` rows of `width` values, `f(r, row)` filling row `r`, spread over the
+/// pool. Each task zeroes its own rows just before it fills them (in cache, on its own core):
+/// `vec![0.0; n]` first would be one serial pass over the whole buffer on the calling thread,
+/// which with fresh output buffers for every op was most of what the transformer's small ops
+/// cost there (`perf`).
+pub(crate) fn par_rows(
+    rows: usize,
+    width: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let len = rows * width;
+    let mut out = Vec::<f32>::with_capacity(len);
+    let dst = SendPtr(out.as_mut_ptr());
+    (0..rows.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .for_each(|chunk| {
+            let r0 = chunk * ROW_CHUNK;
+            let n = ROW_CHUNK.min(rows - r0);
+            // SAFETY: rows r0..r0 + n are inside the buffer's capacity and this task's alone; they
+            // are zeroed (valid f32) before a slice is made of them.
+            let part = unsafe { zeroed(dst.at(r0 * width), n * width) };
+            for (i, row) in part.chunks_mut(width.max(1)).enumerate() {
+                f(r0 + i, row);
             }
         });
+    // SAFETY: every row was zeroed (and filled) above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `len` values at `ptr` zeroed and lent as a slice.
+///
+/// # Safety
+/// `ptr` is valid for writes of `len` values, which nothing else touches while the slice lives.
+pub(crate) unsafe fn zeroed<'a>(ptr: *mut f32, len: usize) -> &'a mut [f32] {
+    // SAFETY: the caller's promise.
+    unsafe {
+        std::ptr::write_bytes(ptr, 0, len);
+        std::slice::from_raw_parts_mut(ptr, len)
+    }
 }
 
 /// Pointers handed to rayon tasks that write disjoint parts of one buffer.

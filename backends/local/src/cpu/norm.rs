@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, fmadd, silu};
-use super::{flex_f32, par_rows, tensor, Dense, SendPtr, Strided};
+use super::{flex_f32, par_rows, tensor, zeroed, Dense, SendPtr, Strided};
 
 /// Values summed in f32 lanes before the lanes' totals go into the f64 total: short enough that
 /// a lane's f32 total stays precise (a group of a 1024x1024 decode is millions of values).
@@ -203,8 +203,9 @@ pub fn join_heads(
     if norms.iter().flatten().any(|n| n.slice().len() != d) {
         return None;
     }
-    let mut out = vec![0f32; b * total * h * d];
-    let ptr = SendPtr::new(&mut out);
+    // Each task zeroes the rows it fills (see `par_rows`); the parts' spans cover the sequence.
+    let mut out = Vec::<f32>::with_capacity(b * total * h * d);
+    let ptr = SendPtr(out.as_mut_ptr());
     for ((v, norm), &(s0, s)) in views.iter().zip(&norms).zip(&spans) {
         let st = v.strides();
         let (data, off) = (v.storage(), v.offset());
@@ -218,16 +219,16 @@ pub fn join_heads(
                     &sn.slice()[pos * d..(pos + 1) * d],
                 )
             });
-            for hi in 0..h {
+            // SAFETY: rows (bi, pos, 0..h) of `out` are in its capacity and this task's alone.
+            let rows = unsafe { zeroed(ptr.at((bi * total + pos) * h * d), h * d) };
+            for (hi, dst) in rows.chunks_exact_mut(d).enumerate() {
                 let src = off + bi * st[0] + si * st[1] + hi * st[2];
-                // SAFETY: row (bi, pos, hi) of `out` is written by this task only.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(ptr.at(((bi * total + pos) * h + hi) * d), d)
-                };
                 prep_row(&data[src..src + d], w, eps as f32, rope, dst);
             }
         });
     }
+    // SAFETY: every (batch, position) was zeroed and filled above (the spans cover `total`).
+    unsafe { out.set_len(b * total * h * d) };
     Some(tensor(out, [b, total, h, d]))
 }
 
@@ -241,8 +242,7 @@ pub fn rms_norm<const N: usize>(x: &Tensor<N>, w: &Tensor<1>, eps: f64) -> Optio
         return None;
     }
     let xs = xd.slice();
-    let mut out = vec![0f32; xs.len()];
-    par_rows(&mut out, d, |r, row| {
+    let out = par_rows(xs.len() / d, d, |r, row| {
         prep_row(&xs[r * d..(r + 1) * d], Some(ws), eps as f32, None, row)
     });
     Some(tensor(out, dims))
@@ -280,8 +280,7 @@ pub fn modulate(
         return None;
     }
     let (xs, sh, sc) = (xd.slice(), shd.slice(), scd.slice());
-    let mut out = vec![0f32; xs.len()];
-    par_rows(&mut out, c, |r, row| {
+    let out = par_rows(b * s, c, |r, row| {
         let m = (r / s) * c..(r / s + 1) * c;
         let src = &xs[r * c..(r + 1) * c];
         modulate_row(src, &sh[m.clone()], &sc[m], eps as f32, row);

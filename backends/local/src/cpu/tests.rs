@@ -323,3 +323,46 @@ fn packed_linear_matches_burn() {
         assert!(matmul::linear(&rand([m, k + 1]), &packed, None).is_none());
     }
 }
+
+/// The joined product against burn's cat, SwiGLU and matmul: inputs read through their strides
+/// (a batch of two narrowed out of wider tensors), a gated one, depths that cross the kernel's
+/// depth passes mid-input, and more rows than one group of row blocks holds.
+#[test]
+fn joined_linear_matches_cat_swiglu_matmul() {
+    if matmul::Isa::best().is_none() {
+        return;
+    }
+    let silu_mul = |x: Tensor<3>| {
+        let mut halves = x.chunk(2, 2);
+        let up = halves.pop().unwrap();
+        let gate = halves.pop().unwrap();
+        burn::tensor::activation::silu(gate).mul(up)
+    };
+    for (b, s, ka, kg, n) in [
+        (2, 19, 200, 90, 70),
+        (1, 1100, 40, 300, 33),
+        (2, 3, 0, 129, 32),
+    ] {
+        let w = rand([ka + kg, n]);
+        let packed = matmul::PackedWeight::new(Dense::of(&w).unwrap().slice(), ka + kg, n).unwrap();
+        // A wider buffer and a longer sequence, so both inputs are views with row strides of
+        // their own and a batch stride that is not s rows.
+        let a = (ka > 0).then(|| rand([b, s + 2, ka + 5]).narrow(1, 1, s).narrow(2, 3, ka));
+        let g = rand([b, s + 1, 2 * kg + 7])
+            .narrow(1, 0, s)
+            .narrow(2, 7, 2 * kg);
+        let mut inputs: Vec<_> = a.iter().map(|a| (a, false)).collect();
+        inputs.push((&g, true));
+        let mut parts: Vec<_> = a.iter().cloned().collect();
+        parts.push(silu_mul(g.clone()));
+        let want = Tensor::cat(parts, 2).matmul(w.clone().unsqueeze::<3>());
+        let got = matmul::linear_joined(&inputs, &packed).expect("f32 cpu views");
+        let d = max_diff(got, want);
+        assert!(d < 1e-4, "{b}x{s} a {ka} gated {kg} -> {n}: {d}");
+    }
+    // Depths that do not add up to the weight's, and an odd gated width, are refused.
+    let packed = matmul::PackedWeight::new(&[0.0; 10 * 4], 10, 4).unwrap();
+    assert!(matmul::linear_joined(&[(&rand([1, 2, 9]), false)], &packed).is_none());
+    assert!(matmul::linear_joined(&[(&rand([1, 2, 21]), true)], &packed).is_none());
+    assert!(matmul::linear_joined(&[(&rand([1, 2, 20]), true)], &packed).is_some());
+}
