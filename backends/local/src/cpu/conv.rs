@@ -16,7 +16,7 @@ use burn::tensor::{Bytes, DType, Shape};
 use burn_flex::{Flex, FlexTensor, Layout};
 
 use super::simd::dispatch;
-use super::{flex_f32, gemm_into, Dense, Operand, SendPtr};
+use super::{flex_f32, gemm_into, par_chunks, Dense, Operand, SendPtr};
 
 /// A convolution's geometry: `stride`, padding (top/left, bottom/right), and an integer
 /// nearest-neighbour upsampling of the input first (1 = none). `pad_x`, when given, pads the
@@ -81,29 +81,46 @@ pub fn conv2d(
             return None;
         }
     }
+    // Made or copied by the tasks that fill each plane, with the bias (not zeroed or copied on
+    // this thread first, then added to).
+    let bias = bd.slice();
+    let fresh = |data: Vec<f32>| {
+        FlexTensor::new(
+            Bytes::from_elems(data),
+            Layout::contiguous(Shape::from(vec![b, co, oh, ow])),
+            DType::F32,
+        )
+    };
     let mut out_t = match residual.take() {
         Some(r) => {
-            let t = r.try_into_primitive::<Flex>().ok()?;
+            let mut t = r.try_into_primitive::<Flex>().ok()?;
             let whole = t.layout().contiguous_offsets() == Some((0, b * co * p))
                 && t.storage::<f32>().len() == b * co * p;
             if t.is_unique() && whole {
+                t.storage_mut::<f32>()
+                    .par_chunks_mut(p)
+                    .enumerate()
+                    .for_each(|(i, plane)| {
+                        let bv = bias[i % co];
+                        plane.iter_mut().for_each(|v| *v += bv);
+                    });
                 t
             } else {
-                FlexTensor::new(
-                    Bytes::from_elems(Dense::new(t).slice().to_vec()),
-                    Layout::contiguous(Shape::from(vec![b, co, oh, ow])),
-                    DType::F32,
-                )
+                let src = Dense::new(t);
+                let src = src.slice();
+                fresh(par_chunks(b * co * p, p, |i, plane| {
+                    let bv = bias[i % co];
+                    for (o, &r) in plane.iter_mut().zip(&src[i * p..(i + 1) * p]) {
+                        *o = r + bv;
+                    }
+                }))
             }
         }
-        None => FlexTensor::zeros(Shape::from(vec![b, co, oh, ow]), DType::F32),
+        None => fresh(par_chunks(b * co * p, p, |i, plane| {
+            plane.fill(bias[i % co])
+        })),
     };
     let out = out_t.storage_mut::<f32>();
-    let bias = bd.slice();
-    out.par_chunks_mut(p).enumerate().for_each(|(i, plane)| {
-        let bv = bias[i % co];
-        plane.iter_mut().for_each(|v| *v += bv);
-    });
 
     let (xs, ws) = (xd.slice(), wd.slice());
     if kh == 3 && kw == 3 && s == 1 && up == 1 && (pt, pb, pl, pr) == (1, 1, 1, 1) {
@@ -405,8 +422,20 @@ pub fn conv_up2_3x3(
             }
         }
     });
-    let mut out = vec![0f32; b * co * 4 * h * wi];
-    winograd_up2(&mut out, xd.slice(), &u, bd.slice(), (b, ci, h, wi), co);
+    let len = b * co * 4 * h * wi;
+    let mut out = Vec::<f32>::with_capacity(len);
+    // SAFETY: out has room for the len values, which winograd_up2's tasks zero and fill.
+    unsafe {
+        winograd_up2(
+            SendPtr(out.as_mut_ptr()),
+            xd.slice(),
+            &u,
+            bd.slice(),
+            (b, ci, h, wi),
+            co,
+        );
+        out.set_len(len);
+    }
     Some(super::tensor(out, [b, co, 2 * h, 2 * wi]))
 }
 
@@ -416,8 +445,12 @@ pub fn conv_up2_3x3(
 /// and `A^T m A` back to the block's four pixels, which land on the high-resolution pixels of
 /// that parity. Tasks take whole rows of blocks, as in [`winograd_3x3`], and the phases one
 /// after another, so a task's products are those of one phase.
-fn winograd_up2(
-    out: &mut [f32],
+///
+/// # Safety
+/// `dst` has room for the `b x co x 2h x 2w` output, which nothing else touches meanwhile; each
+/// task zeroes its rows of it before it writes them, so it may start uninitialised.
+unsafe fn winograd_up2(
+    dst: SendPtr,
     xs: &[f32],
     u: &[f32],
     bias: &[f32],
@@ -435,7 +468,6 @@ fn winograd_up2(
     // patch at offset +1.
     let pw = 2 * tw + 2;
     let (oh, ow) = (2 * h, 2 * w);
-    let dst = SendPtr::new(out);
     (0..b * chunks).into_par_iter().for_each_init(
         || {
             (
@@ -450,6 +482,14 @@ fn winograd_up2(
             let (bi, r0) = (task / chunks, (task % chunks) * rows_per);
             let nr = rows_per.min(th - r0);
             let nt = nr * tw;
+            // This task's high-resolution rows of every plane (the chunks' rows cover them all).
+            let (y0, y1) = (4 * r0, (4 * (r0 + nr)).min(oh));
+            for o in 0..co {
+                // SAFETY: rows y0..y1 of plane (bi, o) are this task's (the caller's promise).
+                unsafe {
+                    std::ptr::write_bytes(dst.at(((bi * co + o) * oh + y0) * ow), 0, (y1 - y0) * ow)
+                };
+            }
             v.resize(9 * ci * nt, 0.0);
             m.resize(9 * co * nt, 0.0);
             let x_b = &xs[bi * ci * h * w..(bi + 1) * ci * h * w];

@@ -241,22 +241,32 @@ pub(crate) fn par_rows(
     width: usize,
     f: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let len = rows * width;
+    let width = width.max(1);
+    par_chunks(rows * width, ROW_CHUNK * width, |chunk, part| {
+        for (i, row) in part.chunks_mut(width).enumerate() {
+            f(chunk * ROW_CHUNK + i, row);
+        }
+    })
+}
+
+/// A new buffer of `len` values in chunks of `chunk` (the last may be shorter), `f(i, part)`
+/// filling chunk `i`, one task per chunk, each zeroing its chunk first (see [`par_rows`]).
+pub(crate) fn par_chunks(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let chunk = chunk.max(1);
     let mut out = Vec::<f32>::with_capacity(len);
     let dst = SendPtr(out.as_mut_ptr());
-    (0..rows.div_ceil(ROW_CHUNK))
-        .into_par_iter()
-        .for_each(|chunk| {
-            let r0 = chunk * ROW_CHUNK;
-            let n = ROW_CHUNK.min(rows - r0);
-            // SAFETY: rows r0..r0 + n are inside the buffer's capacity and this task's alone; they
-            // are zeroed (valid f32) before a slice is made of them.
-            let part = unsafe { zeroed(dst.at(r0 * width), n * width) };
-            for (i, row) in part.chunks_mut(width.max(1)).enumerate() {
-                f(r0 + i, row);
-            }
-        });
-    // SAFETY: every row was zeroed (and filled) above.
+    (0..len.div_ceil(chunk)).into_par_iter().for_each(|i| {
+        let start = i * chunk;
+        // SAFETY: values start..start + n are inside the buffer's capacity and this task's
+        // alone; they are zeroed (valid f32) before a slice is made of them.
+        let part = unsafe { zeroed(dst.at(start), chunk.min(len - start)) };
+        f(i, part);
+    });
+    // SAFETY: every chunk was zeroed (and filled) above.
     unsafe { out.set_len(len) };
     out
 }

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, fmadd, silu};
-use super::{flex_f32, par_rows, tensor, zeroed, Dense, SendPtr, Strided};
+use super::{flex_f32, par_chunks, par_rows, tensor, zeroed, Dense, SendPtr, Strided};
 
 /// Values summed in f32 lanes before the lanes' totals go into the f64 total: short enough that
 /// a lane's f32 total stays precise (a group of a 1024x1024 decode is millions of values).
@@ -84,22 +84,19 @@ pub fn group_norm(
     }
     let (cg, hw) = (c / groups, h * w);
     let (xs, gs, bs) = (xd.slice(), gd.slice(), bd.slice());
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(cg * hw)
-        .zip(xs.par_chunks(cg * hw))
-        .enumerate()
-        .for_each(|(bg, (o, src))| {
-            let n = src.len() as f64;
-            let mean = (sum(src) / n) as f32;
-            let var = sq_dev(src, mean) / n;
-            let rstd = (1.0 / (var + eps).sqrt()) as f32;
-            let g0 = (bg % groups) * cg;
-            for (j, (oc, sc)) in o.chunks_mut(hw).zip(src.chunks(hw)).enumerate() {
-                let a = gs[g0 + j] * rstd;
-                let shift = bs[g0 + j] - mean * a;
-                affine(sc, a, shift, act, oc);
-            }
-        });
+    let out = par_chunks(xs.len(), cg * hw, |bg, o| {
+        let src = &xs[bg * cg * hw..(bg + 1) * cg * hw];
+        let n = src.len() as f64;
+        let mean = (sum(src) / n) as f32;
+        let var = sq_dev(src, mean) / n;
+        let rstd = (1.0 / (var + eps).sqrt()) as f32;
+        let g0 = (bg % groups) * cg;
+        for (j, (oc, sc)) in o.chunks_mut(hw).zip(src.chunks(hw)).enumerate() {
+            let a = gs[g0 + j] * rstd;
+            let shift = bs[g0 + j] - mean * a;
+            affine(sc, a, shift, act, oc);
+        }
+    });
     Some(tensor(out, [b, c, h, w]))
 }
 
