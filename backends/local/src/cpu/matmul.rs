@@ -4,14 +4,20 @@
 //! A general gemm (the `gemm` crate under burn-flex, or MKL under PyTorch) packs the weight into
 //! panels on every call, because it cannot know the weight will come again. Here the weight is a
 //! model parameter: [`PackedWeight`] lays it out once as column panels of [`NR`] values, `k`
-//! rows deep, so the kernel streams each panel from memory in order, and what remains per call
-//! is the product itself. The depth is cut into [`KC`] steps so the panel's slice stays in L1
-//! while every block of rows passes over it; the threads take disjoint ranges of panels.
+//! rows deep, starting on a cache line, so the kernel streams each panel from memory in order,
+//! and what remains per call is the product itself. The depth is cut into [`KC`] steps so the
+//! panel's slice stays in L1 while every block of rows passes over it, and the next slice is
+//! prefetched a part per block meanwhile; the threads take disjoint ranges of panels.
+//!
+//! Per call the input rows are packed into blocks of the register tile's rows (`pack_rows`), so
+//! the kernel's broadcasts come from consecutive addresses. The inputs are read in place through
+//! their strides, and may be several joined along the depth, one of them entering as its SwiGLU
+//! ([`linear_joined`]): the transformer's concatenations and SwiGLUs happen in that copy.
 //!
 //! The register kernel, by [`Isa`]: with AVX-512, a block of 14 rows x 32 columns in 28 of the
-//! 32 vector registers, two for the panel's row, and `x`'s value broadcast from memory into each
-//! FMA; with AVX2, 6 rows x 16 columns (half a panel) in 12 of the 16, two for the panel and one
-//! broadcast. `x` is read in place, row by row, which the prefetchers follow.
+//! 32 vector registers, two for the panel's row, and the row's value broadcast from memory into
+//! each FMA; with AVX2, 6 rows x 16 columns (half a panel) in 12 of the 16, two for the panel
+//! and one broadcast.
 //!
 //! Measured on the step's shapes against the `gemm` crate (which burn-flex calls) on the same
 //! machine: see docs/engine.md ("The CPU backend").
@@ -464,9 +470,27 @@ unsafe fn accumulate(
             for (j, init) in panels.clone().zip(&init) {
                 let c0 = j * NR;
                 let width = NR.min(n - c0);
-                let panel = &w.data.as_slice()[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
+                let data = w.data.as_slice();
+                let panel = &data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
                 let first = (kc0 == 0).then_some(init);
+                // The slice the next round reads (the next panel, or the first one at the next
+                // depth), fetched a part per row block so it is in cache when that round starts.
+                let next = if j + 1 < panels.end {
+                    Some(((j + 1) * k + kc0, kc))
+                } else if kc0 + KC < k {
+                    Some((panels.start * k + kc0 + KC, KC.min(k - kc0 - KC)))
+                } else {
+                    None
+                };
+                let next = next.map(|(at, len)| &data[at * NR..(at + len) * NR]);
+                let (nb, lines) = (group.len(), next.map_or(0, |s| s.len().div_ceil(16)));
                 for b in group.clone() {
+                    if let Some(next) = next {
+                        let i = b - group.start;
+                        let part =
+                            (i * lines / nb) * 16..((i + 1) * lines / nb * 16).min(next.len());
+                        prefetch(&next[part]);
+                    }
                     let r0 = b * mr;
                     let rows = mr.min(m - r0);
                     let a = &packed[(b * k + kc0) * mr..(b * k + kc0 + kc) * mr];
@@ -488,6 +512,22 @@ unsafe fn accumulate(
             }
         }
     }
+}
+
+/// Ask for `s`'s cache lines ahead of their use.
+#[inline(always)]
+fn prefetch(s: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in s.chunks(16) {
+        // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
 }
 
 /// `out[rows, width] += a[rows, kc] @ panel[kc, NR]` (the first `width` columns kept), or with
