@@ -7,7 +7,8 @@
 //! rows deep, starting on a cache line, so the kernel streams each panel from memory in order,
 //! and what remains per call is the product itself. The depth is cut into [`KC`] steps so the
 //! panel's slice stays in L1 while every block of rows passes over it, and the next slice is
-//! prefetched a part per block meanwhile; the threads take disjoint ranges of panels.
+//! prefetched meanwhile, a part per block, a line every few steps of the register kernel; the
+//! threads take disjoint ranges of panels.
 //!
 //! Per call the input rows are packed into blocks of the register tile's rows (`pack_rows`), so
 //! the kernel's broadcasts come from consecutive addresses. The inputs are read in place through
@@ -489,7 +490,8 @@ unsafe fn accumulate(
                 let panel = &data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
                 let first = (kc0 == 0).then_some(init);
                 // The slice the next round reads (the next panel, or the first one at the next
-                // depth), fetched a part per row block so it is in cache when that round starts.
+                // depth), fetched a part per row block, a line every AHEAD_EVERY steps of its
+                // kernel, so it is in cache when that round starts.
                 let next = if j + 1 < panels.end {
                     Some(((j + 1) * k + kc0, kc))
                 } else if kc0 + KC < k {
@@ -500,12 +502,10 @@ unsafe fn accumulate(
                 let next = next.map(|(at, len)| &data[at * NR..(at + len) * NR]);
                 let (nb, lines) = (group.len(), next.map_or(0, |s| s.len().div_ceil(16)));
                 for b in group.clone() {
-                    if let Some(next) = next {
+                    let ahead = next.map_or(&[][..], |next| {
                         let i = b - group.start;
-                        let part =
-                            (i * lines / nb) * 16..((i + 1) * lines / nb * 16).min(next.len());
-                        prefetch(&next[part]);
-                    }
+                        &next[(i * lines / nb) * 16..((i + 1) * lines / nb * 16).min(next.len())]
+                    });
                     let r0 = b * mr;
                     let rows = mr.min(m - r0);
                     let a = &packed[(b * k + kc0) * mr..(b * k + kc0 + kc) * mr];
@@ -521,6 +521,7 @@ unsafe fn accumulate(
                             ldo,
                             width,
                             first,
+                            ahead,
                         )
                     };
                 }
@@ -529,21 +530,8 @@ unsafe fn accumulate(
     }
 }
 
-/// Ask for `s`'s cache lines ahead of their use.
-#[inline(always)]
-fn prefetch(s: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in s.chunks(16) {
-        // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = s;
-}
+/// Steps of the register kernel between two prefetched lines of the next panel slice.
+const AHEAD_EVERY: usize = 4;
 
 /// `out[rows, width] += a[rows, kc] @ panel[kc, NR]` (the first `width` columns kept), or with
 /// `init`, `out = init + a @ panel` (`init` one row, for every row; `out` not read); `a` is one
@@ -559,11 +547,12 @@ unsafe fn block(
     ldo: usize,
     width: usize,
     init: Option<&[f32; NR]>,
+    ahead: &[f32],
 ) {
     let init = init.map(|i| i.as_ptr());
     if width == NR {
         // SAFETY: the caller's promise.
-        unsafe { kernel_rows(isa, a, rows, kc, panel, out, ldo, init) };
+        unsafe { kernel_rows(isa, a, rows, kc, panel, out, ldo, init, ahead) };
         return;
     }
     // A narrow last panel: through a full-width scratch block.
@@ -576,7 +565,7 @@ unsafe fn block(
         }
     }
     // SAFETY: tmp holds rows x NR.
-    unsafe { kernel_rows(isa, a, rows, kc, panel, tmp.as_mut_ptr(), NR, init) };
+    unsafe { kernel_rows(isa, a, rows, kc, panel, tmp.as_mut_ptr(), NR, init, ahead) };
     for r in 0..rows {
         // SAFETY: rows x width of out are in bounds (the caller's promise); written here by
         // copy, not read.
@@ -596,28 +585,33 @@ unsafe fn kernel_rows(
     out: *mut f32,
     ldo: usize,
     init: Option<*const f32>,
+    ahead: &[f32],
 ) {
     let (a, b) = (a.as_ptr(), panel.as_ptr());
+    let ahead_lines = ahead.len().div_ceil(16);
+    let ahead = ahead.as_ptr();
     macro_rules! by_rows {
-        ($kernel:ident($b:expr, $out:expr, $init:expr): $($r:literal)*) => {
+        ($kernel:ident($b:expr, $out:expr, $init:expr, $ahead:expr): $($r:literal)*) => {
             match rows {
                 // SAFETY: the caller's promise.
-                $($r => unsafe { $kernel::<$r>(a, kc, $b, $out, ldo, $init) },)*
+                $($r => unsafe { $kernel::<$r>(a, kc, $b, $out, ldo, $init, $ahead) },)*
                 _ => unreachable!("1..=isa.rows() rows"),
             }
         };
     }
     match isa {
-        Isa::Avx512 => by_rows!(kernel_avx512(b, out, init): 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+        Isa::Avx512 => {
+            by_rows!(kernel_avx512(b, out, init, (ahead, ahead_lines)): 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
+        }
         // Half a panel at a time: 16 of its 32 columns (in bounds by the caller's promise).
         Isa::Avx2 => {
-            by_rows!(kernel_avx2(b, out, init): 1 2 3 4 5 6);
+            by_rows!(kernel_avx2(b, out, init, (ahead, ahead_lines)): 1 2 3 4 5 6);
             let (b, out, init) = (
                 b.wrapping_add(16),
                 out.wrapping_add(16),
                 init.map(|i| i.wrapping_add(16)),
             );
-            by_rows!(kernel_avx2(b, out, init): 1 2 3 4 5 6);
+            by_rows!(kernel_avx2(b, out, init, (ahead, 0)): 1 2 3 4 5 6);
         }
     }
 }
@@ -638,10 +632,18 @@ macro_rules! kernel {
             out: *mut f32,
             ldo: usize,
             init: Option<*const f32>,
+            (ahead, lines): (*const f32, usize),
         ) {
             use std::arch::x86_64::*;
             let mut acc = [[$zero(); 2]; R];
+            let mut line = 0;
             for p in 0..kc {
+                // One line of the next panel slice every few steps: a burst of prefetches fills
+                // the line-fill buffers and stalls (perf: 5% of a step, in a loop of them).
+                if p % AHEAD_EVERY == 0 && line < lines {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 16).cast());
+                    line += 1;
+                }
                 // SAFETY: the panel holds kc rows of NR values, a kc steps of $mr rows' values.
                 unsafe {
                     let b0 = $load(b.add(p * NR));
@@ -652,6 +654,10 @@ macro_rules! kernel {
                         acc[1] = $fma(ar, b1, acc[1]);
                     }
                 }
+            }
+            // What did not fit between the steps (a block of few rows gets many lines).
+            for l in line..lines {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 16).cast());
             }
             for (r, acc) in acc.iter().enumerate() {
                 // SAFETY: out holds R rows of 2 x lanes values ldo apart (written unless init is
@@ -676,6 +682,7 @@ macro_rules! kernel {
             _: *mut f32,
             _: usize,
             _: Option<*const f32>,
+            _: (*const f32, usize),
         ) {
             unreachable!("Isa::supported is false off x86")
         }
