@@ -145,6 +145,17 @@ fn attention_matches_burn_on_strided_heads() {
     let got = attention::sdpa(&q, &k, &v).expect("f32 cpu");
     let want = attention(q, k, v, None, None, AttentionModuleOptions::default());
     assert!(max_diff(got, want) < 1e-5);
+    // Enough keys that a head's scores are split into blocks of query rows, the last one short.
+    let (b, h, s, d) = (1, 2, 1200, 8);
+    let block = attention::block_rows(b * h, s, s, 2);
+    assert!(block < s && s % block != 0, "{block} rows a block");
+    let (q, k, v) = (rand([b, h, s, d]), rand([b, h, s, d]), rand([b, h, s, d]));
+    let got = attention::sdpa(&q, &k, &v).expect("f32 cpu");
+    let want = attention(q, k, v, None, None, AttentionModuleOptions::default());
+    assert!(max_diff(got, want) < 1e-5);
+    // Few heads on many threads: at least two tasks a thread.
+    assert_eq!(attention::block_rows(1, 384, 384, 16), 12);
+    assert_eq!(attention::block_rows(6, 384, 384, 2), 384);
 }
 
 #[test]
