@@ -16,9 +16,12 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// by the kernel, on their next use: the VAE's and the text encoder's buffers sit unused for
 /// longer than that between the stages of one image. Never purging keeps the process at its peak RSS (which the engine reaches anyway) and
 /// took a distilled cpu-mid image from 1176-1213 to 1063-1072 ms (two pairs alternating, same
-/// build, docs/engine.md). `MIMALLOC_PURGE_DELAY` set in the environment still decides.
+/// build, docs/engine.md). `MIMALLOC_PURGE_DELAY` (or its older name) set in the environment still
+/// decides.
 fn keep_freed_pages() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    // MIMALLOC_RESET_DELAY is the option's older name, which mimalloc still reads.
+    let asked = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"];
+    if asked.iter().all(|v| std::env::var_os(v).is_none()) {
         // SAFETY: sets one of mimalloc's options, which it reads on each purge decision.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
@@ -129,7 +132,10 @@ mod tests {
     /// takes: a wrong index would silently set some other option.
     #[test]
     fn freed_pages_are_kept() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+        {
             return;
         }
         // SAFETY: reads and sets mimalloc's options.

@@ -180,7 +180,9 @@ fn heads(t: Tensor<3>, heads: usize, head_dim: usize) -> Tensor<4> {
     // On the CPU a view of the same storage: the projections' chunks are not contiguous, and
     // burn-flex's reshape would copy them first.
     if let Some(v) = crate::cpu::split_last::<3, 4>(&t, heads) {
-        return v;
+        if v.dims()[3] == head_dim {
+            return v;
+        }
     }
     let [b, len, _] = t.dims();
     t.reshape([b, len, heads, head_dim])

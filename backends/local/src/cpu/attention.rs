@@ -18,11 +18,12 @@ use super::{flex_f32, gemm_into, tensor_strided, Operand, SendPtr, Strided};
 const SCORES_BYTES: usize = 768 << 10;
 
 /// Query rows per task for `bh` (batch, head) pairs of `sq` queries over `sk` keys: as many as
-/// [`SCORES_BYTES`] allows, but at least two tasks per thread in all.
+/// [`SCORES_BYTES`] allows, but few enough for two tasks per thread in all; never under 16
+/// unless there are fewer rows than that.
 pub(crate) fn block_rows(bh: usize, sq: usize, sk: usize, threads: usize) -> usize {
-    let by_cache = (SCORES_BYTES / (4 * sk)).clamp(16, sq.max(1));
+    let by_cache = SCORES_BYTES / (4 * sk.max(1));
     let per_head = (2 * threads).div_ceil(bh.max(1));
-    by_cache.min(sq.div_ceil(per_head).max(1))
+    by_cache.min(sq.div_ceil(per_head)).max(16).min(sq).max(1)
 }
 
 /// `row <- e^(row - max)`; returns `1 / sum`.

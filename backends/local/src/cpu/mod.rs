@@ -241,7 +241,9 @@ pub(crate) fn par_rows(
     width: usize,
     f: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let width = width.max(1);
+    if width == 0 {
+        return Vec::new();
+    }
     par_chunks(rows * width, ROW_CHUNK * width, |chunk, part| {
         for (i, row) in part.chunks_mut(width).enumerate() {
             f(chunk * ROW_CHUNK + i, row);

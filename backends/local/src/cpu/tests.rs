@@ -153,8 +153,15 @@ fn attention_matches_burn_on_strided_heads() {
     let got = attention::sdpa(&q, &k, &v).expect("f32 cpu");
     let want = attention(q, k, v, None, None, AttentionModuleOptions::default());
     assert!(max_diff(got, want) < 1e-5);
+    // Fewer query rows than the smallest block (a VAE mid-block over a 2x2 latent).
+    let (q, k, v) = (rand([1, 1, 4, 8]), rand([1, 1, 4, 8]), rand([1, 1, 4, 8]));
+    let got = attention::sdpa(&q, &k, &v).expect("f32 cpu");
+    let want = attention(q, k, v, None, None, AttentionModuleOptions::default());
+    assert!(max_diff(got, want) < 1e-5);
+    assert_eq!(attention::block_rows(1, 4, 4, 2), 4);
     // Few heads on many threads: at least two tasks a thread.
-    assert_eq!(attention::block_rows(1, 384, 384, 16), 12);
+    assert_eq!(attention::block_rows(1, 384, 384, 16), 16);
+    assert_eq!(attention::block_rows(2, 384, 384, 2), 192);
     assert_eq!(attention::block_rows(6, 384, 384, 2), 384);
 }
 
