@@ -11,17 +11,22 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc's `mi_option_t` (the same index in its v2 and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// The environment variables by which mimalloc takes its purge delay (the second is its older
+/// name); when either is set, the user's value stands.
+const PURGE_DELAY_VARS: [&str; 2] = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"];
+
 /// mimalloc gives freed memory back to the OS a while after it was freed (its "purge delay", 1 s
 /// in the v3 that libmimalloc-sys builds), and the engine's buffers then fault in again, zeroed
 /// by the kernel, on their next use: the VAE's and the text encoder's buffers sit unused for
-/// longer than that between the stages of one image. Never purging keeps the process at its peak RSS (which the engine reaches anyway) and
-/// took a distilled cpu-mid image from 1176-1213 to 1063-1072 ms (two pairs alternating, same
-/// build, docs/engine.md). `MIMALLOC_PURGE_DELAY` (or its older name) set in the environment still
-/// decides.
+/// longer than that between the stages of one image. Never purging keeps the process at its
+/// peak RSS (which the engine reaches anyway) and took a distilled cpu-mid image from 1176-1229
+/// to 1063-1072 ms (same build, the setting alternating, docs/engine.md), unless
+/// [`PURGE_DELAY_VARS`] say otherwise.
 fn keep_freed_pages() {
-    // MIMALLOC_RESET_DELAY is the option's older name, which mimalloc still reads.
-    let asked = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"];
-    if asked.iter().all(|v| std::env::var_os(v).is_none()) {
+    if PURGE_DELAY_VARS
+        .iter()
+        .all(|v| std::env::var_os(v).is_none())
+    {
         // SAFETY: sets one of mimalloc's options, which it reads on each purge decision.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
@@ -132,7 +137,7 @@ mod tests {
     /// takes: a wrong index would silently set some other option.
     #[test]
     fn freed_pages_are_kept() {
-        if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        if PURGE_DELAY_VARS
             .iter()
             .any(|v| std::env::var_os(v).is_some())
         {

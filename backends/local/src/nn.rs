@@ -73,7 +73,7 @@ impl LinearWeight {
     /// [`cpu::matmul::linear_joined`] where the weight is packed and the inputs suit it.
     fn joined(&self, inputs: &[(&Tensor<3>, bool)]) -> Option<Tensor<3>> {
         match &self.0 {
-            Repr::Packed(p) if !inputs.is_empty() => cpu::matmul::linear_joined(inputs, p),
+            Repr::Packed(p) => cpu::matmul::linear_joined(inputs, p),
             _ => None,
         }
     }

@@ -479,6 +479,7 @@ unsafe fn accumulate(
             init
         })
         .collect();
+    let data = w.data.as_slice();
     for g0 in (0..blocks).step_by(GROUP_BLOCKS) {
         let group = g0..blocks.min(g0 + GROUP_BLOCKS);
         for kc0 in (0..k).step_by(KC) {
@@ -486,7 +487,6 @@ unsafe fn accumulate(
             for (j, init) in panels.clone().zip(&init) {
                 let c0 = j * NR;
                 let width = NR.min(n - c0);
-                let data = w.data.as_slice();
                 let panel = &data[(j * k + kc0) * NR..(j * k + kc0 + kc) * NR];
                 let first = (kc0 == 0).then_some(init);
                 // The slice the next round reads (the next panel, or the first one at the next
@@ -639,7 +639,7 @@ macro_rules! kernel {
             let mut line = 0;
             for p in 0..kc {
                 // One line of the next panel slice every few steps: a burst of prefetches fills
-                // the line-fill buffers and stalls (perf: 5% of a step, in a loop of them).
+                // the line-fill buffers and stalls (the burst's loop was 5% of a step in perf).
                 if p % AHEAD_EVERY == 0 && line < lines {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 16).cast());
                     line += 1;

@@ -3,10 +3,9 @@
 //! RoPE and the joint text + image layout in one pass).
 
 use burn::tensor::Tensor;
-use rayon::prelude::*;
 
 use super::simd::{dispatch, fmadd, silu};
-use super::{flex_f32, par_chunks, par_rows, tensor, zeroed, Dense, SendPtr, Strided};
+use super::{flex_f32, par_chunks, par_rows, tensor, Dense, Strided};
 
 /// Values summed in f32 lanes before the lanes' totals go into the f64 total: short enough that
 /// a lane's f32 total stays precise (a group of a 1024x1024 decode is millions of values).
@@ -200,32 +199,28 @@ pub fn join_heads(
     if norms.iter().flatten().any(|n| n.slice().len() != d) {
         return None;
     }
-    // Each task zeroes the rows it fills (see `par_rows`); the parts' spans cover the sequence.
-    let mut out = Vec::<f32>::with_capacity(b * total * h * d);
-    let ptr = SendPtr(out.as_mut_ptr());
-    for ((v, norm), &(s0, s)) in views.iter().zip(&norms).zip(&spans) {
-        let st = v.strides();
-        let (data, off) = (v.storage(), v.offset());
-        let w = norm.as_ref().map(|n| n.slice());
-        (0..b * s).into_par_iter().for_each(|bs| {
-            let (bi, si) = (bs / s, bs % s);
-            let pos = s0 + si;
-            let rope = tables.as_ref().map(|(c, sn)| {
-                (
-                    &c.slice()[pos * d..(pos + 1) * d],
-                    &sn.slice()[pos * d..(pos + 1) * d],
-                )
-            });
-            // SAFETY: rows (bi, pos, 0..h) of `out` are in its capacity and this task's alone.
-            let rows = unsafe { zeroed(ptr.at((bi * total + pos) * h * d), h * d) };
-            for (hi, dst) in rows.chunks_exact_mut(d).enumerate() {
-                let src = off + bi * st[0] + si * st[1] + hi * st[2];
-                prep_row(&data[src..src + d], w, eps as f32, rope, dst);
-            }
+    // One task per (batch, position) of the joint sequence: its h rows, from the part whose
+    // span holds the position.
+    let out = par_chunks(b * total * h * d, h * d, |i, rows| {
+        let (bi, pos) = (i / total, i % total);
+        let p = spans
+            .iter()
+            .position(|&(s0, s)| pos < s0 + s)
+            .expect("spans cover total");
+        let (v, si) = (&views[p], pos - spans[p].0);
+        let (st, data, off) = (v.strides(), v.storage(), v.offset());
+        let w = norms[p].as_ref().map(|n| n.slice());
+        let rope = tables.as_ref().map(|(c, sn)| {
+            (
+                &c.slice()[pos * d..(pos + 1) * d],
+                &sn.slice()[pos * d..(pos + 1) * d],
+            )
         });
-    }
-    // SAFETY: every (batch, position) was zeroed and filled above (the spans cover `total`).
-    unsafe { out.set_len(b * total * h * d) };
+        for (hi, dst) in rows.chunks_exact_mut(d).enumerate() {
+            let src = off + bi * st[0] + si * st[1] + hi * st[2];
+            prep_row(&data[src..src + d], w, eps as f32, rope, dst);
+        }
+    });
     Some(tensor(out, [b, total, h, d]))
 }
 
